@@ -1,0 +1,44 @@
+"""`AttentionSpec`: the small static-plus-arrays description every attention backend understands."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dvl_jax.attention import masks
+
+
+@struct.dataclass
+class AttentionSpec:
+  """What may attend to what.
+
+  Arrays (`[B, Lq]` / `[B, Lk]` int32): `q_idx`/`kv_idx` are token indices fed to the mask function;
+  `q_seg`/`kv_seg` are segment ids (0 = padding; attention only inside equal segments).
+  Static: `kind` (see `masks.KINDS`), `block_size`, `half_len` (L of the `[x_t ; x_0]` input).
+  """
+
+  q_idx: jax.Array
+  kv_idx: jax.Array
+  q_seg: jax.Array
+  kv_seg: jax.Array
+  kind: str = struct.field(pytree_node=False, default="causal")
+  block_size: int = struct.field(pytree_node=False, default=1)
+  half_len: int = struct.field(pytree_node=False, default=0)
+
+  def __post_init__(self):
+    if self.kind not in masks.KINDS:
+      raise ValueError(f"unknown attention mask kind {self.kind!r}; use one of {masks.KINDS}")
+
+  @classmethod
+  def self_attention(cls, segment_ids: jax.Array, kind: str = "causal", **static) -> "AttentionSpec":
+    """Queries and keys are the same `[B, L]` sequence; `segment_ids` 0 marks padding."""
+    b, n = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    seg = segment_ids.astype(jnp.int32)
+    return cls(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind=kind, **static)
+
+  def dense(self) -> jax.Array:
+    """`[B, Lq, Lk]` boolean mask."""
+    return masks.dense_mask(self.kind, self.q_idx, self.kv_idx, self.q_seg, self.kv_seg,
+                            block_size=self.block_size, half_len=self.half_len)

@@ -1,0 +1,114 @@
+"""Building blocks shared by the vision tower and the decoder: norms, dense layers, embeddings, stacks.
+
+Every parameter carries its logical axis names in the `axes` metadata field; `dvl_jax.parallel.rules`
+maps them to mesh axes. Layer stacks keep one set of stacked params (leading `layers` axis) whether
+they run under `lax.scan` or as an unrolled loop, so checkpoints do not depend on that choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _init(rngs: nnx.Rngs, shape: Sequence[int], dtype: Any, std: float = 0.02) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Qwen RMSNorm: fp32 statistics, cast back to the input dtype, then scale (spec §10.4)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: Any, axes: Axes = ("norm",)):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """`y = x @ kernel + bias` with kernel stored `[in, out]` (PyTorch's `weight.T`)."""
+
+  def __init__(self, din: int, dout: int, *, axes: Axes, use_bias: bool, param_dtype: Any,
+               compute_dtype: Any, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
+    self.kernel = nnx.Param(_init(rngs, (din, dout), param_dtype), axes=axes)
+    self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.compute_dtype), self.kernel.value.astype(self.compute_dtype))
+    if self.bias is not None:
+      y = y + self.bias.value.astype(self.compute_dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding table `[vocab, dim]`; `attend` is the tied lm_head product."""
+
+  def __init__(self, vocab: int, dim: int, *, param_dtype: Any, compute_dtype: Any, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
+    self.embedding = nnx.Param(_init(rngs, (vocab, dim), param_dtype), axes=("vocab", "embed"))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.value, ids, axis=0).astype(self.compute_dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.dot(x.astype(self.compute_dtype), self.embedding.value.astype(self.compute_dtype).T)
+
+
+def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `n` copies of a module as one module whose params have a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(r: nnx.Rngs) -> nnx.Module:
+    return factory(r)
+
+  stacked = make(rngs)
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Param):
+      var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+  return stacked
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_stack(stack: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+              xs: Any = None, *, scan: bool, remat_policy: str = "none") -> tuple[Any, Any]:
+  """Runs `body(layer, carry, x) -> (carry, y)` over a stacked module, like `lax.scan`.
+
+  `scan=True` traces one layer (fast compiles, needed for deep models); `scan=False` unrolls the
+  loop (lets XLA schedule across layers). Both read the same stacked params.
+  """
+  graphdef, state = nnx.split(stack)
+
+  def step(c, inputs):
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), c, x)
+
+  if remat_policy != "none":
+    if remat_policy not in _REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; use one of {['none', *_REMAT_POLICIES]}")
+    step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(step, carry, (state, xs))
+  n = jax.tree.leaves(state)[0].shape[0]
+  ys = []
+  for i in range(n):
+    carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    ys.append(y)
+  stacked_ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return carry, stacked_ys

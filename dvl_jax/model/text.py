@@ -1,0 +1,114 @@
+"""Qwen2.5 text decoder (spec §3): GQA with q/k/v bias, RMSNorm, SwiGLU, stacked layers.
+
+The stack reads an optional per-layer key/value prefix (a KV cache slice) and can return each
+layer's new keys/values, so the samplers can keep the cache as a pure pytree outside the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dvl_jax.attention.dispatch import attend
+from dvl_jax.attention.spec import AttentionSpec
+from dvl_jax.config import ModelConfig
+from dvl_jax.model.layers import Dense, Embed, RMSNorm, run_stack, stack_modules
+from dvl_jax.model.rope import apply_rope
+
+KV = tuple[jax.Array, jax.Array]  # keys, values: [B, L, kv_heads, head_dim]
+
+
+def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
+  return jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    t = cfg.text
+    pd, cd = dtypes(cfg)
+    dense = lambda din, dout, axes, bias: Dense(din, dout, axes=axes, use_bias=bias, param_dtype=pd,
+                                                compute_dtype=cd, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = t.num_heads, t.num_kv_heads, t.head_dim
+    self.backend = cfg.attention_backend
+    self.q_proj = dense(t.hidden_size, t.num_heads * t.head_dim, ("embed", "heads"), True)
+    self.k_proj = dense(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), True)
+    self.v_proj = dense(t.hidden_size, t.num_kv_heads * t.head_dim, ("embed", "kv_heads"), True)
+    self.o_proj = dense(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
+               prefix: KV | None = None) -> tuple[jax.Array, KV]:
+    """x `[B, L, H]` -> (`[B, L, H]`, this call's post-RoPE (k, v)); `prefix` keys come first."""
+    b, n, _ = x.shape
+    q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = k, v
+    if prefix is not None:
+      keys = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
+    out = attend(q, keys, values, spec, backend=self.backend)
+    return self.o_proj(out.reshape(b, n, -1)), (k, v)
+
+
+class MLP(nnx.Module):
+  """SwiGLU without biases: `down(silu(gate(x)) * up(x))`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    t = cfg.text
+    pd, cd = dtypes(cfg)
+    kw = dict(use_bias=False, param_dtype=pd, compute_dtype=cd, rngs=rngs)
+    self.gate_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
+    self.up_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
+    self.down_proj = Dense(t.intermediate_size, t.hidden_size, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    t = cfg.text
+    pd, _ = dtypes(cfg)
+    self.input_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
+               prefix: KV | None = None) -> tuple[jax.Array, KV]:
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, spec, prefix)
+    h = x + attn
+    return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class TextModel(nnx.Module):
+  """Embedding, stacked decoder layers and the final norm (the lm_head lives in the VLM)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    t = cfg.text
+    pd, cd = dtypes(cfg)
+    self.scan_layers, self.remat_policy = cfg.scan_layers, cfg.remat_policy
+    self.embed_tokens = Embed(t.vocab_size, t.hidden_size, param_dtype=pd, compute_dtype=cd, rngs=rngs)
+    self.layers = stack_modules(lambda r: DecoderLayer(cfg, rngs=r), t.num_layers, rngs)
+    self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
+               cache: KV | None = None, *, return_kv: bool = False) -> tuple[jax.Array, KV | None]:
+    """x `[B, L, H]` embeddings -> normed hidden `[B, L, H]` and, if asked, per-layer new K/V.
+
+    `cache` is `(k, v)` each `[layers, B, Lc, kv_heads, head_dim]`, read (never written) as a prefix;
+    returned K/V are `[layers, B, L, kv_heads, head_dim]`.
+    """
+
+    def body(layer: DecoderLayer, h: jax.Array, prefix: KV | None):
+      h, kv = layer(h, cos, sin, spec, prefix)
+      return h, (kv if return_kv else None)
+
+    h, kv = run_stack(self.layers, x, body, cache, scan=self.scan_layers, remat_policy=self.remat_policy)
+    return self.norm(h), kv

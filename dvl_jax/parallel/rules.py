@@ -1,0 +1,73 @@
+"""Logical axis names -> mesh axes: one short table, applied to the `axes` metadata of every param."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Weights: FSDP shards the model dimension, tensor parallelism shards heads / MLP / vocab.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+    "vision_patch": None,
+    "vision_embed": "fsdp",
+    "vision_heads": "tensor",
+    "vision_mlp": "tensor",
+    "vision_merge": "tensor",
+}
+
+
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                   rules: dict[str, Any] = RULES) -> PartitionSpec:
+  """Maps logical axes to mesh axes; a dimension a mesh axis does not divide stays replicated."""
+  spec, used = [], set()
+  for name, size in zip(axes, shape):
+    target = rules.get(name) if name is not None else None
+    if name is not None and name not in rules:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to dvl_jax.parallel.rules.RULES")
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(t for t in targets if t not in used)
+    n = 1
+    for t in targets:
+      n *= mesh.shape[t]
+    if not targets or size % n:
+      spec.append(None)
+      continue
+    used.update(targets)
+    spec.append(targets[0] if len(targets) == 1 else targets)
+  return PartitionSpec(*spec)
+
+
+def _is_var(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def logical_shardings(state: nnx.State, mesh: Mesh | None) -> Any:
+  """A pytree of `NamedSharding` mirroring `state` (None leaves when `mesh` is None)."""
+
+  def one(var: nnx.Variable):
+    if mesh is None:
+      return None
+    axes = var.get_metadata().get("axes", (None,) * var.value.ndim)
+    return NamedSharding(mesh, partition_spec(axes, var.value.shape, mesh))
+
+  return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def abstract_arrays(state: nnx.State, mesh: Mesh | None) -> Any:
+  """`ShapeDtypeStruct` leaves carrying their target sharding: the restore target for Orbax."""
+  shardings = logical_shardings(state, mesh)
+
+  def one(var: nnx.Variable, sharding):
+    return jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=sharding)
+
+  return jax.tree.map(one, state, shardings, is_leaf=_is_var)
