@@ -172,8 +172,7 @@ class ModelConfig:
         ids[key] = value
     if hf.get("bd3lm_block_size"):
       ids["block_size"] = int(hf["bd3lm_block_size"])
-    if model_type == "diffusionvl_qwenvl":
-      ids.setdefault("position_mode", "flat")
+    ids["position_mode"] = "mrope" if model_type == "qwen2_5_vl" else "flat"
     return cls(vision=vision, text=text, **{**ids, **overrides})
 
   def to_hf(self) -> dict[str, Any]:
@@ -248,12 +247,14 @@ def _build(cls, d: dict[str, Any], **extra: Any):
 # ---- presets (spec §2.7) -------------------------------------------------------------------------
 
 QWEN25_VL_3B = ModelConfig(
+    position_mode="mrope",
     vision=VisionConfig(out_hidden_size=2048),
     text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
                     num_heads=16, num_kv_heads=2, tie_word_embeddings=True),
 )
 
 QWEN25_VL_7B = ModelConfig(
+    position_mode="mrope",
     vision=VisionConfig(out_hidden_size=3584),
     text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                     num_heads=28, num_kv_heads=4, tie_word_embeddings=False),

@@ -30,7 +30,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -43,9 +43,9 @@ class Dense(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((dout,), param_dtype), axes=axes[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.compute_dtype), self.kernel.value.astype(self.compute_dtype))
+    y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.compute_dtype)
+      y = y + self.bias[...].astype(self.compute_dtype)
     return y
 
 
@@ -57,10 +57,10 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(_init(rngs, (vocab, dim), param_dtype), axes=("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, ids, axis=0).astype(self.compute_dtype)
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x.astype(self.compute_dtype), self.embedding.value.astype(self.compute_dtype).T)
+    return jnp.dot(x.astype(self.compute_dtype), self.embedding[...].astype(self.compute_dtype).T)
 
 
 def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

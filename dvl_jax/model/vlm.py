@@ -68,12 +68,13 @@ class Qwen25VL(nnx.Module):
 
   # ---- the model call (design §3) ------------------------------------------------------------
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               image_grid_thw: Any = None, positions: str | jax.Array = "mrope",
+               image_grid_thw: Any = None, positions: str | jax.Array | None = None,
                attention_mask: jax.Array | None = None, *, vision: VisionLayout | None = None,
                mask_kind: str = "causal") -> jax.Array:
     """Logits `[B, L, vocab]` (fp32) of the autoregressive model.
 
-    `positions` is "mrope", "flat" or an explicit `[B, L]` / `[3, B, L]` array; "mrope" needs concrete
+    `positions` is "mrope", "flat", an explicit `[B, L]` / `[3, B, L]` array, or None for the config's
+    `position_mode`; "mrope" needs concrete
     `input_ids`/`image_grid_thw` (host-side `get_rope_index`), so under `jit` pass the array instead.
     `vision` (from `vision_layout`) replaces `image_grid_thw` under `jit`. `attention_mask` `[B, L]`
     marks real tokens (1) and padding (0).
@@ -89,7 +90,8 @@ class Qwen25VL(nnx.Module):
                                pad_patches=int(pixel_values.shape[0]))
       features = self.image_features(pixel_values, vision)
     embeds = self.embed(input_ids, features)
-    positions = self.positions(input_ids, image_grid_thw, mask, positions)
+    mode = self.config.position_mode if positions is None else positions
+    positions = self.positions(input_ids, image_grid_thw, mask, mode)
     hidden, _ = self.decode(embeds, positions, AttentionSpec.self_attention(mask, kind=mask_kind))
     return self.logits(hidden)
 

@@ -57,8 +57,8 @@ def logical_shardings(state: nnx.State, mesh: Mesh | None) -> Any:
   def one(var: nnx.Variable):
     if mesh is None:
       return None
-    axes = var.get_metadata().get("axes", (None,) * var.value.ndim)
-    return NamedSharding(mesh, partition_spec(axes, var.value.shape, mesh))
+    axes = var.get_metadata().get("axes", (None,) * var.get_value().ndim)
+    return NamedSharding(mesh, partition_spec(axes, var.get_value().shape, mesh))
 
   return jax.tree.map(one, state, is_leaf=_is_var)
 
@@ -68,6 +68,6 @@ def abstract_arrays(state: nnx.State, mesh: Mesh | None) -> Any:
   shardings = logical_shardings(state, mesh)
 
   def one(var: nnx.Variable, sharding):
-    return jax.ShapeDtypeStruct(var.value.shape, var.value.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding)
 
   return jax.tree.map(one, state, shardings, is_leaf=_is_var)

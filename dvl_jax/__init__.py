@@ -1,0 +1,40 @@
+"""dvl_jax: DiffusionVL (Qwen2.5-VL translated into a block-diffusion VLM) in JAX / Flax NNX.
+
+Public surface (design §3):
+
+    import dvl_jax as dvl
+    dvl.convert(src_dir, dst_dir)          # HF / DiffusionVL safetensors -> dvl (Orbax) checkpoint
+    dvl.export(src_dir, dst_dir)           # dvl checkpoint -> HF Qwen2.5-VL safetensors
+    model = dvl.load(ckpt_dir, mesh=None)  # Flax NNX model, params placed on their shardings
+    logits = model(input_ids, pixel_values=None, image_grid_thw=None, positions="mrope" | "flat")
+
+`dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`.
+Names resolve on first use, so `import dvl_jax` stays cheap and does not need the converter's deps.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "convert": "checkpoints_convert",
+    "export": "checkpoints_convert",
+    "load": "dvl_jax.loading",
+    "make_mesh": "dvl_jax.parallel.mesh",
+    "ModelConfig": "dvl_jax.config",
+    "TextConfig": "dvl_jax.config",
+    "VisionConfig": "dvl_jax.config",
+    "Qwen25VL": "dvl_jax.model.vlm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'dvl_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return __all__

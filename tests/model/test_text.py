@@ -1,0 +1,88 @@
+"""Decoder pieces: RoPE modes, get_rope_index against transformers, scan/unroll/remat equivalence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from dvl_jax.config import tiny_config
+from dvl_jax.model.rope import get_rope_index, text_rope
+from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.tiny_checkpoint import build_hf_model
+
+
+def test_mrope_with_equal_rows_is_flat_rope():
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 500, (2, 9)))
+  flat = text_rope(pos, 16, 1e6, (2, 3, 3), jnp.float32)
+  mrope = text_rope(jnp.stack([pos] * 3), 16, 1e6, (2, 3, 3), jnp.float32)
+  np.testing.assert_array_equal(flat[0], mrope[0])
+  np.testing.assert_array_equal(flat[1], mrope[1])
+
+
+def test_mrope_sections_take_their_component():
+  pos = jnp.stack([jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32) * 7, jnp.ones((1, 4), jnp.int32) * 9])
+  cos, _ = text_rope(pos, 16, 1e4, (2, 3, 3), jnp.float32)
+  # First 2 of each half come from the temporal row (0 -> cos 1), the rest from h/w rows (not all 1).
+  np.testing.assert_array_equal(cos[0, 0, :2], 1.0)
+  np.testing.assert_array_equal(cos[0, 0, 8:10], 1.0)
+  assert not np.allclose(cos[0, 0, 2:8], 1.0)
+
+
+def test_get_rope_index_matches_transformers():
+  cfg = tiny_config()
+  hf = build_hf_model(cfg)
+  rng = np.random.default_rng(1)
+  grids = np.array([[1, 4, 6], [1, 8, 4], [1, 2, 2]])
+  def image(g):
+    return [cfg.vision_start_token_id] + [cfg.image_token_id] * int(g.prod() // 4) + [cfg.vision_end_token_id]
+  row0 = list(rng.integers(3, 200, 3)) + image(grids[0]) + list(rng.integers(3, 200, 4)) + image(grids[1])
+  row1 = list(rng.integers(3, 200, 5)) + image(grids[2]) + list(rng.integers(3, 200, 2))
+  n = max(len(row0), len(row1)) + 2
+  ids = np.zeros((2, n), np.int64)
+  mask = np.zeros((2, n), np.int64)
+  ids[0, :len(row0)], mask[0, :len(row0)] = row0, 1
+  ids[1, :len(row1)], mask[1, :len(row1)] = row1, 1
+  ref_pos, ref_delta = hf.model.get_rope_index(torch.tensor(ids), torch.tensor(grids), None, None, torch.tensor(mask))
+  pos, delta = get_rope_index(ids, grids, mask, image_token_id=cfg.image_token_id,
+                              vision_start_token_id=cfg.vision_start_token_id, spatial_merge_size=2)
+  np.testing.assert_array_equal(pos, ref_pos.numpy())
+  np.testing.assert_array_equal(delta, ref_delta.numpy())
+  # Text only: cumulative positions over the attention mask.
+  ref_pos, _ = hf.model.get_rope_index(torch.tensor(ids), None, None, None, torch.tensor(mask))
+  pos, _ = get_rope_index(ids, None, mask, image_token_id=cfg.image_token_id,
+                          vision_start_token_id=cfg.vision_start_token_id, spatial_merge_size=2)
+  np.testing.assert_array_equal(pos, ref_pos.numpy())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_scan_unroll_and_remat_agree(tied):
+  base = tiny_config()
+  base = base.replace(text=base.text.__class__(**{**base.text.__dict__, "tie_word_embeddings": tied}))
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 11)))
+  outs = []
+  for scan, remat in ((True, "none"), (False, "none"), (True, "full"), (False, "dots_saveable")):
+    model = Qwen25VL(base.replace(scan_layers=scan, remat_policy=remat), rngs=nnx.Rngs(0))
+    assert (model.lm_head is None) == tied
+    outs.append(np.asarray(model(ids, positions="flat")))
+  for out in outs[1:]:
+    np.testing.assert_allclose(out, outs[0], atol=1e-5, rtol=0)
+
+
+def test_kv_prefix_reproduces_full_causal_pass():
+  """Decoding the second half against the first half's K/V equals one causal pass (cache contract)."""
+  from dvl_jax.attention.spec import AttentionSpec
+
+  model = Qwen25VL(tiny_config(), rngs=nnx.Rngs(1))
+  ids = jnp.asarray(np.random.default_rng(2).integers(3, 200, (1, 10)))
+  pos = jnp.arange(10)[None]
+  emb = model.embed(ids)
+  full, kv = model.decode(emb, pos, AttentionSpec.self_attention(jnp.ones((1, 10))), return_kv=True)
+  assert kv[0].shape == (2, 1, 10, 2, 16)
+  prefix = jax.tree.map(lambda a: a[:, :, :6], kv)
+  idx = jnp.arange(10, dtype=jnp.int32)[None]
+  spec = AttentionSpec(q_idx=idx[:, 6:], kv_idx=idx, q_seg=jnp.ones((1, 4), jnp.int32),
+                       kv_seg=jnp.ones((1, 10), jnp.int32), kind="causal")
+  tail, _ = model.decode(emb[:, 6:], pos[:, 6:], spec, cache=prefix)
+  np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 6:]), atol=1e-5, rtol=0)
