@@ -1,0 +1,92 @@
+"""Training losses as pure functions of (model, batch): BD3-LM (stage 2) and next-token CE (stage 1).
+
+A batch is a dict of arrays: `input_ids` `[B, L]` (HF image-token convention, block-aligned EOS
+padding already applied by the data pipeline, spec §4.5), `labels` `[B, L]` (-100 = unsupervised,
+not shifted), `attention_mask` `[B, L]`, and optionally `pixel_values` `[N, patch_dim]` with `vision`
+(a `VisionLayout`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.attention.spec import AttentionSpec
+from dvl_jax.diffusion.noise import sample_noise
+
+IGNORE = -100
+Batch = dict[str, Any]
+
+
+def _clean_embeddings(model, batch: Batch) -> jax.Array:
+  features = None
+  if batch.get("pixel_values") is not None:
+    features = model.image_features(batch["pixel_values"], batch["vision"])
+  return model.embed(batch["input_ids"], features)
+
+
+def _token_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-position cross entropy in fp32 over the full vocabulary; 0 where the label is ignored."""
+  logits = logits.astype(jnp.float32)
+  target = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(labels != IGNORE, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
+
+
+def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Array] | None = None,
+             *, antithetic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """BD3-LM loss of spec §5: mask labelled tokens with per-block prob `t`, denoise with `[x_t ; x_0]`.
+
+  `noise=(t, move_mask)` (`[B, L]` float, `[B, L]` bool) replaces the random draw so results can be
+  compared across implementations; only labelled positions of `move_mask` are masked.
+  Returns `(loss, {"loss", "mean_t", "masked_fraction"})`.
+  """
+  cfg = model.config
+  labels = batch["labels"]
+  b, n = labels.shape
+  amask = batch["attention_mask"].astype(jnp.int32)
+  t, move = sample_noise(rng, b, n, cfg.block_size, antithetic=antithetic) if noise is None else noise
+  labelled = labels != IGNORE
+  masked = move & labelled
+
+  clean = _clean_embeddings(model, batch)
+  mask_embedding = model.text.embed_tokens(jnp.asarray(cfg.mask_token_id))  # trainable row
+  noised = jnp.where(masked[..., None], mask_embedding.astype(clean.dtype), clean)
+  x = jnp.concatenate([noised, clean], axis=1)
+  idx = jnp.broadcast_to(jnp.arange(2 * n, dtype=jnp.int32), (b, 2 * n))
+  seg = jnp.concatenate([amask, amask], axis=1)
+  spec = AttentionSpec(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind="bd3_train",
+                       block_size=cfg.block_size, half_len=n)
+  positions = jnp.concatenate([idx[:, :n], idx[:, :n]], axis=1)  # same positions for both halves
+  hidden, _ = model.decode(x, positions, spec)
+  ce = _token_ce(model.logits(hidden[:, :n]), labels)
+
+  per_sample_labels = jnp.maximum(1, labelled.sum(axis=1)).astype(jnp.float32)
+  weighted = jnp.where(masked, ce / t, 0.0) / per_sample_labels[:, None]
+  loss = weighted.sum() / b
+  metrics = {
+      "loss": loss,
+      "mean_t": t.mean(),
+      "masked_fraction": masked.sum() / jnp.maximum(1, labelled.sum()),
+  }
+  return loss, metrics
+
+
+def ar_loss(model, batch: Batch, positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-token CE averaged over labelled targets of the whole batch (HF's shifted-label loss).
+
+  Used for connector alignment (stage 1). `positions` defaults to flat `arange` positions; pass
+  M-RoPE positions (`[3, B, L]`) for a Qwen2.5-VL source model.
+  """
+  labels = batch["labels"]
+  b, n = labels.shape
+  amask = batch["attention_mask"].astype(jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  hidden, _ = model.decode(_clean_embeddings(model, batch), positions, AttentionSpec.self_attention(amask))
+  targets = labels[:, 1:]
+  ce = _token_ce(model.logits(hidden[:, :-1]), targets)
+  count = jnp.maximum(1, (targets != IGNORE).sum())
+  loss = ce.sum() / count
+  return loss, {"loss": loss, "tokens": count}
