@@ -21,7 +21,13 @@ def _parser() -> argparse.ArgumentParser:
   conv.add_argument("src", help="directory with config.json and *.safetensors (any layout of spec §8)")
   conv.add_argument("dst", help="output directory (written atomically)")
   conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="parameter dtype of the output (default: keep the source dtype)")
+                    help="parameter dtype of the output (default: the config's param_dtype, float32)")
+  conv.add_argument("--mask-token-id", type=int, default=None,
+                    help="mask token id when config.json has none (default: 151671, DiffusionVL's)")
+  conv.add_argument("--block-size", type=int, default=None,
+                    help="BD3-LM block size when config.json has none (default: 8)")
+  conv.add_argument("--position-mode", choices=["mrope", "flat"], default=None,
+                    help="position mode (default: mrope for Qwen2.5-VL, flat for DiffusionVL)")
   conv.add_argument("--overwrite", action="store_true", help="replace an existing dst")
   conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -45,7 +51,10 @@ def _run(args: argparse.Namespace) -> int:
   import dvl_jax as dvl
 
   if args.command == "convert":
-    dvl.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    overrides = {k: v for k, v in (("mask_token_id", args.mask_token_id), ("block_size", args.block_size),
+                                   ("position_mode", args.position_mode)) if v is not None}
+    dvl.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                **overrides)
     print(f"wrote {args.dst}")
   elif args.command == "export":
     dvl.export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)

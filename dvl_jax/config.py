@@ -92,6 +92,16 @@ class ModelConfig:
   remat_policy: str = "none"  # none | full | dots_saveable | nothing_saveable
   attention_backend: str = "auto"
 
+  def __post_init__(self):
+    vocab = self.text.vocab_size
+    for name in ("mask_token_id", "eos_token_id", "image_token_id", "pad_token_id"):
+      value = getattr(self, name)
+      if not 0 <= value < vocab:
+        raise ValueError(f"{name}={value} is outside the {vocab}-row vocabulary; pass {name}=<id> "
+                         "(e.g. a ModelConfig.from_hf / dvl convert override)")
+    if self.position_mode not in ("mrope", "flat"):
+      raise ValueError(f"position_mode must be 'mrope' or 'flat', got {self.position_mode!r}")
+
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
@@ -170,9 +180,13 @@ class ModelConfig:
       value = hf.get(key, t.get(key))
       if isinstance(value, int):
         ids[key] = value
-    if hf.get("bd3lm_block_size"):
+    if isinstance(hf.get("mask_token_id"), int):
+      ids["mask_token_id"] = hf["mask_token_id"]
+    # The Qwen->DiffusionVL conversion script writes bd3lm_block_size 4 with enable_bd3lm false and
+    # evaluation overrides it to 8 (spec §8.1, §9.1): only a model trained with BD3-LM fixes it.
+    if hf.get("bd3lm_block_size") and hf.get("enable_bd3lm", True):
       ids["block_size"] = int(hf["bd3lm_block_size"])
-    ids["position_mode"] = "mrope" if model_type == "qwen2_5_vl" else "flat"
+    ids["position_mode"] = hf.get("dvl_position_mode", "mrope" if model_type == "qwen2_5_vl" else "flat")
     return cls(vision=vision, text=text, **{**ids, **overrides})
 
   def to_hf(self) -> dict[str, Any]:
@@ -229,6 +243,10 @@ class ModelConfig:
         "bos_token_id": self.bos_token_id,
         "eos_token_id": self.eos_token_id,
         "pad_token_id": self.pad_token_id,
+        # Extra keys transformers keeps and ignores; they make export -> convert lossless.
+        "mask_token_id": self.mask_token_id,
+        "bd3lm_block_size": self.block_size,
+        "dvl_position_mode": self.position_mode,
     }
 
 

@@ -41,7 +41,7 @@ def _batch(cfg, rows, grids, seed=0):
   mask = np.zeros((len(rows), n), np.int64)
   for i, r in enumerate(rows):
     ids[i, :len(r)], mask[i, :len(r)] = r, 1
-  if not grids:
+  if len(grids) == 0:
     return ids, mask, None, None
   grids = np.asarray(grids)
   pixels = rng.normal(size=(int(grids.prod(axis=1).sum()), cfg.vision.patch_dim)).astype(np.float32)

@@ -1,0 +1,64 @@
+"""Loading converted checkpoints (`dvl.convert` output): the model is built abstractly, then every param
+is restored straight onto its target sharding, so no host ever holds the whole model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from dvl_jax.config import ModelConfig
+from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.parallel import rules
+
+CONFIG_FILE = "config.json"  # ModelConfig.save
+PARAMS_DIR = "params"  # Orbax checkpoint of the nnx.Param state
+
+
+def abstract_model(cfg: ModelConfig) -> Qwen25VL:
+  """The model with `ShapeDtypeStruct` params (no memory): the source of shapes, dtypes and axes."""
+  return nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+
+
+def restore_params(ckpt_dir: str, abstract_state: nnx.State, shardings: Any = None) -> nnx.State:
+  """Restores the params of a converted checkpoint.
+
+  `shardings` mirrors `abstract_state` (e.g. `rules.logical_shardings`); without it (or for None
+  leaves) arrays go to the default device. Dtypes follow `abstract_state` (Orbax casts while reading).
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if shardings is None:
+    shardings = rules.logical_shardings(abstract_state, None)  # all None: the default device
+
+  def target(var: nnx.Variable, sharding: Any) -> nnx.Variable:
+    return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding or default))
+
+  targets = jax.tree.map(target, abstract_state, shardings, is_leaf=_is_var)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR), targets)
+
+
+def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None) -> Qwen25VL:
+  """The model of a converted checkpoint, params sharded over `mesh` by the logical-axis rules.
+
+  `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators).
+  """
+  config_path = os.path.join(ckpt_dir, CONFIG_FILE)
+  if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR))):
+    raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); "
+                            "convert Hugging Face / DiffusionVL weights first with dvl.convert")
+  cfg = ModelConfig.load(config_path)
+  if dtype is not None:
+    cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
+  graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
+  params = restore_params(ckpt_dir, state, rules.logical_shardings(state, mesh))
+  return nnx.merge(graphdef, params)
+
+
+def _is_var(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
