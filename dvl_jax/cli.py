@@ -11,39 +11,38 @@ import sys
 from typing import Sequence
 
 
+def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: str) -> argparse.ArgumentParser:
+  """A src -> dst checkpoint command with the options convert and export share."""
+  cmd = sub.add_parser(name, help=description)
+  cmd.add_argument("src", help=src)
+  cmd.add_argument("dst", help="output directory (written atomically)")
+  cmd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=dtype)
+  cmd.add_argument("--overwrite", action="store_true", help="replace an existing dst (default: refuse)")
+  cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
+  return cmd
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="dvl", description="DiffusionVL in JAX: convert, export, demo.")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default: off)")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  conv = sub.add_parser("convert", help="HF / DiffusionVL safetensors checkpoint -> dvl (Orbax) checkpoint",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  conv.add_argument("src", help="directory with config.json and *.safetensors (any layout of spec §8)")
-  conv.add_argument("dst", help="output directory (written atomically)")
-  conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="parameter dtype of the output (default: the config's param_dtype, float32)")
+  conv = _checkpoint_command(sub, "convert", "HF / DiffusionVL safetensors checkpoint -> dvl (Orbax) checkpoint",
+                             src="directory with config.json and *.safetensors (any layout of spec §8)",
+                             dtype="parameter dtype of the output (default: the config's param_dtype, float32)")
   conv.add_argument("--mask-token-id", type=int, default=None,
                     help="mask token id when config.json has none (default: 151671, DiffusionVL's)")
   conv.add_argument("--block-size", type=int, default=None,
                     help="BD3-LM block size when config.json has none (default: 8)")
   conv.add_argument("--position-mode", choices=["mrope", "flat"], default=None,
                     help="position mode (default: mrope for Qwen2.5-VL, flat for DiffusionVL)")
-  conv.add_argument("--overwrite", action="store_true", help="replace an existing dst")
-  conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  _checkpoint_command(sub, "export", "dvl (Orbax) checkpoint -> HF Qwen2.5-VL safetensors checkpoint",
+                      src="dvl checkpoint directory (from `dvl convert` or training)",
+                      dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
 
-  exp = sub.add_parser("export", help="dvl (Orbax) checkpoint -> HF Qwen2.5-VL safetensors checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  exp.add_argument("src", help="dvl checkpoint directory (from `dvl convert` or training)")
-  exp.add_argument("dst", help="output directory (written atomically)")
-  exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the exported tensors (default: keep the checkpoint dtype)")
-  exp.add_argument("--overwrite", action="store_true", help="replace an existing dst")
-  exp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-  demo = sub.add_parser("demo", help="build a tiny PyTorch Qwen2.5-VL, convert it, compare logits with PyTorch",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  demo = sub.add_parser("demo", help="build a tiny PyTorch Qwen2.5-VL, convert it, compare logits with PyTorch")
   demo.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
-  demo.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
+  demo.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs (default: 0)")
   return parser
 
 
