@@ -6,7 +6,9 @@ Public surface (design §3):
     dvl.convert(src_dir, dst_dir)          # HF / DiffusionVL safetensors -> dvl (Orbax) checkpoint
     dvl.export(src_dir, dst_dir)           # dvl checkpoint -> HF Qwen2.5-VL safetensors
     model = dvl.load(ckpt_dir, mesh=None)  # Flax NNX model, params placed on their shardings
+    proc  = dvl.Processor.from_pretrained(ckpt_dir)   # prompts with <image> + images -> padded arrays
     logits = model(input_ids, pixel_values=None, image_grid_thw=None, positions="mrope" | "flat")
+    out = dvl.generate(model, dvl.Prompts.from_lists(token_lists), dvl.SamplingConfig(...))  # .tokens .nfe ...
 
 `dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`.
 Names resolve on first use, so `import dvl_jax` stays cheap and does not need the converter's deps.
@@ -18,11 +20,15 @@ _EXPORTS = {
     "convert": "checkpoints_convert",
     "export": "checkpoints_convert",
     "load": "dvl_jax.loading",
+    "Processor": "dvl_jax.data.processor",
     "make_mesh": "dvl_jax.parallel.mesh",
     "ModelConfig": "dvl_jax.config",
     "TextConfig": "dvl_jax.config",
     "VisionConfig": "dvl_jax.config",
     "Qwen25VL": "dvl_jax.model.vlm",
+    "generate": "dvl_jax.diffusion.sampler",
+    "SamplingConfig": "dvl_jax.diffusion.sampling_config",
+    "Prompts": "dvl_jax.diffusion.sampling_config",
 }
 
 __all__ = sorted(_EXPORTS)
