@@ -55,6 +55,11 @@ class Processor:
       ids += self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
     return np.asarray(ids, np.int64)
 
+  def preprocess_images(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Images -> `pixel_values` `[N_patches, patch_dim]` float32 and `image_grid_thw` `[N_images, 3]`."""
+    out = self.image_processor(images=list(images), return_tensors="np")
+    return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+
   def __call__(self, prompts: str | Sequence[str], images: Sequence[Sequence[Any]] | None = None,
                *, pad_to: int | None = None) -> dict[str, np.ndarray | None]:
     """Batch of prompts (and per-prompt image lists) -> `input_ids`/`attention_mask` `[B, L]`,
@@ -66,8 +71,7 @@ class Processor:
     flat_images = [im for row in images for im in row]
     pixels = grids = None
     if flat_images:
-      out = self.image_processor(images=flat_images, return_tensors="np")
-      pixels, grids = out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+      pixels, grids = self.preprocess_images(flat_images)
     rows, start = [], 0
     for prompt, row_images in zip(prompts, images):
       row_grids = None if grids is None else grids[start:start + len(row_images)]
