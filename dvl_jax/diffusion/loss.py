@@ -54,11 +54,9 @@ def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Ar
   mask_embedding = model.text.embed_tokens(jnp.asarray(cfg.mask_token_id))  # trainable row
   noised = jnp.where(masked[..., None], mask_embedding.astype(clean.dtype), clean)
   x = jnp.concatenate([noised, clean], axis=1)
-  idx = jnp.broadcast_to(jnp.arange(2 * n, dtype=jnp.int32), (b, 2 * n))
-  seg = jnp.concatenate([amask, amask], axis=1)
-  spec = AttentionSpec(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind="bd3_train",
-                       block_size=cfg.block_size, half_len=n)
-  positions = jnp.concatenate([idx[:, :n], idx[:, :n]], axis=1)  # same positions for both halves
+  spec = AttentionSpec.self_attention(jnp.concatenate([amask, amask], axis=1), kind="bd3_train",
+                                      block_size=cfg.block_size, half_len=n)
+  positions = jnp.concatenate([spec.q_idx[:, :n], spec.q_idx[:, :n]], axis=1)  # same for both halves
   hidden, _ = model.decode(x, positions, spec)
   ce = _token_ce(model.logits(hidden[:, :n]), labels)
 

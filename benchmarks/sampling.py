@@ -1,0 +1,124 @@
+"""Sampling speed: AR decoding vs block diffusion (static / dynamic / threshold, reference vs fused).
+
+A random ~56M-parameter Qwen2.5 text model (hidden 512, 8 layers, GQA 8/2, 32k vocabulary) decodes
+`--gen` tokens for `--batch` prompts of different lengths. Its lm_head is scaled so confidences spread
+over (0, 1) as in a trained model (at the default init every position has confidence ~1/vocab and
+dynamic / threshold decoding would fix one token per pass); the EOS logit is pinned to 0, so the
+model never emits it and every setting decodes all tokens. Settings alternate inside each repeat (timings drift).
+
+Columns: tokens/s (decoded tokens per wall second, best repeat), tokens per CPU second of this
+process (steadier than wall time on a shared machine), tokens per forward, NFE (model forwards per row,
+prefill included), the NFE of the original algorithm for the same output (a separate commit pass per
+block, `mode="reference"`), speed-up in NFE over the original eval setting (static, steps 8,
+reference), compile seconds and XLA's peak buffer estimate (arguments + outputs + temporaries).
+
+    python benchmarks/sampling.py [--batch 1 8] [--gen 256] [--repeats 2] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dvl_jax.config import tiny_config  # noqa: E402
+from dvl_jax.diffusion import sampler  # noqa: E402
+from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
+from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
+
+SETTINGS = {
+    "AR greedy": dict(algorithm="autoregressive"),
+    "static s8 reference (original)": dict(mode="reference"),
+    "static s8 fused": dict(mode="fused"),
+    "dynamic t0.85 reference": dict(mode="reference", remasking_strategy="low_confidence_dynamic"),
+    "dynamic t0.85 fused": dict(mode="fused", remasking_strategy="low_confidence_dynamic"),
+    "threshold t0.9 reference": dict(mode="reference", remasking_strategy="threshold", confidence_threshold=0.9),
+    "threshold t0.9 fused": dict(mode="fused", remasking_strategy="threshold", confidence_threshold=0.9),
+}
+
+
+def bench_model(small: bool, lm_head_scale: float) -> Qwen25VL:
+  cfg = tiny_config()
+  vocab = 4096 if small else 32768
+  hidden = 256 if small else 512
+  text = dataclasses.replace(cfg.text, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                             num_layers=4 if small else 8, num_heads=8, num_kv_heads=2, rope_theta=1e6,
+                             mrope_section=(4, 6, 6) if small else (8, 12, 12))  # sums to head_dim / 2
+  cfg = cfg.replace(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat")
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  kernel = model.lm_head.kernel[...] * lm_head_scale
+  model.lm_head.kernel[...] = kernel.at[:, cfg.eos_token_id].set(0.0)  # logit 0, far below the max: no EOS
+  return model
+
+
+def peak_bytes(lowered: jax.stages.Lowered) -> tuple[float, int]:
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  return seconds, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--gen", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--small", action="store_true", help="a ~3M model for a quick check")
+  parser.add_argument("--lm-head-scale", type=float, default=40.0)
+  parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  args = parser.parse_args()
+
+  model = bench_model(args.small, args.lm_head_scale)
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model.text))) + model.lm_head.kernel.size
+  bs = model.config.block_size
+  print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {bs}, {jax.device_count()} x "
+        f"{jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+  rng = np.random.default_rng(0)
+  rows = []
+  for batch in args.batch:
+    lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
+    prompts = Prompts.from_lists([rng.integers(3, 1000, n).tolist() for n in lengths])
+    blocks = np.array([-(-(n + args.gen) // bs) - n // bs for n in lengths])
+    configs = {name: SamplingConfig(gen_length=args.gen, **SETTINGS[name]) for name in args.settings}
+    compile_s, peak = {}, {}
+    for name, config in configs.items():
+      compile_s[name], peak[name] = peak_bytes(sampler.lower(model, prompts, config))
+    wall = {name: np.inf for name in configs}
+    cpu = dict(wall)
+    outs = {}
+    for repeat in range(args.repeats + 1):  # round 0 warms up
+      for name, config in configs.items():
+        start, start_cpu = time.perf_counter(), time.process_time()
+        outs[name] = sampler.generate(model, prompts, config)
+        if repeat:
+          wall[name] = min(wall[name], time.perf_counter() - start)
+          cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    original = outs.get("static s8 reference (original)")
+    for name, out in outs.items():
+      decoded = float(out.tokens_per_forward @ out.nfe)
+      is_fused = configs[name].mode == "fused" and configs[name].algorithm == "block_diffusion"
+      orig_nfe = out.nfe + (blocks if is_fused else 0)
+      gain = "-" if original is None else f"{np.mean(original.nfe) / np.mean(out.nfe):.2f}x"
+      rows.append((name, batch, f"{decoded / wall[name]:.1f}", f"{decoded / cpu[name]:.1f}",
+                   f"{np.mean(out.tokens_per_forward):.2f}", f"{np.mean(out.nfe):.1f}", f"{np.mean(orig_nfe):.1f}",
+                   gain, f"{compile_s[name]:.1f}", f"{peak[name] / 2**20:.0f}"))
+  header = ("setting", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
+            "compile s", "peak MiB")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for r in rows:
+    print("| " + " | ".join(str(x) for x in r) + " |")
+
+
+if __name__ == "__main__":
+  main()

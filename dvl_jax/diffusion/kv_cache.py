@@ -1,0 +1,63 @@
+"""The samplers' KV cache as a plain pytree, and the attention spec of new tokens against it.
+
+Layout: `(k, v)`, each `[layers, B, max_len, kv_heads, head_dim]` (post-RoPE, compute dtype).
+Slot `j` of row `b` holds the token at absolute index `j` of that row, so rows with different prompt
+lengths share one array, each at its own offset. Which slots are valid is never stored: every pass
+derives it from a per-row `cache_end` (slots `< cache_end` are valid); stale slots beyond it are
+masked until a commit overwrites them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dvl_jax.attention.spec import AttentionSpec
+from dvl_jax.config import ModelConfig
+from dvl_jax.model.text import KV, dtypes
+
+
+def init(cfg: ModelConfig, batch: int, max_len: int) -> KV:
+  """Zeroed cache for `batch` rows of `max_len` slots."""
+  t = cfg.text
+  shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+  return jnp.zeros(shape, dtypes(cfg)[1]), jnp.zeros(shape, dtypes(cfg)[1])
+
+
+def write_prefix(cache: KV, kv: KV) -> KV:
+  """Writes `[layers, B, n, ...]` new K/V into slots `[0, n)` of every row (prefill)."""
+  return tuple(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=2) for c, x in zip(cache, kv))
+
+
+def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array) -> KV:
+  """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`."""
+  b, n = kv[0].shape[1], kv[0].shape[2]
+  max_len = cache[0].shape[2]
+  slots = jnp.where(enabled[:, None], starts[:, None] + jnp.arange(n), max_len)  # max_len: dropped
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
+  return tuple(c.at[:, rows, slots].set(x.astype(c.dtype), mode="drop") for c, x in zip(cache, kv))
+
+
+def window_spec(slots: jax.Array, valid: jax.Array, cache_end: jax.Array, max_len: int, *, kind: str,
+                block_size: int = 1) -> AttentionSpec:
+  """Queries at absolute `slots` `[B, n]` against `[cache ; themselves]` (the decoder's prefix layout).
+
+  Keys: cache slots `< cache_end[b]` and the window's own `valid` `[B, n]` tokens; `kind` (causal or
+  block_causal over absolute indices) orders them.
+  """
+  b = slots.shape[0]
+  cache_idx = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+  kv_idx = jnp.concatenate([cache_idx, slots.astype(jnp.int32)], axis=1)
+  kv_seg = jnp.concatenate([cache_idx < cache_end[:, None], valid], axis=1).astype(jnp.int32)
+  return AttentionSpec(q_idx=slots.astype(jnp.int32), kv_idx=kv_idx, q_seg=valid.astype(jnp.int32), kv_seg=kv_seg,
+                       kind=kind, block_size=block_size)
+
+
+def checked(cache: KV | None, cfg: ModelConfig, batch: int, max_len: int) -> KV:
+  """`cache` if it fits (`batch` rows, `max_len` slots), a new zeroed one if None."""
+  if cache is None:
+    return init(cfg, batch, max_len)
+  want = (cfg.text.num_layers, batch, max_len, cfg.text.num_kv_heads, cfg.text.head_dim)
+  if tuple(cache[0].shape) != want:
+    raise ValueError(f"cache has shape {tuple(cache[0].shape)}, these prompts need {want}")
+  return cache

@@ -1,0 +1,207 @@
+"""What the samplers take and return: `SamplingConfig` (static options), `Prompts`, `GenerateOutput`.
+
+A `SamplingConfig` is hashable and a static jit argument: one compile per (batch size, prompt length
+bucket, config). Option names follow the original `generate_with_bd3lm` kwargs (spec §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dvl_jax.config import ModelConfig
+from dvl_jax.model.vision_layout import VisionLayout, vision_layout
+
+ALGORITHMS = ("block_diffusion", "autoregressive")
+STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "threshold")
+MODES = ("fused", "reference")
+POSITIONS = ("flat", "mrope")
+PATCH_BUCKET = 256  # pixel rows are padded to a multiple of this (a multiple of every merge unit)
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling options.
+
+  `algorithm`: "block_diffusion" (spec §6) or "autoregressive" (the in-stack AR baseline).
+  `mode`: "fused" commits a finished block in the same forward as the next block's first denoising
+    step; "reference" runs the original's separate commit pass (same tokens, one forward more per block).
+  `remasking_strategy`: "low_confidence_static" / "low_confidence_dynamic" (spec §6.4) or "threshold"
+    (Fast-dLLM v2 style: every masked position with confidence > `confidence_threshold`, at least one
+    per step; `steps` is then unused).
+  `block_size` None and `positions` None take the model config's values (`positions` is always "flat"
+    for block diffusion, as in DiffusionVL). `length_bucket` pads prompts to a multiple of it;
+    `max_len` is the KV-cache length (default: prompt bucket + `gen_length`, rounded up to a block).
+  """
+
+  gen_length: int = 128
+  steps: int = 8
+  block_size: int | None = None
+  remasking_strategy: str = "low_confidence_static"
+  confidence_threshold: float = 0.85
+  mode: str = "fused"
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  algorithm: str = "block_diffusion"
+  positions: str | None = None
+  length_bucket: int = 64
+  max_len: int | None = None
+
+  def __post_init__(self):
+    _one_of("algorithm", self.algorithm, ALGORITHMS)
+    _one_of("remasking_strategy", self.remasking_strategy, STRATEGIES)
+    _one_of("mode", self.mode, MODES)
+    if self.positions is not None:
+      _one_of("positions", self.positions, POSITIONS)
+    if self.steps < 1:
+      raise ValueError(f"steps must be >= 1, got {self.steps}")
+    if self.gen_length < 1:
+      raise ValueError(f"gen_length must be >= 1, got {self.gen_length}")
+    if self.block_size is not None and self.block_size < 1:
+      raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+    if not 0.0 < self.confidence_threshold < 1.0:
+      raise ValueError(f"confidence_threshold must be in (0, 1), got {self.confidence_threshold}")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0.0 <= self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+    if self.length_bucket < 1:
+      raise ValueError(f"length_bucket must be >= 1, got {self.length_bucket}")
+    if self.block_size is not None and self.max_len is not None and self.max_len % self.block_size:
+      raise ValueError(f"block_size {self.block_size} does not divide the cache length max_len={self.max_len}")
+
+  def resolve(self, model_cfg: ModelConfig) -> "SamplingConfig":
+    """Fills `block_size` and `positions` from the model config (validated again)."""
+    positions = self.positions or ("flat" if self.algorithm == "block_diffusion" else model_cfg.position_mode)
+    if self.algorithm == "block_diffusion" and positions != "flat":
+      raise ValueError("block diffusion uses flat positions (spec §3.2); positions='mrope' is only for "
+                       "algorithm='autoregressive'")
+    return dataclasses.replace(self, block_size=self.block_size or model_cfg.block_size, positions=positions)
+
+  def cache_len(self, prompt_width: int) -> int:
+    """KV-cache slots: `max_len`, or the prompt bucket plus `gen_length` rounded up to a whole block."""
+    return self.max_len or round_up(prompt_width + self.gen_length, self.block_size or 1)
+
+
+def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; use one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """A batch of prompts: right-padded `ids` `[B, W]`, `lengths` `[B]`, optional images.
+
+  Images follow the Hugging Face convention (image-token ids in `ids`, `pixel_values` `[N, patch_dim]`,
+  `image_grid_thw` `[n_images, 3]`); `vision` is the precomputed layout (built from the grid if absent).
+  """
+
+  ids: np.ndarray
+  lengths: np.ndarray
+  pixel_values: Any = None
+  image_grid_thw: Any = None
+  vision: VisionLayout | None = None
+
+  @classmethod
+  def from_lists(cls, rows: Sequence[Sequence[int]], pad_id: int = 0, **images: Any) -> "Prompts":
+    ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)] = r
+    return cls(ids, np.array([len(r) for r in rows], np.int32), **images)
+
+  @classmethod
+  def coerce(cls, inputs: Any) -> "Prompts":
+    """Accepts `Prompts`, a list of token lists, or a mapping with `input_ids` and `lengths` or
+    `attention_mask` (right padding), plus optional `pixel_values` / `image_grid_thw` / `vision`."""
+    if isinstance(inputs, Prompts):
+      return inputs
+    if isinstance(inputs, Mapping):
+      ids = np.asarray(inputs["input_ids"], np.int32)
+      if "lengths" in inputs:
+        lengths = np.asarray(inputs["lengths"], np.int32)
+      elif "attention_mask" in inputs:
+        mask = np.asarray(inputs["attention_mask"])
+        lengths = mask.sum(-1).astype(np.int32)
+        if not np.array_equal(mask, np.arange(ids.shape[1]) < lengths[:, None]):
+          raise ValueError("attention_mask must be right-padded (ones, then zeros) for generate")
+      else:
+        raise ValueError("inputs need `lengths` or `attention_mask` next to `input_ids`")
+      return cls(ids, lengths, inputs.get("pixel_values"), inputs.get("image_grid_thw"), inputs.get("vision"))
+    return cls.from_lists(inputs)
+
+  def bucketed(self, config: SamplingConfig, model_cfg: ModelConfig) -> "Prompts":
+    """Validated copy padded to the length bucket (and pixel rows to `PATCH_BUCKET`), with a layout."""
+    lengths = np.asarray(self.lengths, np.int32).reshape(-1)
+    if lengths.shape[0] != self.ids.shape[0]:
+      raise ValueError(f"{lengths.shape[0]} lengths for {self.ids.shape[0]} prompts")
+    if lengths.min() < 1 or lengths.max() > self.ids.shape[1]:
+      raise ValueError(f"prompt lengths must be in [1, {self.ids.shape[1]}], got {lengths.tolist()}")
+    longest = int(lengths.max())
+    width = round_up(longest, config.length_bucket)
+    if config.max_len is not None:
+      width = min(width, config.max_len)
+    context = config.cache_len(width)
+    if longest + config.gen_length > context:
+      raise ValueError(f"prompt of {longest} tokens + gen_length {config.gen_length} exceeds the context of "
+                       f"{context} tokens (max_len); raise max_len or shorten the prompt")
+    if max(width, context) > model_cfg.text.max_position_embeddings:
+      raise ValueError(f"context of {max(width, context)} tokens exceeds the model's max_position_embeddings "
+                       f"({model_cfg.text.max_position_embeddings})")
+    ids = np.full((len(lengths), width), model_cfg.pad_token_id, np.int32)
+    keep = min(width, self.ids.shape[1])
+    ids[:, :keep] = self.ids[:, :keep]
+    ids = np.where(np.arange(width) < lengths[:, None], ids, model_cfg.pad_token_id).astype(np.int32)
+    pixels, vision = self.pixel_values, self.vision
+    if pixels is not None:
+      pixels = np.asarray(pixels, np.float32)
+      if vision is None:
+        if self.image_grid_thw is None:
+          raise ValueError("pixel_values given without image_grid_thw (or a precomputed `vision` layout)")
+        rows = round_up(pixels.shape[0], PATCH_BUCKET)
+        pixels = np.pad(pixels, ((0, rows - pixels.shape[0]), (0, 0)))
+        vision = vision_layout(np.asarray(self.image_grid_thw), model_cfg.vision, pad_patches=rows)
+    return Prompts(ids, lengths, pixels, self.image_grid_thw, vision)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """Generated tokens and statistics (NumPy), one row per prompt.
+
+  `tokens` `[B, G]`: block diffusion returns, like the original, the whole last decoded block (tokens
+    after EOS included) and the mask id for never-decoded positions; the AR path pads after EOS.
+  `lengths` `[B]`: tokens up to and including the first EOS (G without EOS).
+  `nfe` `[B]`: model forwards per row, prefill included; `forwards`: forwards of the batch.
+  `tokens_per_forward` `[B]`: decoded tokens / `nfe`.
+  `steps_per_token` `[B, G]`: index of the row's forward that fixed each token, -1 if never decoded
+    (trajectory plots); block diffusion counts from the first forward after the prefill, AR from the
+    prefill (which gives token 0).
+  `text`: decoded answers (up to the first EOS) when a tokenizer was given.
+  `cache`: the donated KV cache, reusable by the next call with the same shapes.
+  """
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  nfe: np.ndarray
+  forwards: int
+  tokens_per_forward: np.ndarray
+  steps_per_token: np.ndarray
+  text: list[str] | None = None
+  cache: Any = None
+
+  @classmethod
+  def build(cls, tokens: Any, decoded: Any, nfe: Any, forwards: Any, steps: Any, eos_id: int,
+            tokenizer: Any = None, cache: Any = None) -> "GenerateOutput":
+    tokens, decoded, nfe, steps = (np.asarray(a) for a in (tokens, decoded, nfe, steps))
+    is_eos = tokens == eos_id
+    lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, tokens.shape[1]).astype(np.int32)
+    text = None
+    if tokenizer is not None:
+      text = tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
+    return cls(tokens, lengths, nfe, int(forwards), decoded / np.maximum(nfe, 1), steps, text, cache)

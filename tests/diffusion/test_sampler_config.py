@@ -1,0 +1,69 @@
+"""Invalid sampling options and prompts fail early with one clear line (no compile, no traceback soup)."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from dvl_jax.config import tiny_config
+from dvl_jax.diffusion import sampler
+from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
+from dvl_jax.model.vlm import Qwen25VL
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=0), "steps must be >= 1, got 0"),
+    (dict(gen_length=0), "gen_length must be >= 1"),
+    (dict(block_size=8, max_len=100), "block_size 8 does not divide the cache length max_len=100"),
+    (dict(confidence_threshold=1.0), r"confidence_threshold must be in \(0, 1\)"),
+    (dict(confidence_threshold=0.0), r"confidence_threshold must be in \(0, 1\)"),
+    (dict(remasking_strategy="low_confidence"), "unknown remasking_strategy 'low_confidence'"),
+    (dict(mode="cached"), "unknown mode 'cached'"),
+    (dict(algorithm="beam"), "unknown algorithm 'beam'"),
+    (dict(positions="3d"), "unknown positions '3d'"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=1.5), r"top_p must be in \[0, 1\]"),
+])
+def test_invalid_options(options, message):
+  with pytest.raises(ValueError, match=message):
+    SamplingConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Qwen25VL(tiny_config(), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("inputs, options, message", [
+    ([[5] * 30], dict(gen_length=8, max_len=32), "prompt of 30 tokens \\+ gen_length 8 exceeds the context of 32"),
+    ([[5] * 30], dict(max_len=36), "block_size 8 does not divide the cache length max_len=36"),  # model's block size
+    ([[5] * 10], dict(gen_length=5000), "exceeds the model's max_position_embeddings"),
+    ([[5] * 4], dict(positions="mrope"), "block diffusion uses flat positions"),
+    ({"input_ids": [[5, 5, 0]], "attention_mask": [[1, 0, 1]]}, {}, "attention_mask must be right-padded"),
+    ({"input_ids": [[5, 5, 0]], "lengths": [0]}, {}, r"prompt lengths must be in \[1, 3\]"),
+    ({"input_ids": [[5, 5, 0]]}, {}, "need `lengths` or `attention_mask`"),
+])
+def test_invalid_prompts(model, inputs, options, message):
+  with pytest.raises(ValueError, match=message):
+    sampler.generate(model, inputs, SamplingConfig(**options))
+
+
+def test_prompt_forms_agree():
+  listed = Prompts.coerce([[7, 8, 9], [4]])
+  masked = Prompts.coerce({"input_ids": [[7, 8, 9], [4, 0, 0]], "attention_mask": [[1, 1, 1], [1, 0, 0]]})
+  np.testing.assert_array_equal(listed.ids, masked.ids)
+  np.testing.assert_array_equal(listed.lengths, masked.lengths)
+  bucketed = listed.bucketed(SamplingConfig(length_bucket=16).resolve(tiny_config()), tiny_config())
+  assert bucketed.ids.shape == (2, 16) and (bucketed.ids[1, 1:] == tiny_config().pad_token_id).all()
+
+
+def test_output_lengths_and_text():
+  class Tokenizer:
+    def batch_decode(self, rows, skip_special_tokens):
+      return [" ".join(map(str, r)) for r in rows]
+
+  eos, mask = tiny_config().eos_token_id, tiny_config().mask_token_id
+  tokens = np.array([[7, eos, 9, mask], [5, 6, 7, 8]])
+  out = GenerateOutput.build(tokens, np.array([3, 4]), np.array([3, 2]), 3, -np.ones((2, 4)), eos, Tokenizer())
+  np.testing.assert_array_equal(out.lengths, [2, 4])
+  np.testing.assert_allclose(out.tokens_per_forward, [1.0, 2.0])
+  assert out.text == [f"7 {eos}", "5 6 7 8"]
