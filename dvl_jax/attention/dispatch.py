@@ -1,27 +1,75 @@
-"""`attend(q, k, v, spec, backend)`: the one attention entry point of the model, loss and sampler."""
+"""`attend(q, k, v, spec, backend)`: the one attention entry point of the model, loss and sampler.
+
+Backends: `xla` (dense reference), `splash` (TPU Pallas), `pallas_gpu` (our Pallas/Triton kernel),
+`cudnn` (GPU fallback). `auto` picks splash on TPU, pallas_gpu on GPU and xla elsewhere; the
+`DVL_ATTENTION_BACKEND` environment variable overrides the model config's `attention_backend`. A
+backend that cannot run the inputs (dtype, head dim, a KV-cache window on splash, wrong platform)
+hands them to `xla` with one warning per backend and reason — never a silently different answer.
+Forcing a Pallas backend on CPU runs it in the Pallas interpreter (tests).
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from typing import Callable, NamedTuple
 
 import jax
 
+from dvl_jax.attention import cudnn, pallas_gpu, splash
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.attention.spec import AttentionSpec
 
-BACKENDS = ("auto", "xla")
 ENV_VAR = "DVL_ATTENTION_BACKEND"
 
 
+class _Backend(NamedTuple):
+  attend: Callable[..., jax.Array]
+  unsupported: Callable[..., str | None]
+
+
+_IMPLS = {
+    "xla": _Backend(attend_dense, lambda *_: None),
+    "splash": _Backend(splash.attend, splash.unsupported),
+    "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported),
+    "cudnn": _Backend(cudnn.attend, cudnn.unsupported),
+}
+BACKENDS = ("auto", *_IMPLS)
+_AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}
+_WARNED: set[tuple[str, str]] = set()
+
+
 def resolve_backend(backend: str = "auto") -> str:
-  """`DVL_ATTENTION_BACKEND` overrides the config; `auto` picks by platform (only `xla` exists yet)."""
-  backend = os.environ.get(ENV_VAR, backend)
+  """The concrete backend: the environment variable wins over `backend`; `auto` picks by platform."""
+  backend = os.environ.get(ENV_VAR) or backend
   if backend not in BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
-  return "xla"
+  return _AUTO.get(jax.default_backend(), "xla") if backend == "auto" else backend
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> None:
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"attention wants q [B, Lq, Hq, D] and k = v [B, Lk, Hkv, D]; got {q.shape}, {k.shape}, "
+                     f"{v.shape}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+  want = (q.shape[:2], k.shape[:2])
+  if (spec.q_idx.shape, spec.kv_idx.shape) != want or (spec.q_seg.shape, spec.kv_seg.shape) != want:
+    raise ValueError(f"spec arrays must be [B, Lq] / [B, Lk] = {want}; got {spec.q_idx.shape}, {spec.kv_idx.shape}")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str = "auto") -> jax.Array:
-  """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]` under the mask `spec`."""
-  resolve_backend(backend)
-  return attend_dense(q, k, v, spec)
+  """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]` under the mask `spec`.
+
+  Rows with no allowed key (padding) are unspecified but finite: `xla` returns a uniform average,
+  the Pallas kernels 0.
+  """
+  _check_shapes(q, k, v, spec)
+  name = resolve_backend(backend)
+  reason = _IMPLS[name].unsupported(q, k, v, spec)
+  if reason is not None:
+    if (name, reason) not in _WARNED:
+      _WARNED.add((name, reason))
+      warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to 'xla'", stacklevel=2)
+    name = "xla"
+  return _IMPLS[name].attend(q, k, v, spec)

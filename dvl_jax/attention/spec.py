@@ -15,7 +15,10 @@ class AttentionSpec:
 
   Arrays (`[B, Lq]` / `[B, Lk]` int32): `q_idx`/`kv_idx` are token indices fed to the mask function;
   `q_seg`/`kv_seg` are segment ids (0 = padding; attention only inside equal segments).
-  Static: `kind` (see `masks.KINDS`), `block_size`, `half_len` (L of the `[x_t ; x_0]` input).
+  Static: `kind` (see `masks.KINDS`), `block_size`, `half_len` (L of the `[x_t ; x_0]` input), and
+  `positional`: `q_idx = kv_idx = arange(L)` in every row, so which tiles can attend is known at trace
+  time (the Pallas kernels' block structure); `self_attention` sets it. A cache window (keys
+  `[cache ; window]`) is not.
   """
 
   q_idx: jax.Array
@@ -25,6 +28,7 @@ class AttentionSpec:
   kind: str = struct.field(pytree_node=False, default="causal")
   block_size: int = struct.field(pytree_node=False, default=1)
   half_len: int = struct.field(pytree_node=False, default=0)
+  positional: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.kind not in masks.KINDS:
@@ -36,7 +40,7 @@ class AttentionSpec:
     b, n = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     seg = segment_ids.astype(jnp.int32)
-    return cls(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind=kind, **static)
+    return cls(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind=kind, positional=True, **static)
 
   def dense(self) -> jax.Array:
     """`[B, Lq, Lk]` boolean mask."""

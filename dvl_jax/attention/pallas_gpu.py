@@ -1,0 +1,316 @@
+"""GPU attention: our Pallas flash-attention kernel (Triton lowering; interpreted on CPU) that skips empty tiles.
+
+Each program owns one query tile (forward, dQ) or one key/value tile (dK/dV) of one head and loops
+over that tile's list of live partner tiles from `block_table`, so a fully masked tile is never
+loaded. Inside a tile the mask is computed from the spec's index and segment arrays with
+`masks.allowed` / `masks.segment_allowed`, the functions of the dense reference. Online softmax and
+every accumulation in fp32; inputs fp32, bf16 or fp16. GQA reads key/value head `h // group` instead
+of repeating it, and a dK/dV program accumulates over its group's query heads. A row with no allowed
+key returns 0 and passes no gradient (the dense reference returns a uniform average there; callers
+never read such rows). Sequences are padded to whole tiles (segment 0) and head dims to a power of
+two (zeros), as Triton needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dvl_jax.attention import block_table, masks
+from dvl_jax.attention.spec import AttentionSpec
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static kernel parameters (hashable: the custom_vjp's non-differentiable argument)."""
+
+  kind: str
+  block_size: int
+  half_len: int
+  scale: float
+  block_q: int
+  block_k: int
+  interpret: bool
+  count_visits: bool = False
+
+  def mask(self, q_idx, q_seg, kv_idx, kv_seg) -> jax.Array:
+    """`[bq]`, `[bq]`, `[bk]`, `[bk]` -> `[bq, bk]` allowed entries of one tile pair."""
+    allowed = masks.allowed(self.kind, q_idx[:, None], kv_idx[None, :], block_size=self.block_size,
+                            half_len=self.half_len)
+    return allowed & masks.segment_allowed(q_seg[:, None], kv_seg[None, :])
+
+  def compiler_params(self, head_dim: int) -> plgpu.CompilerParams:
+    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+def default_tile(length: int) -> int:
+  """64, or the smallest power of two >= 16 that covers a shorter sequence (Triton needs powers of two)."""
+  return min(64, max(16, pl.next_power_of_2(length)))
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  return lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _probs(cfg: _Config, q: jax.Array, k: jax.Array, lse: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax probabilities `[bq, bk]` recomputed from the forward's log-sum-exp."""
+  return jnp.where(mask, jnp.exp(_dot(q, k, (1, 1)) * cfg.scale - lse[:, None]), 0.0)
+
+
+def _count(visit_refs, tile) -> None:
+  if visit_refs:
+    visit_refs[0][pl.ds(tile, 1)] += 1
+
+
+def _forward_kernel(counts_ref, tiles_ref, qi_ref, qs_ref, ki_ref, ks_ref, q_ref, k_ref, v_ref,
+                    o_ref, lse_ref, *visit_refs, cfg: _Config):
+  if visit_refs:
+    visit_refs[0][...] = jnp.zeros(visit_refs[0].shape, jnp.int32)
+  q, q_idx, q_seg = q_ref[...], qi_ref[...], qs_ref[...]
+
+  def body(j, carry):
+    acc, m, l = carry
+    tile = tiles_ref[j]
+    cols = pl.ds(tile * cfg.block_k, cfg.block_k)
+    mask = cfg.mask(q_idx, q_seg, ki_ref[cols], ks_ref[cols])
+    s = jnp.where(mask, _dot(q, k_ref[cols, :], (1, 1)) * cfg.scale, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    v = v_ref[cols, :]
+    _count(visit_refs, tile)
+    return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, l * alpha + p.sum(axis=-1)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], _MASKED, jnp.float32),
+          jnp.zeros(q.shape[:1], jnp.float32))
+  acc, m, l = lax.fori_loop(0, counts_ref[pl.program_id(0)], body, init)
+  empty = l == 0.0
+  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l))
+
+
+def _dq_kernel(counts_ref, tiles_ref, qi_ref, qs_ref, ki_ref, ks_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, dq_ref, *visit_refs, cfg: _Config):
+  if visit_refs:
+    visit_refs[0][...] = jnp.zeros(visit_refs[0].shape, jnp.int32)
+  q, do, q_idx, q_seg = q_ref[...], do_ref[...], qi_ref[...], qs_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(j, dq):
+    tile = tiles_ref[j]
+    cols = pl.ds(tile * cfg.block_k, cfg.block_k)
+    k = k_ref[cols, :]
+    p = _probs(cfg, q, k, lse, cfg.mask(q_idx, q_seg, ki_ref[cols], ks_ref[cols]))
+    ds = p * (_dot(do, v_ref[cols, :], (1, 1)) - delta[:, None])
+    _count(visit_refs, tile)
+    return dq + _dot(ds.astype(k.dtype), k, (1, 0))
+
+  dq = lax.fori_loop(0, counts_ref[pl.program_id(0)], body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(counts_ref, tiles_ref, qi_ref, qs_ref, ki_ref, ks_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *visit_refs, cfg: _Config):
+  """One key/value tile of one kv head; q/do/lse/delta refs hold the whole sequence of its query heads."""
+  if visit_refs:
+    visit_refs[0][...] = jnp.zeros(visit_refs[0].shape, jnp.int32)
+  k, v, kv_idx, kv_seg = k_ref[...], v_ref[...], ki_ref[...], ks_ref[...]
+  count = counts_ref[pl.program_id(0)]
+
+  def head(r, carry):
+    def body(j, carry):
+      dk, dv = carry
+      tile = tiles_ref[j]
+      rows = pl.ds(tile * cfg.block_q, cfg.block_q)
+      q, do = q_ref[rows, r, :], do_ref[rows, r, :]
+      p = _probs(cfg, q, k, lse_ref[r, rows], cfg.mask(qi_ref[rows], qs_ref[rows], kv_idx, kv_seg))
+      ds = p * (_dot(do, v, (1, 1)) - delta_ref[r, rows][:, None])
+      _count(visit_refs, tile)
+      return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv + _dot(p.astype(do.dtype), do, (0, 0))
+
+    return lax.fori_loop(0, count, body, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, q_ref.shape[1], head, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _visits_out(count_visits: bool, shape: tuple[int, ...], index_map) -> tuple[list, list]:
+  """Optional `[..., tiles]` int32 output counting how often each partner tile was loaded."""
+  if not count_visits:
+    return [], []
+  return [jax.ShapeDtypeStruct(shape, jnp.int32)], [pl.BlockSpec((None, None, None, shape[-1]), index_map)]
+
+
+def _forward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, ...], q, k, v):
+  """Padded q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> out, lse `[B, Hq, Lq]` fp32, visits or None."""
+  b, lq, hq, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  group, bq, nq, nk = hq // hkv, cfg.block_q, lq // cfg.block_q, lk // cfg.block_k
+  visit_shape, visit_spec = _visits_out(cfg.count_visits, (b, hq, nq, nk), lambda i, n, h: (n, h, i, 0))
+  out = pl.pallas_call(
+      functools.partial(_forward_kernel, cfg=cfg),
+      grid=(nq, b, hq),
+      in_specs=[
+          pl.BlockSpec((None, nq), lambda i, n, h: (n, 0)),
+          pl.BlockSpec((None, None, lists.kv_tiles.shape[-1]), lambda i, n, h: (n, i, 0)),
+          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
+          pl.BlockSpec((None, lk, None, d), lambda i, n, h: (n, 0, h // group, 0)),
+          pl.BlockSpec((None, lk, None, d), lambda i, n, h: (n, 0, h // group, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i)),
+          *visit_spec,
+      ],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lq), jnp.float32),
+                 *visit_shape],
+      compiler_params=cfg.compiler_params(d),
+      interpret=cfg.interpret,
+      name="dvl_flash_forward",
+  )(lists.kv_counts, lists.kv_tiles, pos[0], pos[1], pos[2], pos[3], q, k, v)
+  return out[0], out[1], (out[2] if cfg.count_visits else None)
+
+
+def _backward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, ...], q, k, v, o, lse, do):
+  """-> dq, dk, dv (input dtypes), and the dQ / dK-dV visit counts or None."""
+  b, lq, hq, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  group, bq, bk, nq, nk = hq // hkv, cfg.block_q, cfg.block_k, lq // cfg.block_q, lk // cfg.block_k
+  delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+  index_args = (pos[0], pos[1], pos[2], pos[3])
+
+  q_tile = pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0))
+  kv_all = pl.BlockSpec((None, lk, None, d), lambda i, n, h: (n, 0, h // group, 0))
+  row_stat = pl.BlockSpec((None, None, bq), lambda i, n, h: (n, h, i))
+  visit_shape, visit_spec = _visits_out(cfg.count_visits, (b, hq, nq, nk), lambda i, n, h: (n, h, i, 0))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      grid=(nq, b, hq),
+      in_specs=[
+          pl.BlockSpec((None, nq), lambda i, n, h: (n, 0)),
+          pl.BlockSpec((None, None, lists.kv_tiles.shape[-1]), lambda i, n, h: (n, i, 0)),
+          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          q_tile, kv_all, kv_all, q_tile, row_stat, row_stat,
+      ],
+      out_specs=[q_tile, *visit_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *visit_shape],
+      compiler_params=cfg.compiler_params(d),
+      interpret=cfg.interpret,
+      name="dvl_flash_dq",
+  )(lists.kv_counts, lists.kv_tiles, *index_args, q, k, v, do, lse, delta)
+
+  kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, n, h: (n, j, h, 0))
+  q_group = pl.BlockSpec((None, lq, group, d), lambda j, n, h: (n, 0, h, 0))
+  group_stat = pl.BlockSpec((None, group, lq), lambda j, n, h: (n, h, 0))
+  visit_shape_t, visit_spec_t = _visits_out(cfg.count_visits, (b, hkv, nk, nq), lambda j, n, h: (n, h, j, 0))
+  dkv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(nk, b, hkv),
+      in_specs=[
+          pl.BlockSpec((None, nk), lambda j, n, h: (n, 0)),
+          pl.BlockSpec((None, None, lists.q_tiles.shape[-1]), lambda j, n, h: (n, j, 0)),
+          pl.BlockSpec((None, lq), lambda j, n, h: (n, 0)),
+          pl.BlockSpec((None, lq), lambda j, n, h: (n, 0)),
+          pl.BlockSpec((None, bk), lambda j, n, h: (n, j)),
+          pl.BlockSpec((None, bk), lambda j, n, h: (n, j)),
+          q_group, kv_tile, kv_tile, q_group, group_stat, group_stat,
+      ],
+      out_specs=[kv_tile, kv_tile, *visit_spec_t],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), *visit_shape_t],
+      compiler_params=cfg.compiler_params(d),
+      interpret=cfg.interpret,
+      name="dvl_flash_dkv",
+  )(lists.q_counts, lists.q_tiles, *index_args, q, k, v, do, lse, delta)
+  visits = (dq[1], dkv[2]) if cfg.count_visits else (None, None)
+  return dq[0], dkv[0], dkv[1], visits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, ...], q, k, v):
+  return _forward(cfg, lists, pos, q, k, v)[0]
+
+
+def _flash_fwd(cfg, lists, pos, q, k, v):
+  o, lse, _ = _forward(cfg, lists, pos, q, k, v)
+  return o, (lists, pos, q, k, v, o, lse)
+
+
+def _flash_bwd(cfg, residuals, do):
+  lists, pos, q, k, v, o, lse = residuals
+  dq, dk, dv, _ = _backward(cfg, lists, pos, q, k, v, o, lse, do)
+  return None, None, dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> str | None:
+  """Why this backend cannot run these inputs here, or None."""
+  if jax.default_backend() == "tpu":
+    return "its Triton kernels need a GPU (splash is the TPU kernel)"
+  if q.dtype not in DTYPES:
+    return f"dtype {q.dtype} (supported: float32, bfloat16, float16)"
+  if pl.next_power_of_2(q.shape[-1]) > MAX_HEAD_DIM:
+    return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+  return None
+
+
+def _prepare(q, k, v, spec: AttentionSpec, block_q: int | None, block_k: int | None, interpret: bool | None,
+             count_visits: bool = False):
+  """Pads to whole tiles / a power-of-two head dim; -> (config, tile lists, index arrays, q, k, v)."""
+  lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
+  bq, bk = block_q or default_tile(lq), block_k or default_tile(lk)
+  lq_p, lk_p = -(-lq // bq) * bq, -(-lk // bk) * bk
+  dp = max(16, pl.next_power_of_2(d))
+  cfg = _Config(kind=spec.kind, block_size=spec.block_size, half_len=spec.half_len, scale=d ** -0.5,
+                block_q=bq, block_k=bk, count_visits=count_visits,
+                interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
+  seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+  heads = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))
+  pos = (seq(spec.q_idx, lq_p), seq(spec.q_seg, lq_p), seq(spec.kv_idx, lk_p), seq(spec.kv_seg, lk_p))
+  return cfg, block_table.tile_lists(spec, bq, bk), pos, heads(q, lq_p), heads(k, lk_p), heads(v, lk_p)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, block_q: int | None = None,
+           block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+  """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]`; differentiable in q, k, v.
+
+  `block_q`/`block_k`: tile sizes (powers of two >= 16; default `default_tile`). `interpret`:
+  run the kernels in the Pallas interpreter (default: unless the platform is a GPU).
+  """
+  lq, d = q.shape[1], q.shape[-1]
+  cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, interpret)
+  return _flash(cfg, lists, pos, qp, kp, vp)[:, :lq, :, :d]
+
+
+def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,
+                block_q: int | None = None, block_k: int | None = None) -> dict[str, jax.Array]:
+  """How often each kernel loaded each partner tile (interpreted), to check skipping against the table.
+
+  -> `forward`, `dq`: `[B, Hq, nq, nk]`; `dkv`: `[B, Hkv, nk, nq]` (summed over the group's heads).
+  """
+  cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, True, count_visits=True)
+  do = jnp.pad(do, [(0, n - m) for n, m in zip(qp.shape, do.shape)])
+  o, lse, forward = _forward(cfg, lists, pos, qp, kp, vp)
+  *_, (dq, dkv) = _backward(cfg, lists, pos, qp, kp, vp, o, lse, do)
+  return {"forward": forward, "dq": dq, "dkv": dkv}

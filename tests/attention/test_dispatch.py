@@ -1,0 +1,124 @@
+"""Backend choice, forcing and fallback; the whole model gives the same loss and samples on every backend."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dvl_jax.attention import dispatch
+from dvl_jax.attention.reference import attend_dense
+from dvl_jax.config import tiny_config
+from dvl_jax.diffusion.loss import bd3_loss
+from dvl_jax.model.vision_layout import vision_layout
+from dvl_jax.model.vlm import Qwen25VL
+from tests.attention.cases import Case, cache_window, max_errors, problem
+
+KERNELS = ("pallas_gpu", "splash")  # cudnn is jax's XLA path off a GPU: checked at the attention level
+
+
+def test_auto_is_xla_on_cpu_and_the_environment_wins(monkeypatch):
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  assert dispatch.resolve_backend("auto") == "xla"
+  assert dispatch.resolve_backend("pallas_gpu") == "pallas_gpu"
+  monkeypatch.setenv(dispatch.ENV_VAR, "splash")
+  assert dispatch.resolve_backend("pallas_gpu") == "splash"
+  monkeypatch.setenv(dispatch.ENV_VAR, "flash")
+  with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+    dispatch.resolve_backend()
+
+
+def test_bad_shapes_raise():
+  q, k, v, spec = problem(Case("causal", 16, (3, 2)))
+  with pytest.raises(ValueError, match="multiple of key/value heads"):
+    dispatch.attend(q, k, v, spec)
+  q, k, v, spec = problem(Case("causal", 16))
+  with pytest.raises(ValueError, match="spec arrays"):
+    dispatch.attend(q[:, :8], k, v, spec)
+
+
+def test_unsupported_input_falls_back_to_xla_with_one_warning(monkeypatch):
+  monkeypatch.setattr(dispatch, "_WARNED", set())
+  q, k, v, spec = cache_window()  # splash masks are static: a KV-cache window is not positional
+  with pytest.warns(UserWarning, match="'splash' cannot run a non-positional spec.*falling back to 'xla'"):
+    out = dispatch.attend(q, k, v, spec, backend="splash")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dispatch.attend(q, k, v, spec, backend="splash")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(attend_dense(q, k, v, spec)))
+
+
+def test_cudnn_backend_matches_reference():
+  """Off a GPU the cuDNN backend runs jax's XLA implementation: this checks its mask and GQA wiring."""
+  q, k, v, spec = problem(Case("bd3_train", 40, (4, 1), 64, block_size=4, pad=6))
+  fwd, bwd = max_errors(functools.partial(dispatch.attend, spec=spec, backend="cudnn"), q, k, v, spec)
+  assert fwd <= 1e-5 and bwd <= 1e-4, (fwd, bwd)
+
+
+# ---- the whole model ----------------------------------------------------------------------------
+
+def _model(backend: str) -> Qwen25VL:
+  """Tiny model with widely spread weights (sharp logits, varied greedy tokens), same for every backend."""
+  graphdef, state = nnx.split(Qwen25VL(tiny_config(attention_backend=backend), rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  spread = lambda x: jnp.asarray(rng.normal(scale=0.3, size=x.shape), x.dtype) + (x if x.ndim == 1 else 0)
+  return nnx.merge(graphdef, jax.tree.map(spread, state))
+
+
+def _loss_and_grads(model):
+  cfg = model.config
+  rng = np.random.default_rng(1)
+  n, grid = 23, np.array([[1, 4, 8]])
+  ids = rng.integers(3, 200, (3, n))
+  ids[0, 2:10] = cfg.image_token_id
+  labels = np.where(np.arange(n) >= 5, ids, -100)
+  amask = np.ones((3, n), np.int32)
+  amask[2, 17:], labels[2, 17:] = 0, -100
+  batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "attention_mask": jnp.asarray(amask),
+           "pixel_values": jnp.asarray(rng.normal(size=(32, cfg.vision.patch_dim)), jnp.float32),
+           "vision": vision_layout(grid, cfg.vision)}
+  noise = (jnp.full((3, n), 0.5, jnp.float32), jnp.asarray(rng.uniform(size=(3, n)) < 0.5))
+  graphdef, state = nnx.split(model)
+  loss = lambda state: bd3_loss(nnx.merge(graphdef, state), batch, jax.random.key(0), noise=noise)[0]
+  return jax.jit(jax.value_and_grad(loss))(state)
+
+
+def _greedy_tokens(model):
+  from dvl_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
+  from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(2)
+  prompts = Prompts.from_lists([list(rng.integers(3, 200, 13)), list(rng.integers(3, 200, 5))])
+  return np.asarray(sampler.generate(model, prompts, SamplingConfig(gen_length=16, steps=8)).tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_results():
+  model = _model("xla")
+  return _loss_and_grads(model), _greedy_tokens(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", KERNELS)
+def test_model_loss_gradients_and_greedy_samples_match_across_backends(backend, monkeypatch):
+  monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+  (loss, grads), tokens = _xla_results()
+  model = _model(backend)
+  got_loss, got_grads = _loss_and_grads(model)
+  assert abs(float(got_loss) - float(loss)) <= 1e-5, (float(got_loss), float(loss))
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got_grads, grads)
+  assert max(jax.tree.leaves(diff)) <= 1e-4, diff
+  assert len(set(tokens.ravel().tolist())) > 3  # a non-degenerate sample
+  np.testing.assert_array_equal(_greedy_tokens(model), tokens)
+
+
+def test_environment_variable_reaches_the_model(monkeypatch):
+  model = _model("xla")
+  ids = jnp.asarray(np.random.default_rng(3).integers(3, 200, (2, 12)))
+  forward = lambda: jax.make_jaxpr(lambda ids: model(ids, positions="flat"))(ids)
+  assert "pallas_call" not in str(forward())
+  monkeypatch.setenv(dispatch.ENV_VAR, "pallas_gpu")
+  assert "pallas_call" in str(forward())
