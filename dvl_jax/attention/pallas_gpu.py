@@ -154,6 +154,18 @@ def _visits_out(count_visits: bool, shape: tuple[int, ...], index_map) -> tuple[
   return [jax.ShapeDtypeStruct(shape, jnp.int32)], [pl.BlockSpec((None, None, None, shape[-1]), index_map)]
 
 
+def _query_major_specs(lists: block_table.TileLists, nq: int, bq: int, lk: int) -> list:
+  """Specs on a (query tile, batch, head) grid: live-tile count and list, query and key index/segment rows."""
+  return [
+      pl.BlockSpec((None, nq), lambda i, n, h: (n, 0)),
+      pl.BlockSpec((None, None, lists.kv_tiles.shape[-1]), lambda i, n, h: (n, i, 0)),
+      pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+      pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
+      pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+      pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+  ]
+
+
 def _forward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, ...], q, k, v):
   """Padded q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> out, lse `[B, Hq, Lq]` fp32, visits or None."""
   b, lq, hq, d = q.shape
@@ -164,12 +176,7 @@ def _forward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, .
       functools.partial(_forward_kernel, cfg=cfg),
       grid=(nq, b, hq),
       in_specs=[
-          pl.BlockSpec((None, nq), lambda i, n, h: (n, 0)),
-          pl.BlockSpec((None, None, lists.kv_tiles.shape[-1]), lambda i, n, h: (n, i, 0)),
-          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
-          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
-          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
-          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          *_query_major_specs(lists, nq, bq, lk),
           pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
           pl.BlockSpec((None, lk, None, d), lambda i, n, h: (n, 0, h // group, 0)),
           pl.BlockSpec((None, lk, None, d), lambda i, n, h: (n, 0, h // group, 0)),
@@ -204,12 +211,7 @@ def _backward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, 
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(nq, b, hq),
       in_specs=[
-          pl.BlockSpec((None, nq), lambda i, n, h: (n, 0)),
-          pl.BlockSpec((None, None, lists.kv_tiles.shape[-1]), lambda i, n, h: (n, i, 0)),
-          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
-          pl.BlockSpec((None, bq), lambda i, n, h: (n, i)),
-          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
-          pl.BlockSpec((None, lk), lambda i, n, h: (n, 0)),
+          *_query_major_specs(lists, nq, bq, lk),
           q_tile, kv_all, kv_all, q_tile, row_stat, row_stat,
       ],
       out_specs=[q_tile, *visit_spec],
