@@ -9,6 +9,7 @@ Public surface (design §3):
     proc  = dvl.Processor.from_pretrained(ckpt_dir)   # prompts with <image> + images -> padded arrays
     logits = model(input_ids, pixel_values=None, image_grid_thw=None, positions="mrope" | "flat")
     out = dvl.generate(model, dvl.Prompts.from_lists(token_lists), dvl.SamplingConfig(...))  # .tokens .nfe ...
+    loss, aux = dvl.bd3_loss(model, batch, rng, noise=None)   # noise=(t, move_mask) injectable
 
 `dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`.
 Names resolve on first use, so `import dvl_jax` stays cheap and does not need the converter's deps.
@@ -29,6 +30,8 @@ _EXPORTS = {
     "generate": "dvl_jax.diffusion.sampler",
     "SamplingConfig": "dvl_jax.diffusion.sampling_config",
     "Prompts": "dvl_jax.diffusion.sampling_config",
+    "bd3_loss": "dvl_jax.diffusion.loss",
+    "ar_loss": "dvl_jax.diffusion.loss",
 }
 
 __all__ = sorted(_EXPORTS)
