@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.config import ModelConfig
-from dvl_jax.model.text import KV, dtypes
+from dvl_jax.model.layers import dtypes
+from dvl_jax.model.text import KV
 
 
 def init(cfg: ModelConfig, batch: int, max_len: int) -> KV:

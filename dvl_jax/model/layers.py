@@ -16,6 +16,11 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
+def dtypes(cfg: Any) -> tuple[Any, Any]:
+  """(param dtype, compute dtype) of a `ModelConfig`."""
+  return jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+
+
 def _init(rngs: nnx.Rngs, shape: Sequence[int], dtype: Any, std: float = 0.02) -> jax.Array:
   return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
@@ -47,6 +52,20 @@ class Dense(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
     return y
+
+
+class SwiGLU(nnx.Module):
+  """`down(silu(gate(x)) * up(x))`; the ViT's has biases, the decoder's does not."""
+
+  def __init__(self, dim: int, hidden: int, *, axes: tuple[str, str], use_bias: bool, param_dtype: Any,
+               compute_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(use_bias=use_bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    self.gate_proj = Dense(dim, hidden, axes=axes, **kw)
+    self.up_proj = Dense(dim, hidden, axes=axes, **kw)
+    self.down_proj = Dense(hidden, dim, axes=axes[::-1], **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Embed(nnx.Module):

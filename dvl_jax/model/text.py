@@ -6,8 +6,6 @@ layer's new keys/values, so the samplers can keep the cache as a pure pytree out
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,14 +13,10 @@ from flax import nnx
 from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.config import ModelConfig
-from dvl_jax.model.layers import Dense, Embed, RMSNorm, run_stack, stack_modules
+from dvl_jax.model.layers import Dense, Embed, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
 from dvl_jax.model.rope import apply_rope
 
 KV = tuple[jax.Array, jax.Array]  # keys, values: [B, L, kv_heads, head_dim]
-
-
-def dtypes(cfg: ModelConfig) -> tuple[Any, Any]:
-  return jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
 
 
 class Attention(nnx.Module):
@@ -55,30 +49,16 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(b, n, -1)), (k, v)
 
 
-class MLP(nnx.Module):
-  """SwiGLU without biases: `down(silu(gate(x)) * up(x))`."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    t = cfg.text
-    pd, cd = dtypes(cfg)
-    kw = dict(use_bias=False, param_dtype=pd, compute_dtype=cd, rngs=rngs)
-    self.gate_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
-    self.up_proj = Dense(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), **kw)
-    self.down_proj = Dense(t.intermediate_size, t.hidden_size, axes=("mlp", "embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     t = cfg.text
-    pd, _ = dtypes(cfg)
+    pd, cd = dtypes(cfg)
     self.input_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
     self.self_attn = Attention(cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = SwiGLU(t.hidden_size, t.intermediate_size, axes=("embed", "mlp"), use_bias=False,
+                      param_dtype=pd, compute_dtype=cd, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
                prefix: KV | None = None) -> tuple[jax.Array, KV]:

@@ -18,7 +18,7 @@ from flax import nnx
 from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.config import ModelConfig, VisionConfig
-from dvl_jax.model.layers import Dense, RMSNorm, run_stack, stack_modules
+from dvl_jax.model.layers import Dense, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
 from dvl_jax.model.rope import apply_rope, vision_rope
 from dvl_jax.model.vision_layout import VisionLayout
 
@@ -46,19 +46,6 @@ class VisionAttention(nnx.Module):
     return self.proj(out.reshape(n, -1))
 
 
-class VisionMLP(nnx.Module):
-  """SwiGLU with biases: `down(silu(gate(x)) * up(x))`."""
-
-  def __init__(self, v: VisionConfig, *, param_dtype: Any, compute_dtype: Any, rngs: nnx.Rngs):
-    kw = dict(use_bias=True, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-    self.gate_proj = Dense(v.hidden_size, v.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
-    self.up_proj = Dense(v.hidden_size, v.intermediate_size, axes=("vision_embed", "vision_mlp"), **kw)
-    self.down_proj = Dense(v.intermediate_size, v.hidden_size, axes=("vision_mlp", "vision_embed"), **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nnx.Module):
   """Pre-norm residual block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
 
@@ -66,7 +53,8 @@ class VisionBlock(nnx.Module):
     self.norm1 = RMSNorm(v.hidden_size, eps=v.rms_norm_eps, param_dtype=param_dtype)
     self.norm2 = RMSNorm(v.hidden_size, eps=v.rms_norm_eps, param_dtype=param_dtype)
     self.attn = VisionAttention(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
-    self.mlp = VisionMLP(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+    self.mlp = SwiGLU(v.hidden_size, v.intermediate_size, axes=("vision_embed", "vision_mlp"), use_bias=True,
+                      param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
                backend: str) -> jax.Array:
@@ -101,7 +89,7 @@ class VisionTower(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, rope_table_dtype: Any = jnp.float32):
     v = cfg.vision
-    param_dtype, compute_dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.compute_dtype)
+    param_dtype, compute_dtype = dtypes(cfg)
     self.head_dim = v.head_dim
     self.merge_unit = v.merge_unit
     self.full_layers = tuple(i in v.fullatt_block_indexes for i in range(v.depth))

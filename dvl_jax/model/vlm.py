@@ -17,9 +17,9 @@ from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.config import ModelConfig
-from dvl_jax.model.layers import Dense
+from dvl_jax.model.layers import Dense, dtypes
 from dvl_jax.model.rope import get_rope_index, text_rope
-from dvl_jax.model.text import KV, TextModel, dtypes
+from dvl_jax.model.text import KV, TextModel
 from dvl_jax.model.vision import VisionTower
 from dvl_jax.model.vision_layout import VisionLayout, vision_layout
 
