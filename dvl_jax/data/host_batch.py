@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from dvl_jax.config import ModelConfig
@@ -25,16 +26,33 @@ class HostBatcher:
   """Builds `input_ids`, `labels`, `attention_mask` `[len(owned) * B / K, L]`, `pixel_values`
   `[len(owned) * patches, patch_dim]` and the global ViT layout (every process computes the same one)
   for the batch shards `owned` of the `num_shards` shards of a planned batch. `bad_rows` lists the
-  `(row_id, BadRow)` that became dead rows."""
+  `(row_id, BadRow)` that became dead rows.
+
+  With `micro_batches=A` the planned batch (planned with `num_shards * A` shards) is cut into A
+  micro-batches stacked on a new leading axis; micro-batch `a` of batch shard `s` is plan shard
+  `s * A + a`, so a process still owns the same rows and each micro-batch's patch budget covers only
+  its own rows (no A-fold ViT padding).
+  """
 
   def __init__(self, index: DatasetIndex, encoder: SampleEncoder, config: ModelConfig, *, num_shards: int,
-               owned: Sequence[int]):
+               owned: Sequence[int], micro_batches: int | None = None):
     self.index, self.encoder, self.config = index, encoder, config
-    self.num_shards, self.owned = num_shards, tuple(owned)
+    self.num_shards, self.owned, self.micro_batches = num_shards, tuple(owned), micro_batches
 
   def __call__(self, planned: PlannedBatch) -> dict[str, Any]:
-    cfg, length, budget = self.config, planned.length, planned.patches
-    shards = np.split(planned.rows, self.num_shards)
+    if self.micro_batches is None:
+      return self._batch(planned.length, planned.patches, np.split(planned.rows, self.num_shards))
+    a = self.micro_batches
+    chunks = np.split(planned.rows, self.num_shards * a)
+    micro = [self._batch(planned.length, planned.patches, chunks[i::a]) for i in range(a)]
+    out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if k not in ("vision", "bad_rows")}
+    if "vision" in micro[0]:
+      out["vision"] = jax.tree.map(lambda *x: np.stack(x), *[m["vision"] for m in micro])
+    out["bad_rows"] = [bad for m in micro for bad in m["bad_rows"]]
+    return out
+
+  def _batch(self, length: int, budget: int, shards: Sequence[np.ndarray]) -> dict[str, Any]:
+    cfg = self.config
     n = len(self.owned) * len(shards[0])
     out = {
         "input_ids": np.full((n, length), cfg.pad_token_id, np.int32),

@@ -68,6 +68,7 @@ class DataConfig:
   num_threads: int = 2
   prefetch: int = 4
   worker_count: int = 0
+  micro_batches: int | None = None
 
 
 def batch_shards(mesh: Mesh) -> tuple[int, list[int]]:
@@ -96,10 +97,12 @@ class DataPipeline:
     multiple = math.lcm(config.length_multiple, model.block_size)
     buckets = config.buckets or choose_buckets(self.index.lengths, config.num_buckets, multiple, config.max_length)
     self.num_shards, owned = batch_shards(mesh)
+    self.micro_batches = config.micro_batches or 1
     self.plan = BatchPlan(self.index.lengths, self.index.patches, batch_size=config.batch_size, buckets=buckets,
-                          num_shards=self.num_shards, seed=config.seed, shuffle=config.shuffle,
-                          group_by_modality=config.group_by_modality)
-    self.batcher = HostBatcher(self.index, encoder, model, num_shards=self.num_shards, owned=owned)
+                          num_shards=self.num_shards * self.micro_batches, seed=config.seed,
+                          shuffle=config.shuffle, group_by_modality=config.group_by_modality)
+    self.batcher = HostBatcher(self.index, encoder, model, num_shards=self.num_shards, owned=owned,
+                               micro_batches=config.micro_batches)
     report = self.padding_report()
     log.info("data: %d rows (%d skipped: %s), buckets %s, %d batches/epoch, padding: tokens %.1f%% "
              "(+%.1f%% block EOS), pixel rows %.1f%%", len(self.index), self.bad_rows.total,
@@ -119,7 +122,7 @@ class DataPipeline:
     batches = self.plan.epoch(epoch)
     lengths, eos, patches = self.index.lengths, self.index.eos_tokens, self.index.patches
     token_slots = sum(self.plan.batch_size * b.length for b in batches)
-    patch_slots = sum(self.num_shards * b.patches for b in batches)
+    patch_slots = sum(self.num_shards * self.micro_batches * b.patches for b in batches)
     rows = np.concatenate([b.rows for b in batches])
     return {
         "batches": len(batches),
@@ -154,7 +157,8 @@ class DataIterator:
     self._tokens = np.zeros(2, np.int64)   # attended, slots (this process's rows)
     self._patches = np.zeros(2, np.int64)  # real, slots (whole batch)
     mesh, axes = pipeline.mesh, RULES["batch"]
-    self._rows = NamedSharding(mesh, PartitionSpec(axes, None))
+    self._micro = () if pipeline.config.micro_batches is None else (pipeline.config.micro_batches,)
+    self._rows = NamedSharding(mesh, PartitionSpec(*(None,) * len(self._micro), axes, None))
     self._replicated = NamedSharding(mesh, PartitionSpec())
 
   def __iter__(self) -> "DataIterator":
@@ -165,14 +169,14 @@ class DataIterator:
     for row_id, error in host.pop("bad_rows"):
       self.bad_rows.add(error, row_id)
     self._tokens += (host["attention_mask"].sum(), host["attention_mask"].size)
-    plan = self._pipeline.plan
-    rows_shape = (plan.batch_size, host["input_ids"].shape[1])
+    micro = self._micro
+    rows_shape = (*micro, self._pipeline.config.batch_size // (micro or (1,))[0], host["input_ids"].shape[-1])
     batch = {k: jax.make_array_from_process_local_data(self._rows, host[k], rows_shape)
              for k in ("input_ids", "labels", "attention_mask")}
     if "pixel_values" in host:
       layout: VisionLayout = host["vision"]
       self._patches += ((layout.image_segments > 0).sum(), layout.image_segments.size)
-      patches_shape = (len(layout.image_segments), host["pixel_values"].shape[1])
+      patches_shape = (*layout.image_segments.shape, host["pixel_values"].shape[-1])
       batch["pixel_values"] = jax.make_array_from_process_local_data(self._rows, host["pixel_values"], patches_shape)
       batch["vision"] = jax.tree.map(
           lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape), layout)

@@ -151,3 +151,21 @@ def test_spliced_image_features_match_unpadded_processing(model):
   is_image = batch["input_ids"] == PROC.config.image_token_id
   np.testing.assert_allclose(np.asarray(embedded)[is_image], want, atol=1e-5)
   np.testing.assert_array_equal(is_image.sum(1), [sum(s.shape.used_tokens) for s in samples])
+
+
+def test_micro_batches_split_each_shard_and_stack_on_a_leading_axis():
+  """Gradient accumulation: micro-batch a of batch shard s holds plan shard s*A + a, every row once, with
+  a patch budget sized for its own rows (no more pixel padding than without micro-batches); the global arrays keep the batch axis sharded."""
+  plain, micro = _pipeline(), _pipeline(micro_batches=2)
+  batch = next(b for b in iter(micro) if "pixel_values" in b)
+  assert batch["input_ids"].shape[:2] == (2, 8) and batch["pixel_values"].shape[0] == 2
+  assert batch["input_ids"].sharding.spec == PartitionSpec(None, ("data", "fsdp"), None)
+  i = next(i for i, p in enumerate(micro.plan.epoch(0)) if p.patches)  # same seed: same rows, own budget
+  stacked, whole = micro.batcher(micro.plan.epoch(0)[i]), plain.batcher(plain.plan.epoch(0)[i])
+  shard_rows = lambda x: np.split(x, 8)  # noqa: E731
+  for key in ("input_ids", "labels", "attention_mask"):
+    halves = [shard_rows(stacked[key][a]) for a in range(2)]
+    want = np.concatenate([np.concatenate([halves[0][s], halves[1][s]]) for s in range(8)])
+    np.testing.assert_array_equal(want, whole[key])
+  assert stacked["pixel_values"].shape[1] * 2 == whole["pixel_values"].shape[0]
+  assert micro.padding_report()["patch_padding"] == pytest.approx(plain.padding_report()["patch_padding"])
