@@ -1,0 +1,84 @@
+"""Optimizer of spec §7: AdamW (torch defaults), cosine schedule with linear warmup, global-norm
+clipping, and a lower learning rate for the vision tower.
+
+The vision tower's group follows the same schedule with a smaller peak, so its updates are the main
+group's updates scaled by `vision_learning_rate / learning_rate` (decoupled weight decay included):
+one Adam state mirroring the trainable params, no masked sub-states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Path = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Defaults are the DiffusionVL-QwenVL recipe (spec §7.1); `vision_learning_rate=None` = same as LM."""
+
+  learning_rate: float = 1e-5
+  vision_learning_rate: float | None = 2e-6
+  warmup_ratio: float = 0.03
+  weight_decay: float = 0.0
+  clip_norm: float | None = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def __post_init__(self):
+    if self.learning_rate <= 0 or (self.vision_learning_rate is not None and self.vision_learning_rate < 0):
+      raise ValueError(f"learning rates must be positive, got {self.learning_rate} / {self.vision_learning_rate}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+def warmup_cosine(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+  """HF `get_cosine_schedule_with_warmup`: `ceil(ratio * total)` linear warmup steps from 0 (the first
+  update uses lr 0, as in HF), then half a cosine down to 0 at `total_steps`."""
+  warmup = math.ceil(warmup_ratio * total_steps)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    count = jnp.asarray(count, jnp.float32)
+    progress = jnp.clip((count - warmup) / max(1, total_steps - warmup), 0.0, 1.0)
+    return jnp.where(count < warmup, peak * count / max(1, warmup), peak * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+
+  return schedule
+
+
+def is_vision_tower(path: Path) -> bool:
+  """Params of the ViT proper (spec §7.1: names containing `vision_tower`); the merger is the projector
+  and trains at the LM learning rate."""
+  keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  return keys[:1] == ["visual"] and keys[1:2] != ["merger"]
+
+
+def _scale_leaves(ratio: Callable[[Path], float]) -> optax.GradientTransformation:
+  """Multiplies each leaf's update by a constant chosen from its path."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * ratio(p) if ratio(p) != 1 else u, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(transformation, learning-rate schedule of the main group). Weight decay skips 1-D params (biases
+  and norm scales), like HF's decay-parameter list."""
+  if total_steps < 1:
+    raise ValueError(f"total_steps={total_steps} must be >= 1")
+  schedule = warmup_cosine(cfg.learning_rate, total_steps, cfg.warmup_ratio)
+  vision = cfg.learning_rate if cfg.vision_learning_rate is None else cfg.vision_learning_rate
+  ratio = vision / cfg.learning_rate
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+  parts += [optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+            _scale_leaves(lambda path: ratio if is_vision_tower(path) else 1.0)]
+  return optax.chain(*parts), schedule

@@ -1,0 +1,114 @@
+"""Train steps: what each stage trains, the vision learning rate, accumulation, non-finite steps, and
+sharded steps equal to the single-device step."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dvl_jax.parallel.mesh import make_mesh
+from dvl_jax.parallel.rules import partition_spec
+from dvl_jax.train.optimizer import OptimizerConfig, is_vision_tower
+from dvl_jax.train.state import stage
+from dvl_jax.train.step import TrainStep, shard_model
+from tests.train.helpers import pipeline, synthetic_rows, tiny_model
+
+ROWS = synthetic_rows(32)
+OPT = OptimizerConfig(learning_rate=1e-3, vision_learning_rate=2e-4, warmup_ratio=0.0, eps=1e-16)
+
+
+def _batches(n, mesh=None, **changes):
+  it = iter(pipeline(ROWS, mesh, **changes))
+  return [next(it) for _ in range(n)]
+
+
+def _flat(model):
+  from flax import nnx
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
+
+
+def _run(name, batches, *, mesh=None, opt=OPT, model=None):
+  model = model or tiny_model()
+  if mesh is not None:
+    model = shard_model(model, mesh)
+  trainer = TrainStep(model, stage(name), opt, total_steps=10, mesh=mesh)
+  state, metrics = trainer.init(model), []
+  for batch in batches:
+    state, m = trainer(state, batch, jax.random.key(0))
+    metrics.append(jax.device_get(m))
+  return trainer, state, metrics
+
+
+def test_stage1_trains_only_the_projector_and_keeps_no_optimizer_state_for_the_rest():
+  before = _flat(tiny_model())
+  trainer, state, _ = _run("stage1", _batches(3))
+  after = _flat(trainer.model(state))
+  moved = {k for k in before if not np.array_equal(before[k], after[k])}
+  merger = {k for k in before if k.startswith("['visual']['merger']")}
+  assert moved == merger and len(merger) == 5
+  param_leaves = len(jax.tree.leaves(state.params))
+  opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+  assert param_leaves == 5 and len(opt_leaves) == 2 * param_leaves  # Adam mu and nu of the projector only
+
+
+def test_stage2_moves_every_param_and_the_vision_tower_at_its_own_learning_rate():
+  """Adam's first update is lr * g / (|g| + eps): |delta| = the group's learning rate wherever |g| >> eps
+  (eps 1e-16 here: the key bias has a near-zero gradient, softmax being shift-invariant)."""
+  model = tiny_model()
+  before = _flat(model)
+  trainer, state, metrics = _run("stage2", _batches(1), model=model)
+  after = _flat(trainer.model(state))
+  assert metrics[0]["lr"] == pytest.approx(1e-3)
+  for k in before:
+    delta = np.abs(after[k] - before[k])
+    assert delta.max() > 0, k
+    lr = 2e-4 if k.startswith("['visual']") and not k.startswith("['visual']['merger']") else 1e-3
+    np.testing.assert_allclose(np.median(delta[delta > 0]), lr, rtol=1e-3, err_msg=k)
+    assert np.all(delta <= lr * (1 + 1e-6) + 2 * np.spacing(np.abs(before[k]))), k  # fp32 rounding of p + delta
+  assert is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("blocks")))
+  assert not is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("merger")))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  """AR loss with the same number of labels in every row: mean over micro-batches = mean over the batch."""
+  rows = [r for r in ROWS if len(r["conversations"][1]["value"].split()) == 1][:8]  # one-word answers
+  assert len(rows) == 8
+  whole = next(iter(pipeline(rows, block_aligned_eos=False)))  # EOS padding would vary the label counts
+  split = next(iter(pipeline(rows, block_aligned_eos=False, micro_batches=2)))
+  np.testing.assert_array_equal(np.asarray(split["input_ids"]).reshape(whole["input_ids"].shape),
+                                np.asarray(whole["input_ids"]))
+  (ta, sa, ma), (tb, sb, mb) = _run("ar", [whole]), _run("ar", [split])
+  assert ma[0]["loss"] == pytest.approx(mb[0]["loss"], rel=1e-6)
+  assert ma[0]["grad_norm"] == pytest.approx(mb[0]["grad_norm"], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), sa.params, sb.params)
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged():
+  batch = next(b for b in _batches(4) if "pixel_values" in b)
+  poisoned = dict(batch, pixel_values=batch["pixel_values"].at[0, 0].set(jnp.nan))
+  model = tiny_model()
+  before = _flat(model)
+  trainer, state, metrics = _run("stage2", [poisoned], model=model)
+  assert metrics[0]["finite"] == 0 and int(state.step) == 0
+  after = _flat(trainer.model(state))
+  assert all(np.array_equal(before[k], after[k]) for k in before)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 4, 1)], ids=["fsdp_x_tensor", "data_x_fsdp"])
+def test_sharded_stage2_steps_equal_the_single_device_steps(shape):
+  mesh = make_mesh(shape)
+  _, single, m1 = _run("stage2", _batches(2))
+  trainer, sharded, m8 = _run("stage2", _batches(2, mesh), mesh=mesh)
+  for a, b in zip(m1, m8):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.device_get(single.params),
+               jax.device_get(sharded.params))
+  var = sharded.params["text"]["layers"]["mlp"]["down_proj"]["kernel"]
+  kernel, want = var.value, partition_spec(var.get_metadata()["axes"], var.value.shape, mesh)
+  assert kernel.sharding.spec == want and "fsdp" in want  # params stay on their logical-rule shardings
+  mu = sharded.opt_state[1][0].mu["text"]["layers"]["mlp"]["down_proj"]["kernel"].value
+  assert mu.sharding == kernel.sharding  # Adam moments sharded like their params
