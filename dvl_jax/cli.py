@@ -1,4 +1,4 @@
-"""The `dvl` command: convert, export and the demo.
+"""The `dvl` command: convert, export, train and the demo.
 
 User mistakes (missing files, wrong layouts, bad options) end with a one-line error and exit code 2;
 `--debug` shows the traceback instead.
@@ -23,7 +23,7 @@ def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: st
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="dvl", description="DiffusionVL in JAX: convert, export, demo.")
+  parser = argparse.ArgumentParser(prog="dvl", description="DiffusionVL in JAX: convert, export, train, demo.")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default: off)")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
   _checkpoint_command(sub, "export", "dvl (Orbax) checkpoint -> HF Qwen2.5-VL safetensors checkpoint",
                       src="dvl checkpoint directory (from `dvl convert` or training)",
                       dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
+
+  train = sub.add_parser("train", help="train (stage 1 / stage 2 / AR) from a config file; resumable",
+                         description="Extra `--config.KEY=VALUE` arguments override config fields, e.g. "
+                         "--config.init_checkpoint=ckpt --config.data.json=train.json --config.mesh=1,-1,4 "
+                         "(all fields: dvl_jax/train/run_config.py).")
+  train.add_argument("--config", required=True, help="Python config file with get_config(), e.g. configs/stage2.py")
+  train.add_argument("--workdir", required=True,
+                     help="run directory: checkpoints/, metrics.jsonl, tensorboard/, model/ (local or gs://)")
+  train.add_argument("--resume", action="store_true",
+                     help="continue from the newest complete checkpoint in --workdir (default: start fresh; "
+                     "a workdir with checkpoints is refused)")
+  train.add_argument("--stop-after", type=int, default=None,
+                     help="end this invocation after N steps with a checkpoint (default: run to the end)")
+  train.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
   demo = sub.add_parser("demo", help="build a tiny PyTorch Qwen2.5-VL, convert it, compare logits with PyTorch")
   demo.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
@@ -58,6 +72,15 @@ def _run(args: argparse.Namespace) -> int:
   elif args.command == "export":
     dvl.export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.dst}")
+  elif args.command == "train":
+    from dvl_jax.train.loop import train
+    from dvl_jax.train.run_config import load_config
+
+    config = load_config(args.config, [o[len("--config."):] for o in args.config_overrides])
+    metrics = train(config, args.workdir, resume=args.resume, stop_after=args.stop_after,
+                    progress=not args.no_progress)
+    if metrics:
+      print(f"step metrics: loss {metrics['loss']:.4f}, grad norm {metrics['grad_norm']:.3f}")
   elif args.command == "demo":
     from dvl_jax import parity_demo
 
@@ -67,10 +90,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  bad = [a for a in extra if args.command != "train" or not (a.startswith("--config.") and "=" in a)]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.KEY=VALUE)")
+  args.config_overrides = extra
   try:
     return _run(args)
-  except (ValueError, KeyError, OSError) as e:
+  except (ValueError, KeyError, OSError, RuntimeError) as e:
     if args.debug:
       raise
     # One line names the problem; a conversion error continues with its full list of bad keys.

@@ -43,10 +43,11 @@ def restore_params(ckpt_dir: str, abstract_state: nnx.State, shardings: Any = No
     return ckptr.restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR), targets)
 
 
-def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None) -> Qwen25VL:
+def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config_overrides: Any) -> Qwen25VL:
   """The model of a converted checkpoint, params sharded over `mesh` by the logical-axis rules.
 
-  `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators).
+  `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators); `config_overrides` set
+  run-time fields of the model config (`compute_dtype`, `remat_policy`, `attention_backend`, ...).
   """
   config_path = os.path.join(ckpt_dir, CONFIG_FILE)
   if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR))):
@@ -54,7 +55,8 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None) -> Qwen2
                             "convert Hugging Face / DiffusionVL weights first with dvl.convert")
   cfg = ModelConfig.load(config_path)
   if dtype is not None:
-    cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
+    config_overrides["param_dtype"] = jnp.dtype(dtype).name
+  cfg = cfg.replace(**config_overrides) if config_overrides else cfg
   graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
   params = restore_params(ckpt_dir, state, rules.logical_shardings(state, mesh))
   return nnx.merge(graphdef, params)

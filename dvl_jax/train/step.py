@@ -64,7 +64,7 @@ class TrainStep:
 
   def __init__(self, model: nnx.Module, stage: Stage, optimizer: OptimizerConfig, total_steps: int,
                mesh: Mesh | None = None):
-    self.stage, self.mesh = stage, mesh
+    self.stage, self.mesh, self.model_config = stage, mesh, model.config
     self.graphdef, params, frozen = split_model(model, stage.is_trainable)
     if not jax.tree.leaves(params):
       raise ValueError(f"stage {stage} leaves no parameter to train")
@@ -83,10 +83,11 @@ class TrainStep:
 
   def abstract_state(self, model: nnx.Module) -> TrainState:
     """`ShapeDtypeStruct`s with shardings: the restore target of a checkpoint of this run."""
-    state = jax.eval_shape(self.init, model)
+    _, params, frozen = split_model(model, self.stage.is_trainable)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, jax.eval_shape(self.tx.init, params))
     shardings = self.state_shardings(model)
     if shardings is None:
-      return state
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
   def state_shardings(self, model: nnx.Module) -> TrainState | None:
@@ -144,6 +145,10 @@ class TrainStep:
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params), state.frozen,
                            keep(opt_state, state.opt_state))
+    ids = batch["input_ids"]
+    is_image = ids == self.model_config.image_token_id
+    images = is_image[..., :1].sum() + (is_image[..., 1:] & ~is_image[..., :-1]).sum()  # runs of image tokens
     metrics.update(grad_norm=grad_norm, lr=self.schedule(state.step), finite=finite.astype(jnp.float32),
-                   tokens=batch["attention_mask"].sum().astype(jnp.float32))
+                   tokens=batch["attention_mask"].sum().astype(jnp.float32), slots=jnp.float32(ids.size),
+                   images=images.astype(jnp.float32))
     return new_state, metrics
