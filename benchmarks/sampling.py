@@ -1,4 +1,5 @@
-"""Sampling speed: AR decoding vs block diffusion (static / dynamic / threshold, reference vs fused).
+"""Sampling speed: AR decoding vs block diffusion (static / dynamic / threshold, reference vs fused), on one
+device or over `('data', 'fsdp', 'tensor')` meshes.
 
 A random ~56M-parameter Qwen2.5 text model (hidden 512, 8 layers, GQA 8/2, 32k vocabulary) decodes
 `--gen` tokens for `--batch` prompts of different lengths. Its lm_head is scaled so confidences spread
@@ -6,13 +7,19 @@ over (0, 1) as in a trained model (at the default init every position has confid
 dynamic / threshold decoding would fix one token per pass); the EOS logit is pinned to 0, so the
 model never emits it and every setting decodes all tokens. Settings alternate inside each repeat (timings drift).
 
-Columns: tokens/s (decoded tokens per wall second, best repeat), tokens per CPU second of this
-process (steadier than wall time on a shared machine), tokens per forward, NFE (model forwards per row,
-prefill included), the NFE of the original algorithm for the same output (a separate commit pass per
-block, `mode="reference"`), speed-up in NFE over the original eval setting (static, steps 8,
-reference), compile seconds and XLA's peak buffer estimate (arguments + outputs + temporaries).
+Columns: mesh (`data,fsdp,tensor`, "1" for one device), tokens/s (decoded tokens per wall second, best
+repeat), tokens per CPU second of this process (steadier than wall time on a shared machine), tokens per
+forward, NFE (model forwards per row, prefill included), the NFE of the original algorithm for the same
+output (a separate commit pass per block, `mode="reference"`), speed-up in NFE over the original eval
+setting (static, steps 8, reference), compile seconds, XLA's peak buffer estimate per device (arguments +
+outputs + temporaries), and the params' and the KV cache's bytes on one device.
+
+`--mesh` takes shapes (`2,1,4`), `auto` (`suggest_mesh` for the largest batch) or `1` (one device). On
+CPU, fake devices must exist before jax starts; they share the host's cores, so their tokens/s measure
+the sharded program's overhead, not a speed-up (memory per device is real):
 
     python benchmarks/sampling.py [--batch 1 8] [--gen 256] [--repeats 2] [--small]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sampling.py --mesh 1 1,1,8 2,1,4
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from dvl_jax.config import tiny_config  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
 from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
+from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
+from dvl_jax.parallel.rules import logical_shardings  # noqa: E402
+from dvl_jax.parallel.sampling_mesh import suggest_mesh  # noqa: E402
 
 SETTINGS = {
     "AR greedy": dict(algorithm="autoregressive"),
@@ -68,6 +78,63 @@ def peak_bytes(lowered: jax.stages.Lowered) -> tuple[float, int]:
   return seconds, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
+def placed(model: Qwen25VL, choice: str, batch: int) -> tuple[str, Qwen25VL]:
+  """(label, the model with its params on the mesh `choice`: "1" (one device), "auto" or "data,fsdp,tensor")."""
+  if choice == "1":
+    return "1", model
+  shape = suggest_mesh(model.config, batch=batch) if choice == "auto" else tuple(int(n) for n in choice.split(","))
+  devices = int(np.prod(shape))
+  if devices > jax.device_count():
+    raise SystemExit(f"mesh {shape} needs {devices} devices, {jax.device_count()} exist (on CPU set "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=N before starting)")
+  graphdef, state = nnx.split(model)
+  mesh = make_mesh(shape, jax.devices()[:devices])
+  label = ("auto=" if choice == "auto" else "") + ",".join(map(str, shape))
+  return label, nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, mesh)))
+
+
+def mib_per_device(tree: object) -> float:
+  """Bytes that one device (the first) holds of the arrays in `tree`, in MiB."""
+  device = jax.devices()[0]
+  return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == device) / 2**20
+
+
+def bench(model: Qwen25VL, mesh: str, batch: int, args: argparse.Namespace) -> list[tuple]:
+  """One table row per setting for `batch` prompts (the same on every mesh) on `model`'s devices."""
+  rng = np.random.default_rng(batch)
+  bs = model.config.block_size
+  lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
+  prompts = Prompts.from_lists([rng.integers(3, 1000, n).tolist() for n in lengths])
+  blocks = np.array([-(-(n + args.gen) // bs) - n // bs for n in lengths])
+  configs = {name: SamplingConfig(gen_length=args.gen, **SETTINGS[name]) for name in args.settings}
+  compile_s, peak = {}, {}
+  for name, config in configs.items():
+    compile_s[name], peak[name] = peak_bytes(sampler.lower(model, prompts, config))
+  wall = {name: np.inf for name in configs}
+  cpu = dict(wall)
+  outs = {}
+  for repeat in range(args.repeats + 1):  # round 0 warms up
+    for name, config in configs.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      outs[name] = sampler.generate(model, prompts, config)
+      if repeat:
+        wall[name] = min(wall[name], time.perf_counter() - start)
+        cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+  original = outs.get("static s8 reference (original)")
+  params = mib_per_device(nnx.state(model))
+  rows = []
+  for name, out in outs.items():
+    decoded = float(out.tokens_per_forward @ out.nfe)
+    is_fused = configs[name].mode == "fused" and configs[name].algorithm == "block_diffusion"
+    orig_nfe = out.nfe + (blocks if is_fused else 0)
+    gain = "-" if original is None else f"{np.mean(original.nfe) / np.mean(out.nfe):.2f}x"
+    rows.append((name, mesh, batch, f"{decoded / wall[name]:.1f}", f"{decoded / cpu[name]:.1f}",
+                 f"{np.mean(out.tokens_per_forward):.2f}", f"{np.mean(out.nfe):.1f}", f"{np.mean(orig_nfe):.1f}",
+                 gain, f"{compile_s[name]:.1f}", f"{peak[name] / 2**20:.0f}", f"{params:.1f}",
+                 f"{mib_per_device(out.cache):.1f}"))
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -76,44 +143,20 @@ def main() -> None:
   parser.add_argument("--small", action="store_true", help="a ~3M model for a quick check")
   parser.add_argument("--lm-head-scale", type=float, default=40.0)
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  parser.add_argument("--mesh", nargs="+", default=["1"], help='"1" (one device), "auto" or data,fsdp,tensor')
   args = parser.parse_args()
 
   model = bench_model(args.small, args.lm_head_scale)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model.text))) + model.lm_head.kernel.size
-  bs = model.config.block_size
-  print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {bs}, {jax.device_count()} x "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
-  rng = np.random.default_rng(0)
+  print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {model.config.block_size}, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
   rows = []
-  for batch in args.batch:
-    lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
-    prompts = Prompts.from_lists([rng.integers(3, 1000, n).tolist() for n in lengths])
-    blocks = np.array([-(-(n + args.gen) // bs) - n // bs for n in lengths])
-    configs = {name: SamplingConfig(gen_length=args.gen, **SETTINGS[name]) for name in args.settings}
-    compile_s, peak = {}, {}
-    for name, config in configs.items():
-      compile_s[name], peak[name] = peak_bytes(sampler.lower(model, prompts, config))
-    wall = {name: np.inf for name in configs}
-    cpu = dict(wall)
-    outs = {}
-    for repeat in range(args.repeats + 1):  # round 0 warms up
-      for name, config in configs.items():
-        start, start_cpu = time.perf_counter(), time.process_time()
-        outs[name] = sampler.generate(model, prompts, config)
-        if repeat:
-          wall[name] = min(wall[name], time.perf_counter() - start)
-          cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-    original = outs.get("static s8 reference (original)")
-    for name, out in outs.items():
-      decoded = float(out.tokens_per_forward @ out.nfe)
-      is_fused = configs[name].mode == "fused" and configs[name].algorithm == "block_diffusion"
-      orig_nfe = out.nfe + (blocks if is_fused else 0)
-      gain = "-" if original is None else f"{np.mean(original.nfe) / np.mean(out.nfe):.2f}x"
-      rows.append((name, batch, f"{decoded / wall[name]:.1f}", f"{decoded / cpu[name]:.1f}",
-                   f"{np.mean(out.tokens_per_forward):.2f}", f"{np.mean(out.nfe):.1f}", f"{np.mean(orig_nfe):.1f}",
-                   gain, f"{compile_s[name]:.1f}", f"{peak[name] / 2**20:.0f}"))
-  header = ("setting", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
-            "compile s", "peak MiB")
+  for mesh in args.mesh:
+    label, on_mesh = placed(model, mesh, max(args.batch))
+    for batch in args.batch:
+      rows += bench(on_mesh, label, batch, args)
+  header = ("setting", "mesh", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
+            "compile s", "peak MiB", "params MiB/dev", "cache MiB/dev")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
   for r in rows:

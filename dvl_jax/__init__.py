@@ -11,7 +11,8 @@ Public surface (design §3):
     out = dvl.generate(model, dvl.Prompts.from_lists(token_lists), dvl.SamplingConfig(...))  # .tokens .nfe ...
     loss, aux = dvl.bd3_loss(model, batch, rng, noise=None)   # noise=(t, move_mask) injectable
 
-`dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`.
+`dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`; `dvl.suggest_mesh`
+picks its shape for sampling (`generate` then runs on the mesh the params are on).
 Names resolve on first use, so `import dvl_jax` stays cheap and does not need the converter's deps.
 """
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "load": "dvl_jax.loading",
     "Processor": "dvl_jax.data.processor",
     "make_mesh": "dvl_jax.parallel.mesh",
+    "suggest_mesh": "dvl_jax.parallel.sampling_mesh",
     "ModelConfig": "dvl_jax.config",
     "TextConfig": "dvl_jax.config",
     "VisionConfig": "dvl_jax.config",

@@ -23,6 +23,7 @@ from dvl_jax.diffusion import kv_cache, remask
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.model.rope import get_rope_index
 from dvl_jax.model.text import KV
+from dvl_jax.parallel.sampling_mesh import Placement, jit_sampler
 
 TRACES: collections.Counter = collections.Counter()
 
@@ -31,18 +32,21 @@ def generate(model: nnx.Module, inputs: Any, config: SamplingConfig, *, rng: jax
              cache: KV | None = None, tokenizer: Any = None) -> GenerateOutput:
   """Greedy (temperature 0) or sampled AR decoding of `config.gen_length` tokens (see `sampler.generate`)."""
   config = config.resolve(model.config)
-  out, cache = _run(*_arguments(model, inputs, config, rng, cache), config=config)
+  run, args, batch = _arguments(model, inputs, config, rng, cache)
+  out, cache = run(*args)
   return GenerateOutput.build(out["tokens"], out["nfe"], out["nfe"], out["forwards"], out["steps"],
-                              model.config.eos_token_id, tokenizer, cache)
+                              model.config.eos_token_id, tokenizer, cache, batch=batch)
 
 
 def lower(model: nnx.Module, inputs: Any, config: SamplingConfig) -> jax.stages.Lowered:
   config = config.resolve(model.config)
-  return _run.lower(*_arguments(model, inputs, config, None, None), config=config)
+  run, args, _ = _arguments(model, inputs, config, None, None)
+  return run.lower(*args)
 
 
 def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.Array | None,
-               cache: KV | None) -> tuple:
+               cache: KV | None) -> tuple[Any, tuple, int]:
+  """(the jitted sampler for the model's placement, its arguments, the number of real rows)."""
   cfg = model.config
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
   b, w = prompts.ids.shape
@@ -54,33 +58,46 @@ def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.
     positions, _ = get_rope_index(prompts.ids, grid, real.astype(np.int64), image_token_id=cfg.image_token_id,
                                   vision_start_token_id=cfg.vision_start_token_id,
                                   spatial_merge_size=cfg.vision.spatial_merge_size)
-    next_position = np.where(real, positions, -1).max(axis=(0, 2)) + 1
+    next_position = (np.where(real, positions, -1).max(axis=(0, 2)) + 1).astype(np.int32)
   else:
     positions = np.broadcast_to(np.arange(w), (b, w))
     next_position = prompts.lengths
-  cache = kv_cache.checked(cache, cfg, b, config.cache_len(w))
   graphdef, state = nnx.split(model)
-  return (graphdef, state, cache, prompts.ids, prompts.lengths, np.asarray(positions, np.int32),
-          np.asarray(next_position, np.int32), prompts.pixel_values, prompts.vision, remask.row_keys(rng, b))
+  place = Placement.of(cfg, state)
+  cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
+  rows_first = np.asarray(positions, np.int32).swapaxes(0, positions.ndim - 2)  # [B, W] or [B, 3, W]
+  args = (graphdef, config, state, cache, place.pad_rows(prompts.ids, fill=cfg.pad_token_id),
+          place.pad_rows(prompts.lengths), place.pad_rows(rows_first), place.pad_rows(next_position),
+          prompts.pixel_values, prompts.vision, place.pad_keys(remask.row_keys(rng, b)))
+  return jit_sampler(_run, place, _shardings), args, b
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array, positions: jax.Array,
-         next_position: jax.Array, pixel_values: Any, vision: Any, keys: jax.Array, *, config: SamplingConfig
-         ) -> tuple[dict[str, jax.Array], KV]:
-  """ids `[B, W]`, positions `[B, W]` or `[3, B, W]`, next_position `[B]` -> tokens `[B, G]` and statistics."""
+def _shardings(place: Placement) -> dict[str, Any]:
+  rows, rep = place.rows, place.replicated
+  outputs = {"tokens": rows, "nfe": rows, "forwards": rep, "steps": rows}
+  return {"in_shardings": (place.param_shardings, place.cache, rows, rows, rows, rows, rep, rep, rows),
+          "out_shardings": (outputs, place.cache)}
+
+
+def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array,
+         positions: jax.Array, next_position: jax.Array, pixel_values: Any, vision: Any, keys: jax.Array, *,
+         placement: Placement) -> tuple[dict[str, jax.Array], KV]:
+  """ids `[B, W]`, lengths `[B]` (0: a dead padding row), positions `[B, W]` or `[B, 3, W]` (rows first, so
+  one row sharding fits both), next_position `[B]` -> tokens `[B, G]` and statistics."""
   TRACES["autoregressive"] += 1
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, placement.constrain_params(state))
+  positions = jnp.swapaxes(positions, 0, positions.ndim - 2)  # the model's [B, W] or [3, B, W]
   pad_id, eos_id = model.config.pad_token_id, model.config.eos_token_id
   b, w = ids.shape
   m, gen = cache[0].shape[2], config.gen_length
   propose = functools.partial(remask.propose, temperature=config.temperature, top_k=config.top_k,
                               top_p=config.top_p)
   plen = lengths.astype(jnp.int32)
-  features = None if pixel_values is None else model.image_features(pixel_values, vision)
+  features = None if pixel_values is None else model.image_features(placement.constrain_patches(pixel_values),
+                                                                     vision)
   spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < plen[:, None], kind="causal")
   hidden, kv = model.decode(model.embed(ids, features), positions, spec, return_kv=True)
-  cache = kv_cache.write_prefix(cache, kv)
+  cache = kv_cache.write_prefix(cache, kv, placement.cache)
   last = jnp.take_along_axis(hidden, (plen - 1)[:, None, None], axis=1)  # logits only where needed
   first, _ = propose(model.logits(last), jax.vmap(jax.random.fold_in)(keys, jnp.zeros((b,), jnp.int32)))
   tokens = jnp.full((b, gen), pad_id, jnp.int32).at[:, 0].set(first[:, 0])
@@ -94,15 +111,17 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
       pos = jnp.broadcast_to(pos[None], (3, b, 1))
     x = model.embed(jax.lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1))
     spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, m, kind="causal")
-    hidden, kv = model.decode(x, pos, spec, cache, return_kv=True)
-    cache = kv_cache.write(cache, kv, slot, active)
+    hidden, kv = model.decode(x, pos, spec, kv_cache.pinned(cache, placement.cache), return_kv=True)
+    cache = kv_cache.write(cache, kv, slot, active, placement.cache)
     tok, _ = propose(model.logits(hidden), jax.vmap(jax.random.fold_in)(keys, nfe))
     new = jnp.where(active, tok[:, 0], pad_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], t, axis=1)
-    return cache, tokens, t + 1, done | (active & (new == eos_id)), nfe + active
+    return placement.pin_loop(cache, tokens, t + 1, done | (active & (new == eos_id)), nfe + active)
 
-  init = (cache, tokens, jnp.int32(1), tokens[:, 0] == eos_id, jnp.ones((b,), jnp.int32))
-  cache, tokens, t, _, nfe = jax.lax.while_loop(lambda c: (c[2] < gen) & jnp.any(~c[3]), step, init)
+  init = placement.pin_loop(cache, tokens, jnp.int32(1), (tokens[:, 0] == eos_id) | (plen == 0),
+                            jnp.ones((b,), jnp.int32))
+  with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
+    cache, tokens, t, _, nfe = jax.lax.while_loop(lambda c: (c[2] < gen) & jnp.any(~c[3]), step, init)
   produced = jnp.arange(gen)[None, :] < nfe[:, None]
   out = {"tokens": tokens, "nfe": nfe, "forwards": t, "steps": jnp.where(produced, jnp.arange(gen), -1)}
   return out, cache

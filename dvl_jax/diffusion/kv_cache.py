@@ -4,7 +4,8 @@ Layout: `(k, v)`, each `[layers, B, max_len, kv_heads, head_dim]` (post-RoPE, co
 Slot `j` of row `b` holds the token at absolute index `j` of that row, so rows with different prompt
 lengths share one array, each at its own offset. Which slots are valid is never stored: every pass
 derives it from a per-row `cache_end` (slots `< cache_end` are valid); stale slots beyond it are
-masked until a commit overwrites them.
+masked until a commit overwrites them. On a mesh the cache is created straight onto its sharding
+(`sampling_mesh.Placement.cache`), never whole on one device.
 """
 
 from __future__ import annotations
@@ -18,25 +19,40 @@ from dvl_jax.model.layers import dtypes
 from dvl_jax.model.text import KV
 
 
-def init(cfg: ModelConfig, batch: int, max_len: int) -> KV:
-  """Zeroed cache for `batch` rows of `max_len` slots."""
+def init(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Sharding | None = None) -> KV:
+  """Zeroed cache for `batch` rows of `max_len` slots (on the default device if `sharding` is None)."""
   t = cfg.text
   shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
-  return jnp.zeros(shape, dtypes(cfg)[1]), jnp.zeros(shape, dtypes(cfg)[1])
+  return tuple(jnp.zeros(shape, dtypes(cfg)[1], device=sharding) for _ in range(2))
 
 
-def write_prefix(cache: KV, kv: KV) -> KV:
-  """Writes `[layers, B, n, ...]` new K/V into slots `[0, n)` of every row (prefill)."""
-  return tuple(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=2) for c, x in zip(cache, kv))
+def write_prefix(cache: KV, kv: KV, sharding: jax.sharding.Sharding | None = None) -> KV:
+  """Writes `[layers, B, n, ...]` new K/V into slots `[0, n)` of every row (prefill); `sharding`: see `write`."""
+  cache, kv = pinned(cache, sharding), pinned(kv, sharding)
+  return pinned(tuple(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=2) for c, x in zip(cache, kv)),
+                sharding)
 
 
-def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array) -> KV:
-  """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`."""
-  b, n = kv[0].shape[1], kv[0].shape[2]
-  max_len = cache[0].shape[2]
+def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: jax.sharding.Sharding | None = None
+          ) -> KV:
+  """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`.
+
+  One scatter per (layer, row) under `vmap`: its batch dimensions are explicit and leading, so a
+  row-sharded cache is updated in place on each device (a scatter indexed by global row ids would
+  all-gather the update). `sharding` (the cache's, on a mesh) pins the cache, the new K/V and the result:
+  left to itself the partitioner may shard the write like the attention that produced the K/V and then
+  all-gather the whole cache back.
+  """
+  cache, kv = pinned(cache, sharding), pinned(kv, sharding)
+  n, max_len = kv[0].shape[2], cache[0].shape[2]
   slots = jnp.where(enabled[:, None], starts[:, None] + jnp.arange(n), max_len)  # max_len: dropped
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
-  return tuple(c.at[:, rows, slots].set(x.astype(c.dtype), mode="drop") for c, x in zip(cache, kv))
+  row = jax.vmap(lambda c, x, s: c.at[s].set(x.astype(c.dtype), mode="drop"))  # c [B, max_len, ...]
+  return pinned(tuple(jax.vmap(row, in_axes=(0, 0, None))(c, x, slots) for c, x in zip(cache, kv)), sharding)
+
+
+def pinned(kv: KV, sharding: jax.sharding.Sharding | None) -> KV:
+  """`kv` (a cache or new K/V, `[layers, B, n, kv_heads, head_dim]`) constrained to `sharding` if given."""
+  return kv if sharding is None else jax.lax.with_sharding_constraint(kv, sharding)
 
 
 def window_spec(slots: jax.Array, valid: jax.Array, cache_end: jax.Array, max_len: int, *, kind: str,
@@ -54,11 +70,14 @@ def window_spec(slots: jax.Array, valid: jax.Array, cache_end: jax.Array, max_le
                        kind=kind, block_size=block_size)
 
 
-def checked(cache: KV | None, cfg: ModelConfig, batch: int, max_len: int) -> KV:
-  """`cache` if it fits (`batch` rows, `max_len` slots), a new zeroed one if None."""
+def checked(cache: KV | None, cfg: ModelConfig, batch: int, max_len: int,
+            sharding: jax.sharding.Sharding | None = None) -> KV:
+  """`cache` if it fits (`batch` rows, `max_len` slots, `sharding` if given), a new zeroed one if None."""
   if cache is None:
-    return init(cfg, batch, max_len)
+    return init(cfg, batch, max_len, sharding)
   want = (cfg.text.num_layers, batch, max_len, cfg.text.num_kv_heads, cfg.text.head_dim)
   if tuple(cache[0].shape) != want:
     raise ValueError(f"cache has shape {tuple(cache[0].shape)}, these prompts need {want}")
+  if sharding is not None and not all(c.sharding.is_equivalent_to(sharding, c.ndim) for c in cache):
+    raise ValueError(f"cache is sharded as {cache[0].sharding}, this model's mesh needs {sharding}")
   return cache

@@ -20,7 +20,8 @@ Identical outputs whenever the model never proposes the mask id.
 Beyond the original: batches of prompts with different lengths (each row runs its own block /
 step / commit state machine in the same forwards, at its own cache offset; finished rows are frozen),
 per-row EOS (the original stops when any row of the batch has EOS, quirk 2; identical at batch size 1),
-`fused` commit and `threshold` decoding (see `SamplingConfig`).
+`fused` commit and `threshold` decoding (see `SamplingConfig`), and sampling over the device mesh the
+params are sharded on (`dvl_jax.parallel.sampling_mesh`: same tokens, the cache never resharded in the loop).
 
 `fused` mode: a finished block is not committed by its own pass; the next forward runs the window
 `[previous block ; current block]` under the block-causal mask, so the previous block's rows attend
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +45,7 @@ from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.diffusion import ar_sampler, kv_cache, remask
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.model.text import KV
+from dvl_jax.parallel.sampling_mesh import Placement, jit_sampler
 
 TRACES: collections.Counter = collections.Counter()  # traces per sampler: a recompile shows up here
 
@@ -57,7 +58,7 @@ class _Carry(NamedTuple):
   blk: jax.Array  # [B] block being denoised
   step: jax.Array  # [B] denoising passes done in it
   pending: jax.Array  # [B] a finished block awaits its commit (reference: `blk`; fused: `blk - 1`)
-  done: jax.Array  # [B]
+  done: jax.Array  # [B] (dead padding rows start done)
   nfe: jax.Array  # [B] decoding forwards of the row
   forwards: jax.Array  # [] decoding forwards of the batch
 
@@ -68,31 +69,46 @@ def generate(model: nnx.Module, inputs: Any, config: SamplingConfig = SamplingCo
 
   `rng`: one PRNG key, or one per row (a row's sample then equals running it alone with its key).
   `cache`: a previous output's `.cache` of the same shape, reused in place (donated).
+  A model whose params are sharded over a `('data', 'fsdp', 'tensor')` mesh samples on that mesh
+  (`dvl_jax.parallel.sampling_mesh`); pick its shape with `suggest_mesh` before `dvl.load(ckpt, mesh=...)`.
   """
   config = config.resolve(model.config)
   if config.algorithm == "autoregressive":
     return ar_sampler.generate(model, inputs, config, rng=rng, cache=cache, tokenizer=tokenizer)
-  out, cache = _run(*_arguments(model, inputs, config, rng, cache), config=_static(config))
+  run, args, batch = _arguments(model, inputs, config, rng, cache)
+  out, cache = run(*args)
   return GenerateOutput.build(out["tokens"], out["decoded"], out["nfe"], out["forwards"], out["steps"],
-                              model.config.eos_token_id, tokenizer, cache)
+                              model.config.eos_token_id, tokenizer, cache, batch=batch)
 
 
 def lower(model: nnx.Module, inputs: Any, config: SamplingConfig = SamplingConfig()) -> jax.stages.Lowered:
-  """The lowered sampler for these shapes (compile time and memory analysis in benchmarks)."""
+  """The lowered sampler for these shapes (compile time, memory analysis and HLO in benchmarks and tests)."""
   config = config.resolve(model.config)
   if config.algorithm == "autoregressive":
     return ar_sampler.lower(model, inputs, config)
-  return _run.lower(*_arguments(model, inputs, config, None, None), config=_static(config))
+  run, args, _ = _arguments(model, inputs, config, None, None)
+  return run.lower(*args)
 
 
 def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.Array | None,
-               cache: KV | None) -> tuple:
+               cache: KV | None) -> tuple[Any, tuple, int]:
+  """(the jitted sampler for the model's placement, its arguments, the number of real rows)."""
   prompts = Prompts.coerce(inputs).bucketed(config, model.config)
-  b, w = prompts.ids.shape
-  cache = kv_cache.checked(cache, model.config, b, config.cache_len(w))
   graphdef, state = nnx.split(model)
-  return (graphdef, state, cache, prompts.ids, prompts.lengths, prompts.pixel_values, prompts.vision,
-          remask.row_keys(rng, b), _schedule(config), np.float32(config.confidence_threshold))
+  place = Placement.of(model.config, state)
+  b, w = prompts.ids.shape
+  cache = kv_cache.checked(cache, model.config, place.batch(b), config.cache_len(w), place.cache)
+  args = (graphdef, _static(config), state, cache, place.pad_rows(prompts.ids, fill=model.config.pad_token_id),
+          place.pad_rows(prompts.lengths), prompts.pixel_values, prompts.vision,
+          place.pad_keys(remask.row_keys(rng, b)), _schedule(config), np.float32(config.confidence_threshold))
+  return jit_sampler(_run, place, _shardings), args, b
+
+
+def _shardings(place: Placement) -> dict[str, Any]:
+  rows, rep = place.rows, place.replicated
+  outputs = {"tokens": rows, "decoded": rows, "steps": rows, "nfe": rows, "forwards": rep}
+  return {"in_shardings": (place.param_shardings, place.cache, rows, rows, rep, rep, rows, rep, rep),
+          "out_shardings": (outputs, place.cache)}
 
 
 def _schedule(config: SamplingConfig) -> np.ndarray:
@@ -107,20 +123,21 @@ def _static(config: SamplingConfig) -> SamplingConfig:
   return dataclasses.replace(config, steps=1, confidence_threshold=0.5)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
-def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array, pixel_values: Any,
-         vision: Any, keys: jax.Array, schedule: jax.Array, threshold: jax.Array, *, config: SamplingConfig
-         ) -> tuple[dict[str, jax.Array], KV]:
-  """ids `[B, W]`, lengths `[B]`, keys `[B]`, schedule `[bs + 1]`, threshold `[]` -> tokens `[B, G]` and
-  statistics; the cache goes through. `config.steps` / `config.confidence_threshold` are not used here."""
+def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array,
+         pixel_values: Any, vision: Any, keys: jax.Array, schedule: jax.Array, threshold: jax.Array, *,
+         placement: Placement) -> tuple[dict[str, jax.Array], KV]:
+  """ids `[B, W]`, lengths `[B]` (0: a dead padding row), keys `[B]`, schedule `[bs + 1]`, threshold `[]` ->
+  tokens `[B, G]` and statistics; the cache goes through. `config.steps` / `config.confidence_threshold` are
+  not used here."""
   TRACES["block_diffusion"] += 1
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, placement.constrain_params(state))
   mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
   bs, gen = config.block_size, config.gen_length
   b, w = ids.shape
   m = cache[0].shape[2]
-  rows = jnp.arange(b)[:, None]
-  features = None if pixel_values is None else model.image_features(pixel_values, vision)
+  put = jax.vmap(lambda a, i, x: a.at[i].set(x))  # per-row scatter: row-sharded arrays update locally
+  features = None if pixel_values is None else model.image_features(placement.constrain_patches(pixel_values),
+                                                                     vision)
   prompt_emb = model.embed(ids, features)  # images spliced; prompt-tail embeddings are read from here
   plen = lengths.astype(jnp.int32)
   limit = jnp.where(plen + gen <= bs, plen + gen, -(-(plen + gen) // bs) * bs)  # spec §6.1
@@ -134,7 +151,7 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
     valid = jnp.arange(w)[None, :] < (first_blk * bs)[:, None]
     spec = AttentionSpec.self_attention(valid, kind="block_causal", block_size=bs)
     _, kv = model.decode(prompt_emb, jnp.broadcast_to(jnp.arange(w), (b, w)), spec, return_kv=True)
-    return kv_cache.write_prefix(cache, kv)
+    return kv_cache.write_prefix(cache, kv, placement.cache)
 
   has_prefill = first_blk > 0
   cache = jax.lax.cond(jnp.any(has_prefill), prefill, lambda c: c, cache)
@@ -150,7 +167,7 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
     from_prompt = jnp.take_along_axis(prompt_emb, jnp.clip(win, 0, w - 1)[..., None], axis=1)
     x = jnp.where((win < plen[:, None])[..., None], from_prompt, tok_emb)
     spec = kv_cache.window_spec(win, valid, cache_end, m, kind="block_causal", block_size=bs)
-    return model.decode(x, safe, spec, cache, return_kv=return_kv)
+    return model.decode(x, safe, spec, kv_cache.pinned(cache, placement.cache), return_kv=return_kv)
 
   def denoise(c: _Carry, hidden: jax.Array, rows_on: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One denoising decision for the current block of the `rows_on` rows (spec §6.4-§6.5)."""
@@ -161,10 +178,10 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
     masked_w = jnp.take_along_axis(c.masked, win, axis=1)
     pick = remask.select(p0, masked_w & rows_on[:, None], schedule[jnp.minimum(c.step, bs)],
                          strategy=config.remasking_strategy, threshold=threshold)
-    ids = c.ids.at[rows, win].set(jnp.where(pick, x0, jnp.take_along_axis(c.ids, win, axis=1)))
-    masked = c.masked.at[rows, win].set(masked_w & ~pick)
-    decoded_at = c.decoded_at.at[rows, win].set(
-        jnp.where(pick, c.nfe[:, None], jnp.take_along_axis(c.decoded_at, win, axis=1)))
+    ids = put(c.ids, win, jnp.where(pick, x0, jnp.take_along_axis(c.ids, win, axis=1)))
+    masked = put(c.masked, win, masked_w & ~pick)
+    decoded_at = put(c.decoded_at, win,
+                     jnp.where(pick, c.nfe[:, None], jnp.take_along_axis(c.decoded_at, win, axis=1)))
     return ids, masked, decoded_at
 
   def block_state(ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -180,14 +197,15 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
     win = window(start, bs)
     hidden, kv = forward(c.ids, win, win < limit[:, None], start, c.cache, True)
     commit, denoising = active & c.pending, active & ~c.pending
-    cache = kv_cache.write(c.cache, kv, start, commit)
+    cache = kv_cache.write(c.cache, kv, start, commit, placement.cache)
     ids, masked, decoded_at = jax.lax.cond(jnp.any(denoising), lambda: denoise(c, hidden, denoising),
                                            lambda: (c.ids, c.masked, c.decoded_at))
     clean, last = block_state(ids, masked, c.blk)
     stop = commit & last
-    return _Carry(cache, ids, masked, decoded_at, c.blk + (commit & ~stop), jnp.where(commit, 0, c.step + denoising),
-                  jnp.where(commit, False, c.pending | (denoising & clean)), c.done | stop, c.nfe + active,
-                  c.forwards + 1)
+    return _Carry(*placement.pin_loop(cache, ids, masked, decoded_at, c.blk + (commit & ~stop),
+                                      jnp.where(commit, 0, c.step + denoising),
+                                      jnp.where(commit, False, c.pending | (denoising & clean)), c.done | stop,
+                                      c.nfe + active, c.forwards + 1))
 
   def fused_step(c: _Carry) -> _Carry:
     active = ~c.done
@@ -198,7 +216,8 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
       win = window(start - bs, 2 * bs)
       valid = jnp.concatenate([jnp.broadcast_to(commit[:, None], (b, bs)), win[:, bs:] < limit[:, None]], axis=1)
       hidden, kv = forward(c.ids, win, valid, jnp.where(commit, start - bs, start), cache, True)
-      return hidden[:, bs:], kv_cache.write(cache, jax.tree.map(lambda a: a[:, :, :bs], kv), start - bs, commit)
+      return hidden[:, bs:], kv_cache.write(cache, jax.tree.map(lambda a: a[:, :, :bs], kv), start - bs, commit,
+                                          placement.cache)
 
     def without_commit(cache: KV) -> tuple[jax.Array, KV]:
       win = window(start, bs)
@@ -209,14 +228,16 @@ def _run(graphdef: Any, state: Any, cache: KV, ids: jax.Array, lengths: jax.Arra
     clean, last = block_state(ids, masked, c.blk)
     finished = active & clean
     advance = finished & ~last
-    return _Carry(cache, ids, masked, decoded_at, c.blk + advance, jnp.where(advance, 0, c.step + active), advance,
-                  c.done | (finished & last), c.nfe + active, c.forwards + 1)
+    return _Carry(*placement.pin_loop(cache, ids, masked, decoded_at, c.blk + advance,
+                                      jnp.where(advance, 0, c.step + active), advance, c.done | (finished & last),
+                                      c.nfe + active, c.forwards + 1))
 
   zeros = jnp.zeros((b,), jnp.int32)
-  init = _Carry(cache, all_ids, masked, jnp.full((b, m), -1, jnp.int32), first_blk, zeros, zeros.astype(bool),
-                zeros.astype(bool), zeros, jnp.zeros((), jnp.int32))
+  init = _Carry(*placement.pin_loop(cache, all_ids, masked, jnp.full((b, m), -1, jnp.int32), first_blk, zeros,
+                                    zeros.astype(bool), plen == 0, zeros, jnp.zeros((), jnp.int32)))
   step_fn = fused_step if config.mode == "fused" else reference_step
-  c = jax.lax.while_loop(lambda c: jnp.any(~c.done), step_fn, init)
+  with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
+    c = jax.lax.while_loop(lambda c: jnp.any(~c.done), step_fn, init)
   out_slots = plen[:, None] + jnp.arange(gen)
   out = {
       "tokens": jnp.take_along_axis(c.ids, out_slots, axis=1),

@@ -38,6 +38,9 @@ class SamplingConfig:
   `block_size` None and `positions` None take the model config's values (`positions` is always "flat"
     for block diffusion, as in DiffusionVL). `length_bucket` pads prompts to a multiple of it;
     `max_len` is the KV-cache length (default: prompt bucket + `gen_length`, rounded up to a block).
+  The device mesh is not an option here: sampling runs where the model's params are, so a mesh shape
+  (the CLI's / config's `mesh`, or `dvl.suggest_mesh(cfg, batch=...)`) goes to
+  `dvl.load(ckpt, mesh=dvl.make_mesh(shape))`.
   """
 
   gen_length: int = 128
@@ -183,7 +186,8 @@ class GenerateOutput:
     (trajectory plots); block diffusion counts from the first forward after the prefill, AR from the
     prefill (which gives token 0).
   `text`: decoded answers (up to the first EOS) when a tokenizer was given.
-  `cache`: the donated KV cache, reusable by the next call with the same shapes.
+  `cache`: the donated KV cache, reusable by the next call with the same shapes (on a mesh its batch
+    is padded to a multiple of the `data` axis).
   """
 
   tokens: np.ndarray
@@ -197,8 +201,10 @@ class GenerateOutput:
 
   @classmethod
   def build(cls, tokens: Any, decoded: Any, nfe: Any, forwards: Any, steps: Any, eos_id: int,
-            tokenizer: Any = None, cache: Any = None) -> "GenerateOutput":
-    tokens, decoded, nfe, steps = (np.asarray(a) for a in (tokens, decoded, nfe, steps))
+            tokenizer: Any = None, cache: Any = None, batch: int | None = None) -> "GenerateOutput":
+    """Per-row arrays `[B', ...]` (device or host) -> NumPy; the first `batch` rows are kept (the rest pad
+    a sharded batch)."""
+    tokens, decoded, nfe, steps = (np.asarray(a)[:batch] for a in (tokens, decoded, nfe, steps))
     is_eos = tokens == eos_id
     lengths = np.where(is_eos.any(-1), is_eos.argmax(-1) + 1, tokens.shape[1]).astype(np.int32)
     text = None
