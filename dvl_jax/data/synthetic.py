@@ -43,6 +43,7 @@ class Example:
   answer: str
   kind: str
   items: tuple[Item, ...]
+  follow_ups: tuple[tuple[str, str], ...] = ()  # further (question, answer) turns about the same image
 
 
 def _scene(rng: np.random.Generator, max_items: int) -> tuple[Item, ...]:
@@ -86,14 +87,19 @@ def _questions(items: Sequence[Item]) -> dict[str, list[tuple[str, str]]]:
   }
 
 
-def example(seed: int, index: int, *, image_size: int = 56, max_items: int = 3) -> Example:
-  """Example `index` of split `seed`: a random scene and a question of a uniformly drawn kind."""
+def example(seed: int, index: int, *, image_size: int = 56, max_items: int = 3, turns: int = 1) -> Example:
+  """Example `index` of split `seed`: a random scene and a question of a uniformly drawn kind, then up to
+  `turns - 1` other questions about the scene (multi-turn rows give a small model several supervised
+  answers per image; the first turn does not depend on `turns`)."""
   rng = np.random.default_rng([seed, index])
   items = _scene(rng, max_items)
   by_kind = {k: qs for k, qs in _questions(items).items() if qs}
   kind = sorted(by_kind)[int(rng.integers(len(by_kind)))]
   question, answer = by_kind[kind][int(rng.integers(len(by_kind[kind])))]
-  return Example(draw(items, image_size, rng), question, answer, kind, items)
+  image = draw(items, image_size, rng)
+  others = [qa for qs in by_kind.values() for qa in qs if qa[0] != question]
+  picked = rng.permutation(len(others))[:turns - 1]
+  return Example(image, question, answer, kind, items, tuple(others[i] for i in picked))
 
 
 def examples(n: int, seed: int, **kwargs: Any) -> list[Example]:
@@ -102,8 +108,10 @@ def examples(n: int, seed: int, **kwargs: Any) -> list[Example]:
 
 def llava_row(ex: Example, row_id: str, image: str | Image.Image | None = None) -> dict[str, Any]:
   """The LLaVA row of an example; `image` defaults to the in-memory PIL image."""
-  return {"id": row_id, "image": ex.image if image is None else image, "conversations": [
-      {"from": "human", "value": f"{IMAGE_MARKER}\n{ex.question}"}, {"from": "gpt", "value": ex.answer}]}
+  turns = [{"from": "human", "value": f"{IMAGE_MARKER}\n{ex.question}"}, {"from": "gpt", "value": ex.answer}]
+  for question, answer in ex.follow_ups:
+    turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+  return {"id": row_id, "image": ex.image if image is None else image, "conversations": turns}
 
 
 def write_dataset(out_dir: str, n: int, seed: int, **kwargs: Any) -> str:

@@ -112,3 +112,15 @@ def test_sharded_stage2_steps_equal_the_single_device_steps(shape):
   assert kernel.sharding.spec == want and "fsdp" in want  # params stay on their logical-rule shardings
   mu = sharded.opt_state[1][0].mu["text"]["layers"]["mlp"]["down_proj"]["kernel"].value
   assert mu.sharding == kernel.sharding  # Adam moments sharded like their params
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_remat_changes_nothing():
+  batches = _batches(1)
+  _, ref, m_ref = _run("stage2", batches, model=tiny_model())
+  _, remat, m_remat = _run("stage2", _batches(1), model=tiny_model(remat_policy="full"))
+  assert m_remat[0]["loss"] == pytest.approx(m_ref[0]["loss"], rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref.params, remat.params)
+  _, bf16, m_bf16 = _run("stage2", _batches(1), model=tiny_model(compute_dtype="bfloat16"))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.params) + jax.tree.leaves(bf16.opt_state)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert m_bf16[0]["loss"] == pytest.approx(m_ref[0]["loss"], rel=3e-2) and m_bf16[0]["finite"] == 1
