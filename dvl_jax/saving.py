@@ -7,11 +7,12 @@ and `Processor.from_pretrained` read: `params/` (Orbax), `config.json`, tokenize
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR
@@ -20,19 +21,18 @@ SIDE_FILE_SKIP = (CONFIG_FILE,)
 
 
 def save(model: nnx.Module, dst_dir: str, *, side_files_from: str | None = None) -> str:
-  """Writes `model`'s params and config (plus the non-weight files of `side_files_from`, e.g. the
-  tokenizer of the checkpoint training started from). Refuses an existing `dst_dir`."""
-  dst_dir = os.path.abspath(dst_dir)
-  if os.path.exists(os.path.join(dst_dir, CONFIG_FILE)) or os.path.exists(os.path.join(dst_dir, PARAMS_DIR)):
-    raise FileExistsError(f"{dst_dir} already holds a checkpoint; choose a new directory")
+  """Writes `model`'s params and config (plus the files of `side_files_from` but its config, e.g. the
+  tokenizer of the checkpoint training started from). Refuses an existing `dst_dir`; may be `gs://`."""
+  dst = epath.Path(dst_dir if "://" in dst_dir else os.path.abspath(dst_dir))
+  if (dst / CONFIG_FILE).exists() or (dst / PARAMS_DIR).exists():
+    raise FileExistsError(f"{dst} already holds a checkpoint; choose a new directory")
   params = nnx.state(model, nnx.Param)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(dst_dir, PARAMS_DIR), params)
+    ckptr.save(dst / PARAMS_DIR, params)
   if jax.process_index() == 0:
     if side_files_from:
-      for name in sorted(os.listdir(side_files_from)):
-        path = os.path.join(side_files_from, name)
-        if os.path.isfile(path) and name not in SIDE_FILE_SKIP:
-          shutil.copy2(path, os.path.join(dst_dir, name))
-    model.config.save(os.path.join(dst_dir, CONFIG_FILE))
-  return dst_dir
+      for src in sorted(epath.Path(side_files_from).iterdir()):
+        if src.is_file() and src.name not in SIDE_FILE_SKIP:
+          (dst / src.name).write_bytes(src.read_bytes())
+    (dst / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+  return str(dst)

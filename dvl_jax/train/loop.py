@@ -32,7 +32,7 @@ from dvl_jax.data.processor import Processor
 from dvl_jax.loading import load
 from dvl_jax.parallel import distributed
 from dvl_jax.parallel.mesh import make_mesh
-from dvl_jax.train.metrics_writer import MetricsWriter
+from dvl_jax.train.metrics_writer import MetricsWriter, local_metrics_dir
 from dvl_jax.train.optimizer import OptimizerConfig
 from dvl_jax.train.state import stage
 from dvl_jax.train.step import TrainStep
@@ -120,7 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = Fal
   del model  # its arrays now belong to the (donated) train state
   end = total if stop_after is None else min(total, start + stop_after)
 
-  writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
+  writer = MetricsWriter(local_metrics_dir(workdir), tensorboard=config.tensorboard)
+  log.info("metrics: %s/metrics.jsonl and tensorboard/", local_metrics_dir(workdir))
   rng = jax.random.key(config.seed)
   bar = tqdm(total=total, initial=start, desc=config.stage, disable=not progress or jax.process_index() != 0)
   window, last, tic = [], {}, time.perf_counter()

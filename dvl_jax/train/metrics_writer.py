@@ -1,15 +1,24 @@
 """Metrics sinks of a run: a JSONL file (one object per logged step) and TensorBoard event files.
 
-Only process 0 writes; every process may call `write`.
+Only process 0 writes; every process may call `write`. Both are appended to as the run goes, which
+object stores cannot do: for a `gs://` workdir they go to a local directory (`local_metrics_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
+
+
+def local_metrics_dir(workdir: str) -> str:
+  """`workdir` itself when local, else `<tmp>/dvl_metrics/<last path component>`."""
+  if "://" not in workdir:
+    return workdir
+  return os.path.join(tempfile.gettempdir(), "dvl_metrics", workdir.rstrip("/").rsplit("/", 1)[-1])
 
 
 class MetricsWriter:
