@@ -1,19 +1,36 @@
-"""dvl_jax: DiffusionVL (Qwen2.5-VL translated into a block-diffusion VLM) in JAX / Flax NNX.
+"""dvl_jax: DiffusionVL in JAX / Flax NNX.
+
+A Qwen2.5-VL vision-language model turned into a block-diffusion VLM: instead of one token per forward
+it denoises a block of masked tokens in a few parallel passes (BD3-LM), reusing a KV cache across blocks.
+This package loads and converts Hugging Face / DiffusionVL checkpoints, trains (stage 1, stage 2, AR),
+and samples on one device or a ('data', 'fsdp', 'tensor') mesh. The `dvl` command wraps it
+(`dvl convert | export | generate | train | demo | bench`, each with --help).
+
+Example, with a checkpoint converted by `dvl convert HF_DIR ckpt`:
+
+    import dvl_jax as dvl
+    from PIL import Image
+    from dvl_jax.data.chat_template import generation_prompt  # DiffusionVL's chat format
+    model, proc = dvl.load("ckpt"), dvl.Processor.from_pretrained("ckpt")
+    inputs = proc(generation_prompt("What is in the image?"), [[Image.open("cat.png")]])
+    out = dvl.generate(model, inputs, dvl.SamplingConfig(gen_length=64), tokenizer=proc.tokenizer)
+    print(out.text[0], out.nfe[0])  # the answer, and the model forwards it took
 
 Public surface (design §3):
 
-    import dvl_jax as dvl
     dvl.convert(src_dir, dst_dir)          # HF / DiffusionVL safetensors -> dvl (Orbax) checkpoint
     dvl.export(src_dir, dst_dir)           # dvl checkpoint -> HF Qwen2.5-VL safetensors
-    model = dvl.load(ckpt_dir, mesh=None)  # Flax NNX model, params placed on their shardings
+    model = dvl.load(ckpt_dir, mesh=None)  # Flax NNX model (dvl.Qwen25VL), params placed on their shardings
     proc  = dvl.Processor.from_pretrained(ckpt_dir)   # prompts with <image> + images -> padded arrays
     logits = model(input_ids, pixel_values=None, image_grid_thw=None, positions="mrope" | "flat")
-    out = dvl.generate(model, dvl.Prompts.from_lists(token_lists), dvl.SamplingConfig(...))  # .tokens .nfe ...
-    loss, aux = dvl.bd3_loss(model, batch, rng, noise=None)   # noise=(t, move_mask) injectable
+    out = dvl.generate(model, inputs, dvl.SamplingConfig(...))  # .tokens .text .nfe .tokens_per_forward
+    loss, aux = dvl.bd3_loss(model, batch, rng, noise=None)     # noise=(t, move_mask) injectable; dvl.ar_loss
 
-`dvl.make_mesh` builds a ('data', 'fsdp', 'tensor') mesh for `dvl.load(..., mesh=...)`; `dvl.suggest_mesh`
-picks its shape for sampling (`generate` then runs on the mesh the params are on).
-Names resolve on first use, so `import dvl_jax` stays cheap and does not need the converter's deps.
+`inputs` is the processor's output, a `dvl.Prompts`, or lists of token ids. `generate(..., on_block=fn)`
+calls `fn(row, tokens)` as each block of an answer is final (streaming, same tokens). `dvl.make_mesh`
+builds a mesh for `dvl.load(..., mesh=...)`; `dvl.suggest_mesh` picks its shape for sampling (`generate`
+runs on the mesh the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the
+architecture. Names resolve on first use, so `import dvl_jax` stays cheap and needs no converter deps.
 """
 
 import importlib

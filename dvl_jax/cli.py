@@ -1,7 +1,8 @@
-"""The `dvl` command: convert, export, train and the demo.
+"""The `dvl` command: convert, export, generate, train, the demo and the benchmarks.
 
 User mistakes (missing files, wrong layouts, bad options) end with a one-line error and exit code 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. `generate` and `bench` live in their own modules; this one
+registers and dispatches.
 """
 
 from __future__ import annotations
@@ -9,6 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Sequence
+
+from dvl_jax import bench_cli, generate_cli
+
+
+class _Parser(argparse.ArgumentParser):
+  """A usage mistake is one line too (the usage is in --help); exit code 2 as for every user error."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: str) -> argparse.ArgumentParser:
@@ -23,7 +33,7 @@ def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: st
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="dvl", description="DiffusionVL in JAX: convert, export, train, demo.")
+  parser = _Parser(prog="dvl", description="DiffusionVL in JAX: convert, export, generate, train, demo, bench.")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default: off)")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -39,14 +49,17 @@ def _parser() -> argparse.ArgumentParser:
   _checkpoint_command(sub, "export", "dvl (Orbax) checkpoint -> HF Qwen2.5-VL safetensors checkpoint",
                       src="dvl checkpoint directory (from `dvl convert` or training)",
                       dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
+  generate_cli.add_parser(sub)
 
   train = sub.add_parser("train", help="train (stage 1 / stage 2 / AR) from a config file; resumable",
                          description="Extra `--config.KEY=VALUE` arguments override config fields, e.g. "
                          "--config.init_checkpoint=ckpt --config.data.json=train.json --config.mesh=1,-1,4 "
                          "(all fields: dvl_jax/train/run_config.py).")
-  train.add_argument("--config", required=True, help="Python config file with get_config(), e.g. configs/stage2.py")
+  train.add_argument("--config", required=True,
+                     help="Python config file with get_config(), e.g. configs/stage2.py (required)")
   train.add_argument("--workdir", required=True,
-                     help="run directory: checkpoints/, metrics.jsonl, tensorboard/, model/ (local or gs://)")
+                     help="run directory: checkpoints/, metrics.jsonl, tensorboard/, model/ (local or gs://) "
+                     "(required)")
   train.add_argument("--resume", action="store_true",
                      help="continue from the newest complete checkpoint in --workdir (default: start fresh; "
                      "a workdir with checkpoints is refused)")
@@ -64,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a ~3 minute run on less data (checks the pipeline; accuracy stays low) (default: off)")
   demo.add_argument("--parity", action="store_true",
                     help="instead: build a tiny PyTorch Qwen2.5-VL, convert it and compare logits (default: off)")
+  bench_cli.add_parser(sub)
   return parser
 
 
@@ -79,6 +93,10 @@ def _run(args: argparse.Namespace) -> int:
   elif args.command == "export":
     dvl.export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.dst}")
+  elif args.command == "generate":
+    return generate_cli.run(args)
+  elif args.command == "bench":
+    return bench_cli.run(args)
   elif args.command == "train":
     from dvl_jax.train.loop import train
     from dvl_jax.train.run_config import load_config

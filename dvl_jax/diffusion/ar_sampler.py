@@ -4,7 +4,8 @@ In `mrope` mode it is the source Qwen2.5-VL model's own decoding: prompt positio
 `get_rope_index` (host), then each new token at `max prompt position + 1 + t` in all three rows (the
 "rope delta" of transformers); greedy output equals transformers' `generate` token for token.
 Rows have their own prompt lengths (cache slot = absolute index) and stop at their own EOS; a
-finished row is frozen and padded with the pad id.
+finished row is frozen and padded with the pad id. Streaming (`on_block`) reports pieces of up to
+`block_size` tokens: each time a row reaches a multiple of it, its EOS or `gen_length`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.diffusion import kv_cache, remask
+from dvl_jax.diffusion import kv_cache, remask, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.model.rope import get_rope_index
 from dvl_jax.model.text import KV
@@ -29,11 +30,12 @@ TRACES: collections.Counter = collections.Counter()
 
 
 def generate(model: nnx.Module, inputs: Any, config: SamplingConfig, *, rng: jax.Array | None = None,
-             cache: KV | None = None, tokenizer: Any = None) -> GenerateOutput:
+             cache: KV | None = None, tokenizer: Any = None,
+             on_block: streaming.OnBlock | None = None) -> GenerateOutput:
   """Greedy (temperature 0) or sampled AR decoding of `config.gen_length` tokens (see `sampler.generate`)."""
   config = config.resolve(model.config)
-  run, args, batch = _arguments(model, inputs, config, rng, cache)
-  out, cache = run(*args)
+  run, args, batch = _arguments(model, inputs, config, rng, cache, stream=on_block is not None)
+  out, cache = streaming.call(run, args, on_block, batch)
   return GenerateOutput.build(out["tokens"], out["nfe"], out["nfe"], out["forwards"], out["steps"],
                               model.config.eos_token_id, tokenizer, cache, batch=batch)
 
@@ -45,7 +47,7 @@ def lower(model: nnx.Module, inputs: Any, config: SamplingConfig) -> jax.stages.
 
 
 def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.Array | None,
-               cache: KV | None) -> tuple[Any, tuple, int]:
+               cache: KV | None, stream: bool = False) -> tuple[Any, tuple, int]:
   """(the jitted sampler for the model's placement, its arguments, the number of real rows)."""
   cfg = model.config
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
@@ -69,7 +71,7 @@ def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.
   args = (graphdef, config, state, cache, place.pad_rows(prompts.ids, fill=cfg.pad_token_id),
           place.pad_rows(prompts.lengths), place.pad_rows(rows_first), place.pad_rows(next_position),
           prompts.pixel_values, prompts.vision, place.pad_keys(remask.row_keys(rng, b)))
-  return jit_sampler(_run, place, _shardings), args, b
+  return jit_sampler(_run_streaming if stream else _run, place, _shardings), args, b
 
 
 def _shardings(place: Placement) -> dict[str, Any]:
@@ -81,10 +83,11 @@ def _shardings(place: Placement) -> dict[str, Any]:
 
 def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array,
          positions: jax.Array, next_position: jax.Array, pixel_values: Any, vision: Any, keys: jax.Array, *,
-         placement: Placement) -> tuple[dict[str, jax.Array], KV]:
+         placement: Placement, stream: bool = False) -> tuple[dict[str, jax.Array], KV]:
   """ids `[B, W]`, lengths `[B]` (0: a dead padding row), positions `[B, W]` or `[B, 3, W]` (rows first, so
-  one row sharding fits both), next_position `[B]` -> tokens `[B, G]` and statistics."""
-  TRACES["autoregressive"] += 1
+  one row sharding fits both), next_position `[B]` -> tokens `[B, G]` and statistics. `stream`: report
+  pieces of tokens as they are produced (`streaming.emit`)."""
+  TRACES["autoregressive_streaming" if stream else "autoregressive"] += 1
   model = nnx.merge(graphdef, placement.constrain_params(state))
   positions = jnp.swapaxes(positions, 0, positions.ndim - 2)  # the model's [B, W] or [3, B, W]
   pad_id, eos_id = model.config.pad_token_id, model.config.eos_token_id
@@ -102,6 +105,16 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
   first, _ = propose(model.logits(last), jax.vmap(jax.random.fold_in)(keys, jnp.zeros((b,), jnp.int32)))
   tokens = jnp.full((b, gen), pad_id, jnp.int32).at[:, 0].set(first[:, 0])
 
+  def report(rows: jax.Array, t: jax.Array, tokens: jax.Array) -> None:
+    """Streaming only: the `rows` end their piece (of `block_size` tokens) at token `t`."""
+    if stream:
+      bs = config.block_size
+      win = (t // bs) * bs + jnp.arange(bs)
+      streaming.emit(rows, jnp.broadcast_to(t // bs, (b,)), tokens[:, jnp.minimum(win, gen - 1)],
+                     jnp.broadcast_to(win <= t, (b, bs)), placement)
+
+  report((plen > 0) & ((first[:, 0] == eos_id) | (gen == 1)), jnp.int32(0), tokens)
+
   def step(carry):
     cache, tokens, t, done, nfe = carry
     active = ~done
@@ -116,6 +129,7 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
     tok, _ = propose(model.logits(hidden), jax.vmap(jax.random.fold_in)(keys, nfe))
     new = jnp.where(active, tok[:, 0], pad_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], t, axis=1)
+    report(active & (((t + 1) % config.block_size == 0) | (new == eos_id) | (t + 1 == gen)), t, tokens)
     return placement.pin_loop(cache, tokens, t + 1, done | (active & (new == eos_id)), nfe + active)
 
   init = placement.pin_loop(cache, tokens, jnp.int32(1), (tokens[:, 0] == eos_id) | (plen == 0),
@@ -125,3 +139,6 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
   produced = jnp.arange(gen)[None, :] < nfe[:, None]
   out = {"tokens": tokens, "nfe": nfe, "forwards": t, "steps": jnp.where(produced, jnp.arange(gen), -1)}
   return out, cache
+
+
+_run_streaming = functools.partial(_run, stream=True)  # one object: `jit_sampler` caches by it

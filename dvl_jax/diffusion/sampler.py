@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -42,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.diffusion import ar_sampler, kv_cache, remask
+from dvl_jax.diffusion import ar_sampler, kv_cache, remask, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.model.text import KV
 from dvl_jax.parallel.sampling_mesh import Placement, jit_sampler
@@ -64,19 +65,23 @@ class _Carry(NamedTuple):
 
 
 def generate(model: nnx.Module, inputs: Any, config: SamplingConfig = SamplingConfig(), *,
-             rng: jax.Array | None = None, cache: KV | None = None, tokenizer: Any = None) -> GenerateOutput:
+             rng: jax.Array | None = None, cache: KV | None = None, tokenizer: Any = None,
+             on_block: streaming.OnBlock | None = None) -> GenerateOutput:
   """Generates `config.gen_length` tokens per prompt (`inputs`: see `Prompts.coerce`).
 
   `rng`: one PRNG key, or one per row (a row's sample then equals running it alone with its key).
   `cache`: a previous output's `.cache` of the same shape, reused in place (donated).
+  `on_block(row, tokens)`: called on the host while sampling runs, each time a row's block of generated
+  tokens is final (`dvl_jax.diffusion.streaming`); same tokens as without it.
   A model whose params are sharded over a `('data', 'fsdp', 'tensor')` mesh samples on that mesh
   (`dvl_jax.parallel.sampling_mesh`); pick its shape with `suggest_mesh` before `dvl.load(ckpt, mesh=...)`.
   """
   config = config.resolve(model.config)
   if config.algorithm == "autoregressive":
-    return ar_sampler.generate(model, inputs, config, rng=rng, cache=cache, tokenizer=tokenizer)
-  run, args, batch = _arguments(model, inputs, config, rng, cache)
-  out, cache = run(*args)
+    return ar_sampler.generate(model, inputs, config, rng=rng, cache=cache, tokenizer=tokenizer,
+                               on_block=on_block)
+  run, args, batch = _arguments(model, inputs, config, rng, cache, stream=on_block is not None)
+  out, cache = streaming.call(run, args, on_block, batch)
   return GenerateOutput.build(out["tokens"], out["decoded"], out["nfe"], out["forwards"], out["steps"],
                               model.config.eos_token_id, tokenizer, cache, batch=batch)
 
@@ -91,7 +96,7 @@ def lower(model: nnx.Module, inputs: Any, config: SamplingConfig = SamplingConfi
 
 
 def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.Array | None,
-               cache: KV | None) -> tuple[Any, tuple, int]:
+               cache: KV | None, stream: bool = False) -> tuple[Any, tuple, int]:
   """(the jitted sampler for the model's placement, its arguments, the number of real rows)."""
   prompts = Prompts.coerce(inputs).bucketed(config, model.config)
   graphdef, state = nnx.split(model)
@@ -101,7 +106,7 @@ def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.
   args = (graphdef, _static(config), state, cache, place.pad_rows(prompts.ids, fill=model.config.pad_token_id),
           place.pad_rows(prompts.lengths), prompts.pixel_values, prompts.vision,
           place.pad_keys(remask.row_keys(rng, b)), _schedule(config), np.float32(config.confidence_threshold))
-  return jit_sampler(_run, place, _shardings), args, b
+  return jit_sampler(_run_streaming if stream else _run, place, _shardings), args, b
 
 
 def _shardings(place: Placement) -> dict[str, Any]:
@@ -125,11 +130,11 @@ def _static(config: SamplingConfig) -> SamplingConfig:
 
 def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array,
          pixel_values: Any, vision: Any, keys: jax.Array, schedule: jax.Array, threshold: jax.Array, *,
-         placement: Placement) -> tuple[dict[str, jax.Array], KV]:
+         placement: Placement, stream: bool = False) -> tuple[dict[str, jax.Array], KV]:
   """ids `[B, W]`, lengths `[B]` (0: a dead padding row), keys `[B]`, schedule `[bs + 1]`, threshold `[]` ->
   tokens `[B, G]` and statistics; the cache goes through. `config.steps` / `config.confidence_threshold` are
-  not used here."""
-  TRACES["block_diffusion"] += 1
+  not used here. `stream`: report every block as it becomes final (`streaming.emit`)."""
+  TRACES["block_diffusion_streaming" if stream else "block_diffusion"] += 1
   model = nnx.merge(graphdef, placement.constrain_params(state))
   mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
   bs, gen = config.block_size, config.gen_length
@@ -191,6 +196,13 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
     eos = jnp.any((jnp.take_along_axis(ids, win, axis=1) == eos_id) & (win >= plen[:, None]), axis=1)
     return clean, eos | (blk == last_blk)
 
+  def report(rows: jax.Array, blk: jax.Array, ids: jax.Array) -> None:
+    """Streaming only: block `blk` of the `rows` has no mask left (its generated slots are final)."""
+    if stream:
+      win = window(blk * bs, bs)
+      generated = (win >= plen[:, None]) & (win < (plen + gen)[:, None])
+      streaming.emit(rows, blk - first_blk, jnp.take_along_axis(ids, win, axis=1), generated, placement)
+
   def reference_step(c: _Carry) -> _Carry:
     active = ~c.done
     start = c.blk * bs
@@ -201,6 +213,7 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
     ids, masked, decoded_at = jax.lax.cond(jnp.any(denoising), lambda: denoise(c, hidden, denoising),
                                            lambda: (c.ids, c.masked, c.decoded_at))
     clean, last = block_state(ids, masked, c.blk)
+    report(denoising & clean, c.blk, ids)
     stop = commit & last
     return _Carry(*placement.pin_loop(cache, ids, masked, decoded_at, c.blk + (commit & ~stop),
                                       jnp.where(commit, 0, c.step + denoising),
@@ -227,6 +240,7 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
     ids, masked, decoded_at = denoise(c, hidden, active)
     clean, last = block_state(ids, masked, c.blk)
     finished = active & clean
+    report(finished, c.blk, ids)
     advance = finished & ~last
     return _Carry(*placement.pin_loop(cache, ids, masked, decoded_at, c.blk + advance,
                                       jnp.where(advance, 0, c.step + active), advance, c.done | (finished & last),
@@ -247,3 +261,6 @@ def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.
       "forwards": c.forwards + jnp.any(has_prefill),
   }
   return out, c.cache
+
+
+_run_streaming = functools.partial(_run, stream=True)  # one object: `jit_sampler` caches by it
