@@ -32,7 +32,7 @@ def export(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: str
   `dtype` casts the weights (default: the stored dtype); tokenizer and processor files are copied;
   `lm_head.weight` is written only for untied embeddings. Returns `dst_dir`.
   """
-  src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+  src_dir, dst_dir = os.path.abspath(src_dir), os.fspath(dst_dir)  # Orbax refuses relative paths
   config_path, params_dir = os.path.join(src_dir, CONFIG_FILE), os.path.join(src_dir, PARAMS_DIR)
   if not (os.path.isfile(config_path) and os.path.isdir(params_dir)):
     raise NotACheckpointError(f"{src_dir} is not a converted checkpoint: it needs {CONFIG_FILE} and "
