@@ -40,7 +40,7 @@ class DemoSize:
 
 
 VOCAB_SIZE = 128  # the generator's ~45 words, the chat markup and the reserved ids
-FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1500, diffusion_steps=400)
+FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1500, diffusion_steps=400, ar_learning_rate=1e-3)
 QUICK = DemoSize(train_examples=512, eval_examples=64, ar_steps=60, diffusion_steps=60)
 
 DECODERS = {  # name -> SamplingConfig fields

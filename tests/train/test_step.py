@@ -108,9 +108,10 @@ def test_sharded_stage2_steps_equal_the_single_device_steps(shape):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.device_get(single.params),
                jax.device_get(sharded.params))
   var = sharded.params["text"]["layers"]["mlp"]["down_proj"]["kernel"]
-  kernel, want = var.value, partition_spec(var.get_metadata()["axes"], var.value.shape, mesh)
+  kernel = var.get_value()
+  want = partition_spec(var.get_metadata()["axes"], kernel.shape, mesh)
   assert kernel.sharding.spec == want and "fsdp" in want  # params stay on their logical-rule shardings
-  mu = sharded.opt_state[1][0].mu["text"]["layers"]["mlp"]["down_proj"]["kernel"].value
+  mu = sharded.opt_state[1][0].mu["text"]["layers"]["mlp"]["down_proj"]["kernel"].get_value()
   assert mu.sharding == kernel.sharding  # Adam moments sharded like their params
 
 
