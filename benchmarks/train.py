@@ -18,7 +18,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import psutil
 from flax import nnx
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor

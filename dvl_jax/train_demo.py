@@ -18,8 +18,6 @@ import tempfile
 import time
 from typing import Any
 
-import jax
-import numpy as np
 
 from dvl_jax import saving
 from dvl_jax.config import ModelConfig, TextConfig, VisionConfig

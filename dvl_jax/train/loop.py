@@ -11,15 +11,12 @@ after it), leaving the last good checkpoint as the resume point.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh

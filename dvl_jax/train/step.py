@@ -129,7 +129,7 @@ class TrainStep:
     model = nnx.merge(self.graphdef, params, frozen)
     if self.stage.objective == "bd3":
       return bd3_loss(model, micro, rng)
-    loss, metrics = ar_loss(model, micro)
+    loss, _ = ar_loss(model, micro)
     return loss, {"loss": loss}
 
   def _step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:

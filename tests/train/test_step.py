@@ -1,8 +1,6 @@
 """Train steps: what each stage trains, the vision learning rate, accumulation, non-finite steps, and
 sharded steps equal to the single-device step."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,7 +77,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   split = next(iter(pipeline(rows, block_aligned_eos=False, micro_batches=2)))
   np.testing.assert_array_equal(np.asarray(split["input_ids"]).reshape(whole["input_ids"].shape),
                                 np.asarray(whole["input_ids"]))
-  (ta, sa, ma), (tb, sb, mb) = _run("ar", [whole]), _run("ar", [split])
+  (_, sa, ma), (_, sb, mb) = _run("ar", [whole]), _run("ar", [split])
   assert ma[0]["loss"] == pytest.approx(mb[0]["loss"], rel=1e-6)
   assert ma[0]["grad_norm"] == pytest.approx(mb[0]["grad_norm"], rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), sa.params, sb.params)
