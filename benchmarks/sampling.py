@@ -42,7 +42,7 @@ from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
 from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
-from dvl_jax.parallel.rules import logical_shardings  # noqa: E402
+from dvl_jax.parallel.rules import shard_model  # noqa: E402
 from dvl_jax.parallel.sampling_mesh import suggest_mesh  # noqa: E402
 
 SETTINGS = {
@@ -87,10 +87,9 @@ def placed(model: Qwen25VL, choice: str, batch: int) -> tuple[str, Qwen25VL]:
   if devices > jax.device_count():
     raise SystemExit(f"mesh {shape} needs {devices} devices, {jax.device_count()} exist (on CPU set "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=N before starting)")
-  graphdef, state = nnx.split(model)
   mesh = make_mesh(shape, jax.devices()[:devices])
   label = ("auto=" if choice == "auto" else "") + ",".join(map(str, shape))
-  return label, nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, mesh)))
+  return label, shard_model(model, mesh)
 
 
 def mib_per_device(tree: object) -> float:

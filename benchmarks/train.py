@@ -34,7 +34,8 @@ from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402
 from dvl_jax.train.state import stage  # noqa: E402
-from dvl_jax.train.step import TrainStep, shard_model  # noqa: E402
+from dvl_jax.parallel.rules import shard_model
+from dvl_jax.train.step import TrainStep  # noqa: E402
 
 SIZES = {  # (text hidden, layers, heads, kv heads, mlp), (vision hidden, depth, heads, mlp)
     "small": ((512, 8, 8, 2, 1536), (256, 8, 4, 768)),

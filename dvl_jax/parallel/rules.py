@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -71,3 +72,17 @@ def abstract_arrays(state: nnx.State, mesh: Mesh | None) -> Any:
     return jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype, sharding=sharding)
 
   return jax.tree.map(one, state, shardings, is_leaf=_is_var)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+  """The model (identical on every process, e.g. the same seed) with every param placed on its
+  logical-rule sharding over `mesh`; each process fills the shards it holds."""
+  graphdef, state = nnx.split(model)
+
+  def place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  shardings = logical_shardings(state, mesh)
+  return nnx.merge(graphdef, jax.tree.map(lambda v, s: v.replace(place(v.get_value(), s)), state, shardings,
+                                          is_leaf=_is_var))

@@ -17,32 +17,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
-from dvl_jax.parallel.rules import RULES, logical_shardings
+from dvl_jax.parallel.rules import RULES
 from dvl_jax.train.optimizer import OptimizerConfig, make_optimizer
 from dvl_jax.train.state import Stage, TrainState, split_model
 
 Batch = dict[str, Any]
 ROW_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")
-
-
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """The model (identical on every process, e.g. the same seed) with every param placed on its
-  logical-rule sharding over `mesh`; each process fills the shards it holds."""
-  graphdef, state = nnx.split(model)
-
-  def place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  shardings = logical_shardings(state, mesh)
-  return nnx.merge(graphdef, jax.tree.map(lambda v, s: v.replace(place(v.get_value(), s)), state, shardings,
-                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def batch_shardings(batch: Batch, mesh: Mesh) -> Batch:

@@ -19,7 +19,7 @@ from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.model.vlm import Qwen25VL
 from dvl_jax.parallel import sampling_mesh
 from dvl_jax.parallel.mesh import make_mesh
-from dvl_jax.parallel.rules import logical_shardings
+from dvl_jax.parallel.rules import shard_model
 from dvl_jax.parallel.sampling_mesh import Placement, suggest_mesh
 
 _TINY = tiny_config()
@@ -46,8 +46,7 @@ def model(shape: tuple[int, int, int] | None = None) -> Qwen25VL:
   m = Qwen25VL(CFG, rngs=nnx.Rngs(0))
   m.lm_head.kernel[...] = m.lm_head.kernel[...] * 40.0
   if shape is not None:
-    graphdef, state = nnx.split(m)
-    m = nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, make_mesh(shape))))
+    m = shard_model(m, make_mesh(shape))
   return m
 
 

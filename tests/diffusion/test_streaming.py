@@ -3,7 +3,6 @@ one extra compile that any callback reuses, and the same pieces on a mesh."""
 
 import functools
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +12,7 @@ from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.model.vlm import Qwen25VL
 from dvl_jax.parallel.mesh import make_mesh
-from dvl_jax.parallel.rules import logical_shardings
+from dvl_jax.parallel.rules import shard_model
 
 CFG = tiny_config()
 BS, GEN = CFG.block_size, 20
@@ -73,8 +72,7 @@ def test_one_streaming_compile_serves_every_callback_and_the_default_path_keeps_
 
 
 def test_pieces_on_a_mesh_equal_one_device():
-  graphdef, state = nnx.split(model())
-  sharded = nnx.merge(graphdef, jax.device_put(state, logical_shardings(state, make_mesh((4, 1, 2)))))
+  sharded = shard_model(model(), make_mesh((4, 1, 2)))
   config = SETTINGS["fused"]
   out, pieces = streamed(sharded, config)
   want, want_pieces = streamed(model(), config)

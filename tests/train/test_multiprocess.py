@@ -18,9 +18,10 @@ def _train_two_steps() -> tuple[dict[str, np.ndarray], list[float]]:
   from jax.experimental import multihost_utils
 
   from dvl_jax.parallel.mesh import make_mesh
+  from dvl_jax.parallel.rules import shard_model
   from dvl_jax.train.optimizer import OptimizerConfig
   from dvl_jax.train.state import stage
-  from dvl_jax.train.step import TrainStep, shard_model
+  from dvl_jax.train.step import TrainStep
   from tests.train.helpers import pipeline, synthetic_rows, tiny_model
 
   mesh = make_mesh(MESH)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from dvl_jax.parallel.mesh import make_mesh
-from dvl_jax.parallel.rules import partition_spec
+from dvl_jax.parallel.rules import partition_spec, shard_model
 from dvl_jax.train.optimizer import OptimizerConfig, is_vision_tower
 from dvl_jax.train.state import stage
-from dvl_jax.train.step import TrainStep, shard_model
+from dvl_jax.train.step import TrainStep
 from tests.train.helpers import pipeline, synthetic_rows, tiny_model
 
 ROWS = synthetic_rows(32)
