@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Literal
 
+from dvl_jax import storage
+
 PositionMode = Literal["mrope", "flat"]
 
 
@@ -122,8 +124,8 @@ class ModelConfig:
 
   @classmethod
   def load(cls, path: str) -> "ModelConfig":
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    """From a `config.json` written by `save`; `path` may be a `gs://` URL."""
+    return cls.from_dict(json.loads(storage.as_path(path).read_text()))
 
   # ---- Hugging Face ---------------------------------------------------------------------------
   @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dvl_jax import storage
 from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, MODES, POSITIONS, STRATEGIES, Prompts, SamplingConfig
 from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR
@@ -59,7 +60,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
       "the traceback).")
   cmd.add_argument("--checkpoint", required=True,
                    help="converted checkpoint directory: config.json, params/ and tokenizer.json, as written by "
-                   "`dvl convert` or training (required)")
+                   "`dvl convert` or training; may be a gs:// URL (required)")
   source = cmd.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="the question; the chat template and one <image> per --image are added "
                       "(required unless --requests)")
@@ -75,6 +76,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--mesh", default=None,
                    help="device mesh data,fsdp,tensor (e.g. 1,2,4), or auto: dvl.suggest_mesh for the batch size "
                    "(default: one device)")
+  cmd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the weights to this dtype while loading, e.g. bfloat16 on a GPU/TPU (default: the "
+                   "checkpoint's stored dtype)")
   cmd.add_argument("--min-pixels", type=int, default=MIN_PIXELS,
                    help=f"images are resized to at least this many pixels (default: {MIN_PIXELS})")
   cmd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                        [[_open_image(p) for p in r.images] for r in chunk])
     _check_fits(inputs, config, processor.config, _label(args, start, len(chunk)))
     if model is None:
-      model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, batch_size))
+      model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, batch_size), dtype=args.dtype)
     live = None if args.json else _LiveText(processor.tokenizer, processor.config.eos_token_id)
     if live and args.requests:
       print(f"[{start + 1}/{len(requests)}] {chunk[0].prompt}", flush=True)
@@ -180,9 +184,10 @@ def _read_jsonl(path: str) -> list[Request]:
 
 
 def _check_checkpoint(path: str) -> None:
-  if not os.path.isdir(path):
+  root = storage.as_path(path)
+  if not root.is_dir():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  missing = [n for n in (CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE) if not os.path.exists(os.path.join(path, n))]
+  missing = [n for n in (CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE) if not (root / n).exists()]
   if missing:
     raise FileNotFoundError(f"{path} is not a converted checkpoint (no {', '.join(missing)}); make one with "
                             "`dvl convert` from Hugging Face / DiffusionVL weights")

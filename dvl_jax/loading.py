@@ -3,7 +3,6 @@ is restored straight onto its target sharding, so no host ever holds the whole m
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -12,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from dvl_jax import storage
 from dvl_jax.config import ModelConfig
 from dvl_jax.model.vlm import Qwen25VL
 from dvl_jax.parallel import rules
@@ -40,7 +40,7 @@ def restore_params(ckpt_dir: str, abstract_state: nnx.State, shardings: Any = No
 
   targets = jax.tree.map(target, abstract_state, shardings, is_leaf=_is_var)
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR), targets)
+    return ckptr.restore(storage.as_path(ckpt_dir) / PARAMS_DIR, targets)
 
 
 def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config_overrides: Any) -> Qwen25VL:
@@ -48,12 +48,13 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
 
   `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators); `config_overrides` set
   run-time fields of the model config (`compute_dtype`, `remat_policy`, `attention_backend`, ...).
+  `ckpt_dir` may be a `gs://` URL.
   """
-  config_path = os.path.join(ckpt_dir, CONFIG_FILE)
-  if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR))):
+  root = storage.as_path(ckpt_dir)
+  if not ((root / CONFIG_FILE).is_file() and (root / PARAMS_DIR).is_dir()):
     raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); "
                             "convert Hugging Face / DiffusionVL weights first with dvl.convert")
-  cfg = ModelConfig.load(config_path)
+  cfg = ModelConfig.load(str(root / CONFIG_FILE))
   if dtype is not None:
     config_overrides["param_dtype"] = jnp.dtype(dtype).name
   cfg = cfg.replace(**config_overrides) if config_overrides else cfg

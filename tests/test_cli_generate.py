@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
 
 import dvl_jax as dvl
 from dvl_jax import bench_cli, cli
@@ -104,6 +106,18 @@ def test_json_output_equals_dvl_generate(files, json_answer):
   assert json_answer["text"] == want.text[0]
   assert json_answer["nfe"] == int(want.nfe[0]) and json_answer["request"] == 0
   assert json_answer["tokens_per_forward"] > 0 and json_answer["seconds"] > 0
+
+
+def test_dtype_casts_the_weights_while_loading(files, monkeypatch):
+  """`--dtype bfloat16` loads bf16 params (and the answer is that model's answer)."""
+  loaded = []
+  real_load = dvl.load
+  monkeypatch.setattr(dvl, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+  code, out, err = dvl_main(*generate_args(files, "--prompt", QUESTION, "--image", files["image"], "--json",
+                                           "--dtype", "bfloat16"))
+  assert code == 0, err
+  assert {x.dtype.name for x in jax.tree.leaves(nnx.state(loaded[0], nnx.Param))} == {"bfloat16"}
+  assert json.loads(out.getvalue())["tokens"]
 
 
 def test_text_mode_streams_blocks_that_make_up_the_final_text(files, json_answer):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dvl_jax import storage
 from dvl_jax.config import ModelConfig
 from dvl_jax.data.image_tokens import IMAGE_PLACEHOLDER, expand_image_placeholders
 
@@ -30,10 +31,12 @@ class Processor:
   @classmethod
   def from_pretrained(cls, ckpt_dir: str, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
                       ) -> "Processor":
-    """Loads the tokenizer files `dvl convert` copied next to the params, and the model config."""
+    """Loads the tokenizer files `dvl convert` copied next to the params, and the model config;
+    `ckpt_dir` may be a `gs://` URL (its side files are cached locally)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
+    ckpt_dir = storage.local_side_files(ckpt_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json")):
       raise FileNotFoundError(f"{ckpt_dir} has no tokenizer.json; convert a checkpoint that ships its tokenizer")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt_dir)
