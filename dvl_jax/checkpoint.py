@@ -9,20 +9,19 @@ previous step; `keep` bounds how many steps stay on disk.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
+
+from dvl_jax import storage
 
 
 class TrainCheckpoints:
   """`save(step, state, data_state)`, `latest_step()`, `restore(step, abstract_state)`; paths may be `gs://`."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    path = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(epath.Path(path), options=options, item_names=("state", "data"))
+    self._manager = ocp.CheckpointManager(storage.as_path(directory), options=options, item_names=("state", "data"))
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     """Starts writing `step` (returns once the arrays are copied off the devices)."""

@@ -8,13 +8,12 @@ and `Processor.from_pretrained` read: `params/` (Orbax), `config.json`, tokenize
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
+from dvl_jax import storage
 from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR
 
 SIDE_FILE_SKIP = (CONFIG_FILE,)
@@ -23,7 +22,7 @@ SIDE_FILE_SKIP = (CONFIG_FILE,)
 def save(model: nnx.Module, dst_dir: str, *, side_files_from: str | None = None) -> str:
   """Writes `model`'s params and config (plus the files of `side_files_from` but its config, e.g. the
   tokenizer of the checkpoint training started from). Refuses an existing `dst_dir`; may be `gs://`."""
-  dst = epath.Path(dst_dir if "://" in dst_dir else os.path.abspath(dst_dir))
+  dst = storage.as_path(dst_dir)
   if (dst / CONFIG_FILE).exists() or (dst / PARAMS_DIR).exists():
     raise FileExistsError(f"{dst} already holds a checkpoint; choose a new directory")
   params = nnx.state(model, nnx.Param)
@@ -31,7 +30,7 @@ def save(model: nnx.Module, dst_dir: str, *, side_files_from: str | None = None)
     ckptr.save(dst / PARAMS_DIR, params)
   if jax.process_index() == 0:
     if side_files_from:
-      for src in sorted(epath.Path(side_files_from).iterdir()):
+      for src in sorted(storage.as_path(side_files_from).iterdir()):
         if src.is_file() and src.name not in SIDE_FILE_SKIP:
           (dst / src.name).write_bytes(src.read_bytes())
     (dst / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))

@@ -13,10 +13,12 @@ from typing import Any
 
 import jax
 
+from dvl_jax import storage
+
 
 def local_metrics_dir(workdir: str) -> str:
   """`workdir` itself when local, else `<tmp>/dvl_metrics/<last path component>`."""
-  if "://" not in workdir:
+  if not storage.is_remote(workdir):
     return workdir
   return os.path.join(tempfile.gettempdir(), "dvl_metrics", workdir.rstrip("/").rsplit("/", 1)[-1])
 
