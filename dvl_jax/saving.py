@@ -30,8 +30,6 @@ def save(model: nnx.Module, dst_dir: str, *, side_files_from: str | None = None)
     ckptr.save(dst / PARAMS_DIR, params)
   if jax.process_index() == 0:
     if side_files_from:
-      for src in sorted(storage.as_path(side_files_from).iterdir()):
-        if src.is_file() and src.name not in SIDE_FILE_SKIP:
-          (dst / src.name).write_bytes(src.read_bytes())
+      storage.copy_files(storage.plain_files(side_files_from, skip=SIDE_FILE_SKIP), dst)
     (dst / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
   return str(dst)

@@ -32,8 +32,18 @@ def join(folder: str | None, ref: str) -> str:
   return f"{folder.rstrip('/')}/{ref}" if is_remote(folder) else os.path.join(folder, ref)
 
 
-def local_side_files(ckpt_dir: str, skip: tuple[str, ...] = ()) -> str:
-  """A local directory with the files (not sub-directories) of `ckpt_dir` but `skip`.
+def plain_files(directory: str, skip: tuple[str, ...] = ()) -> list[epath.Path]:
+  """The files (not sub-directories) of `directory` but `skip`, by name: a checkpoint's side files."""
+  return sorted((p for p in as_path(directory).iterdir() if p.is_file() and p.name not in skip), key=lambda p: p.name)
+
+
+def copy_files(files: list[epath.Path], dst: epath.Path) -> None:
+  for src in files:
+    (dst / src.name).write_bytes(src.read_bytes())
+
+
+def local_side_files(ckpt_dir: str) -> str:
+  """A local directory with the files (not sub-directories) of `ckpt_dir`.
 
   Local checkpoints are returned as they are. A remote one is copied under `$DVL_CACHE` (default
   `~/.cache/dvl_jax`) into a directory keyed by its URL and file listing, so a re-written checkpoint
@@ -41,8 +51,7 @@ def local_side_files(ckpt_dir: str, skip: tuple[str, ...] = ()) -> str:
   """
   if not is_remote(ckpt_dir):
     return ckpt_dir
-  files = sorted((p for p in epath.Path(ckpt_dir).iterdir() if p.is_file() and p.name not in skip),
-                 key=lambda p: p.name)
+  files = plain_files(ckpt_dir)
   listing = "\n".join(f"{p.name} {p.stat().length}" for p in files)
   key = hashlib.sha256(f"{ckpt_dir.rstrip('/')}\n{listing}".encode()).hexdigest()[:24]
   root = os.path.join(os.environ.get("DVL_CACHE", os.path.expanduser("~/.cache/dvl_jax")), "side_files")
@@ -52,9 +61,7 @@ def local_side_files(ckpt_dir: str, skip: tuple[str, ...] = ()) -> str:
   os.makedirs(root, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
   try:
-    for p in files:
-      with open(os.path.join(tmp, p.name), "wb") as f:
-        f.write(p.read_bytes())
+    copy_files(files, epath.Path(tmp))
     os.rename(tmp, dst)
   except OSError:
     if not os.path.isdir(dst):  # not another process winning the rename: a real failure
