@@ -1,6 +1,5 @@
 """Processor: LLaVA `<image>` markers expanded to image tokens, transformers' image processor, padding."""
 
-import json
 
 import numpy as np
 import pytest
