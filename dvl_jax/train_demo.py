@@ -28,17 +28,23 @@ from dvl_jax.data.word_tokenizer import word_tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
+  """Data, steps and learning rates of a demo run. The ViT and the projector train at
+  `vision_learning_rate` in both stages: at the LM's 1e-3 their features churn from step to step, the LM
+  learns to ignore them and even "what colour is the one shape" stays at chance for hundreds of steps."""
+
   train_examples: int
   eval_examples: int
   ar_steps: int
   diffusion_steps: int
   batch_size: int = 32
-  ar_learning_rate: float = 3e-3
+  ar_learning_rate: float = 1e-3
   diffusion_learning_rate: float = 1e-3
+  vision_learning_rate: float = 3e-5
 
 
+IMAGE_SIZE = 56  # pixels: 4x4 patches, one merged token per grid cell
 VOCAB_SIZE = 128  # the generator's ~45 words, the chat markup and the reserved ids
-FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1500, diffusion_steps=400, ar_learning_rate=1e-3)
+FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1200, diffusion_steps=400)
 QUICK = DemoSize(train_examples=512, eval_examples=64, ar_steps=60, diffusion_steps=60)
 
 DECODERS = {  # name -> SamplingConfig fields
@@ -73,22 +79,30 @@ def init_checkpoint(dst: str, cfg: ModelConfig, tokenizer: Any, seed: int = 0) -
   return dst
 
 
-def _train(workdir: str, init: str, data_json: str, *, stage: str, steps: int, lr: float, size: DemoSize,
-           progress: bool) -> str:
-  from dvl_jax.train.loop import train
+def run_config(stage: str, init: str, data_json: str, *, steps: int, learning_rate: float, size: DemoSize,
+               seed: int = 0, log_every: int = 20) -> Any:
+  """The `dvl train` config of one demo run: float32, no remat, 56-px images, the ViT and the projector at
+  `size.vision_learning_rate`; stage 2 aligns each answer's EOS padding to the block size."""
   from dvl_jax.train.run_config import default_config
 
   c = default_config()
-  c.stage, c.init_checkpoint, c.total_steps, c.seed = stage, init, steps, 0
+  c.stage, c.init_checkpoint, c.total_steps, c.seed = stage, init, steps, seed
   c.compute_dtype, c.remat_policy, c.attention_backend = "float32", "none", "xla"
-  c.log_every, c.checkpoint_every, c.keep_checkpoints = 20, steps, 1
-  c.optimizer.learning_rate, c.optimizer.vision_learning_rate = lr, lr
+  c.log_every, c.checkpoint_every, c.keep_checkpoints = log_every, steps, 1
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.vision_learning_rate = c.optimizer.projector_learning_rate = size.vision_learning_rate
   c.optimizer.warmup_ratio = 0.05
   c.data.json, c.data.batch_size, c.data.micro_batches = data_json, size.batch_size, 1
   c.data.max_length, c.data.length_multiple, c.data.num_threads = 128, 8, 2
   c.data.square_pad, c.data.block_aligned_eos = True, stage == "stage2"
-  c.data.min_pixels = c.data.max_pixels = 56 * 56
-  train(c, workdir, progress=progress)
+  c.data.min_pixels = c.data.max_pixels = IMAGE_SIZE * IMAGE_SIZE
+  return c
+
+
+def _train(workdir: str, config: Any, progress: bool) -> str:
+  from dvl_jax.train.loop import train
+
+  train(config, workdir, progress=progress)
   return os.path.join(workdir, "model")
 
 
@@ -127,8 +141,9 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   print(f"[1/4] AR training of a {cfg.text.num_layers}-layer Qwen2.5-VL on {size.train_examples} synthetic "
         f"VQA examples ({size.ar_steps} steps)")
   init = init_checkpoint(os.path.join(workdir, "init"), cfg, tokenizer, seed)
-  ar_model = _train(os.path.join(workdir, "ar"), init, data_json, stage="ar", steps=size.ar_steps,
-                    lr=size.ar_learning_rate, size=size, progress=progress)
+  ar_config = run_config("ar", init, data_json, steps=size.ar_steps, learning_rate=size.ar_learning_rate,
+                         size=size, seed=seed)
+  ar_model = _train(os.path.join(workdir, "ar"), ar_config, progress)
 
   print("[2/4] dvl export (-> PyTorch / HF safetensors), dvl convert (-> dvl checkpoint)")
   hf_dir, source = os.path.join(workdir, "ar_hf"), os.path.join(workdir, "source")
@@ -137,11 +152,12 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
       raise RuntimeError(f"dvl {' '.join(argv)} failed")
 
   print(f"[3/4] stage-2 diffusion finetuning (BD3-LM, block size {cfg.block_size}, {size.diffusion_steps} steps)")
-  diffusion_model = _train(os.path.join(workdir, "diffusion"), source, data_json, stage="stage2",
-                           steps=size.diffusion_steps, lr=size.diffusion_learning_rate, size=size, progress=progress)
+  diffusion_config = run_config("stage2", source, data_json, steps=size.diffusion_steps,
+                                learning_rate=size.diffusion_learning_rate, size=size, seed=seed)
+  diffusion_model = _train(os.path.join(workdir, "diffusion"), diffusion_config, progress)
 
   print(f"[4/4] evaluation on {size.eval_examples} held-out questions")
-  processor = dvl.Processor.from_pretrained(source, min_pixels=56 * 56, max_pixels=56 * 56)
+  processor = dvl.Processor.from_pretrained(source, min_pixels=IMAGE_SIZE ** 2, max_pixels=IMAGE_SIZE ** 2)
   models = {"source": dvl.load(source), "diffusion": dvl.load(diffusion_model)}
   results = {}
   for name, sampling in DECODERS.items():

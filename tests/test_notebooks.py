@@ -39,8 +39,12 @@ def _kernel_env(tmp_path) -> dict[str, str]:
   return env
 
 
-def _run(name: str, tmp_path, cell_timeout: int) -> nbformat.NotebookNode:
+def _run(name: str, tmp_path, cell_timeout: int, parameters: str = "") -> nbformat.NotebookNode:
+  """Executes the notebook; `parameters` (code) runs right after its `parameters` cell, as papermill does."""
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  if parameters:
+    at = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters))
   workdir = tmp_path / "work"
   workdir.mkdir()
   client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=cell_timeout,
@@ -86,7 +90,8 @@ def test_quickstart_runs_and_plots_the_trajectory_and_the_tau_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_train_tiny_runs_both_stages_and_plots_the_loss_curves(tmp_path):
-  nb = _run("train_tiny.ipynb", tmp_path, cell_timeout=900)
+  size = "dataclasses.replace(train_demo.QUICK, train_examples=128, eval_examples=32, ar_steps=10, diffusion_steps=10)"
+  nb = _run("train_tiny.ipynb", tmp_path, cell_timeout=900, parameters=f"import dataclasses\nSIZE = {size}")
   _assert_ran_clean(nb)
   assert _pngs(_outputs(nb, "loss")) == 1
   assert _pngs(_outputs(nb, "data")) == 1 and _pngs(_outputs(nb, "answers")) == 1

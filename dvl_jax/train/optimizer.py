@@ -3,7 +3,8 @@ clipping, and a lower learning rate for the vision tower.
 
 The vision tower's group follows the same schedule with a smaller peak, so its updates are the main
 group's updates scaled by `vision_learning_rate / learning_rate` (decoupled weight decay included):
-one Adam state mirroring the trainable params, no masked sub-states.
+one Adam state mirroring the trainable params, no masked sub-states. The projector (PatchMerger) may
+get a peak of its own the same way (LLaVA's `mm_projector_lr`; the spec's recipes leave it at the LM's).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ Path = tuple[Any, ...]
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Defaults are the DiffusionVL-QwenVL recipe (spec §7.1); `vision_learning_rate=None` = same as LM."""
+  """Defaults are the DiffusionVL-QwenVL recipe (spec §7.1); `vision_learning_rate=None` and
+  `projector_learning_rate=None` mean the LM's `learning_rate`."""
 
   learning_rate: float = 1e-5
   vision_learning_rate: float | None = 2e-6
+  projector_learning_rate: float | None = None
   warmup_ratio: float = 0.03
   weight_decay: float = 0.0
   clip_norm: float | None = 1.0
@@ -33,8 +36,10 @@ class OptimizerConfig:
   eps: float = 1e-8
 
   def __post_init__(self):
-    if self.learning_rate <= 0 or (self.vision_learning_rate is not None and self.vision_learning_rate < 0):
-      raise ValueError(f"learning rates must be positive, got {self.learning_rate} / {self.vision_learning_rate}")
+    groups = (self.vision_learning_rate, self.projector_learning_rate)
+    if self.learning_rate <= 0 or any(lr is not None and lr < 0 for lr in groups):
+      raise ValueError(f"learning rates must be positive (vision/projector >= 0), got {self.learning_rate} / "
+                       f"{self.vision_learning_rate} / {self.projector_learning_rate}")
     if not 0 <= self.warmup_ratio < 1:
       raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
@@ -52,11 +57,19 @@ def warmup_cosine(peak: float, total_steps: int, warmup_ratio: float) -> optax.S
   return schedule
 
 
+def _keys(path: Path) -> list[Any]:
+  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
+
+
 def is_vision_tower(path: Path) -> bool:
-  """Params of the ViT proper (spec §7.1: names containing `vision_tower`); the merger is the projector
-  and trains at the LM learning rate."""
-  keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  """Params of the ViT proper (spec §7.1: names containing `vision_tower`); the merger is the projector."""
+  keys = _keys(path)
   return keys[:1] == ["visual"] and keys[1:2] != ["merger"]
+
+
+def is_projector(path: Path) -> bool:
+  """Params of the PatchMerger, the connector that stage 1 trains alone."""
+  return _keys(path)[:2] == ["visual", "merger"]
 
 
 def _scale_leaves(ratio: Callable[[Path], float]) -> optax.GradientTransformation:
@@ -75,10 +88,14 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
   if total_steps < 1:
     raise ValueError(f"total_steps={total_steps} must be >= 1")
   schedule = warmup_cosine(cfg.learning_rate, total_steps, cfg.warmup_ratio)
-  vision = cfg.learning_rate if cfg.vision_learning_rate is None else cfg.vision_learning_rate
-  ratio = vision / cfg.learning_rate
+
+  def ratio(path: Path) -> float:
+    group = cfg.vision_learning_rate if is_vision_tower(path) else (
+        cfg.projector_learning_rate if is_projector(path) else None)
+    return 1.0 if group is None else group / cfg.learning_rate
+
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
   parts += [optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
-            _scale_leaves(lambda path: ratio if is_vision_tower(path) else 1.0)]
+            _scale_leaves(ratio)]
   return optax.chain(*parts), schedule

@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 1e-5
   c.optimizer.vision_learning_rate = config_dict.placeholder(float)  # None = learning_rate
   c.optimizer.vision_learning_rate = 2e-6
+  c.optimizer.projector_learning_rate = config_dict.placeholder(float)  # None = learning_rate
   c.optimizer.warmup_ratio = 0.03
   c.optimizer.weight_decay = 0.0
   c.optimizer.clip_norm = 1.0

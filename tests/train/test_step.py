@@ -1,6 +1,8 @@
 """Train steps: what each stage trains, the vision learning rate, accumulation, non-finite steps, and
 sharded steps equal to the single-device step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import partition_spec, shard_model
-from dvl_jax.train.optimizer import OptimizerConfig, is_vision_tower
+from dvl_jax.train.optimizer import OptimizerConfig, is_projector, is_vision_tower
 from dvl_jax.train.state import stage
 from dvl_jax.train.step import TrainStep
 from tests.train.helpers import pipeline, synthetic_rows, tiny_model
@@ -51,22 +53,29 @@ def test_stage1_trains_only_the_projector_and_keeps_no_optimizer_state_for_the_r
   assert param_leaves == 5 and len(opt_leaves) == 2 * param_leaves  # Adam mu and nu of the projector only
 
 
-def test_stage2_moves_every_param_and_the_vision_tower_at_its_own_learning_rate():
+@pytest.mark.parametrize("projector_lr", [None, 5e-4], ids=["projector_at_lm_lr", "projector_at_own_lr"])
+def test_stage2_moves_every_param_and_the_vision_tower_at_its_own_learning_rate(projector_lr):
   """Adam's first update is lr * g / (|g| + eps): |delta| = the group's learning rate wherever |g| >> eps
   (eps 1e-16 here: the key bias has a near-zero gradient, softmax being shift-invariant)."""
   model = tiny_model()
   before = _flat(model)
-  trainer, state, metrics = _run("stage2", _batches(1), model=model)
+  opt = dataclasses.replace(OPT, projector_learning_rate=projector_lr)
+  trainer, state, metrics = _run("stage2", _batches(1), model=model, opt=opt)
   after = _flat(trainer.model(state))
   assert metrics[0]["lr"] == pytest.approx(1e-3)
   for k in before:
     delta = np.abs(after[k] - before[k])
     assert delta.max() > 0, k
-    lr = 2e-4 if k.startswith("['visual']") and not k.startswith("['visual']['merger']") else 1e-3
+    if k.startswith("['visual']['merger']"):
+      lr = projector_lr or 1e-3
+    else:
+      lr = 2e-4 if k.startswith("['visual']") else 1e-3
     np.testing.assert_allclose(np.median(delta[delta > 0]), lr, rtol=1e-3, err_msg=k)
     assert np.all(delta <= lr * (1 + 1e-6) + 2 * np.spacing(np.abs(before[k]))), k  # fp32 rounding of p + delta
   assert is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("blocks")))
   assert not is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("merger")))
+  assert is_projector((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("merger")))
+  assert not is_projector((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("blocks")))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
