@@ -44,8 +44,8 @@ class DemoSize:
 
 IMAGE_SIZE = 56  # pixels: 4x4 patches, one merged token per grid cell
 VOCAB_SIZE = 128  # the generator's ~45 words, the chat markup and the reserved ids
-FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1200, diffusion_steps=400)
-QUICK = DemoSize(train_examples=512, eval_examples=64, ar_steps=60, diffusion_steps=60)
+FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=800, diffusion_steps=500, diffusion_learning_rate=3e-4)
+QUICK = DemoSize(train_examples=256, eval_examples=32, ar_steps=40, diffusion_steps=40)
 
 DECODERS = {  # name -> SamplingConfig fields
     "AR greedy (source model)": dict(algorithm="autoregressive"),

@@ -32,7 +32,7 @@ from dvl_jax.data.processor import IMAGE_MARKER
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index = 2 * row + column
-CELL_GREYS = (255, 222, 189, 156)  # background of each cell, by cell index
+CELL_GREYS = (255, 205, 155, 105)  # background of each cell, by cell index
 # An item's size as a fraction of its cell's side: large, because the shapes must be told apart from
 # 14-px patches (at 0.55-0.85 the demo's model named the shape right 66% of the time after 800 steps, 97% here).
 ITEM_EXTENT = (0.7, 0.95)
