@@ -67,14 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="end this invocation after N steps with a checkpoint (default: run to the end)")
   train.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
-  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (~15 min)",
+  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (~8 min, 2 cores)",
                         description="Trains a small Qwen2.5-VL as an AR VLM on synthetic visual QA, exports it to "
                         "PyTorch/HF, converts it back, finetunes it with the BD3-LM objective and compares AR and "
                         "block-diffusion decoding on held-out questions.")
   demo.add_argument("--workdir", default=None, help="where to write data, runs and checkpoints (default: a temp dir)")
   demo.add_argument("--seed", type=int, default=0, help="seed of the data splits and the model (default: 0)")
   demo.add_argument("--quick", action="store_true",
-                    help="a ~3 minute run on less data (checks the pipeline; accuracy stays low) (default: off)")
+                    help="a ~2 minute run on less data (checks the pipeline; accuracy stays low) (default: off)")
   demo.add_argument("--parity", action="store_true",
                     help="instead: build a tiny PyTorch Qwen2.5-VL, convert it and compare logits (default: off)")
   bench_cli.add_parser(sub)
