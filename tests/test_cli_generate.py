@@ -15,7 +15,8 @@ from flax import nnx
 import dvl_jax as dvl
 from dvl_jax import bench_cli, cli
 from dvl_jax.data.chat_template import generation_prompt
-from dvl_jax.train_demo import init_checkpoint
+from dvl_jax import saving
+from dvl_jax.model.vlm import Qwen25VL
 from tests.data.helpers import make_processor, noise_image
 
 PIXELS = 56 * 56  # 4 image tokens per image
@@ -50,7 +51,14 @@ def dvl_main(*argv: str) -> tuple[int, Recorder, str]:
 def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("generate")
   processor = make_processor()
-  ckpt = init_checkpoint(str(root / "ckpt"), processor.config, processor.tokenizer)
+  # A random model whose lm_head never picks a special token: its answers are visible words that run to
+  # --gen-length, i.e. over two blocks, whatever the tokenizer's word ids (streaming needs >= 2 pieces).
+  model = Qwen25VL(processor.config, rngs=nnx.Rngs(0))
+  kernel = model.lm_head.kernel
+  special = [i for i, token in processor.tokenizer.added_tokens_decoder.items() if token.special]
+  kernel.set_value(kernel.get_value().at[:, special].set(0.0))  # logit 0, below the max of the random others
+  ckpt = saving.save(model, str(root / "ckpt"))
+  processor.tokenizer.save_pretrained(ckpt)
   for i, size in enumerate((56, 84)):
     noise_image(size, size, seed=i).save(root / f"image{i}.png")
   (root / "notes.txt").write_text("not an image")
