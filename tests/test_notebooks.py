@@ -17,7 +17,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.user_process import ROOT, user_env
+
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 KERNEL = "dvl-notebook-test"
 
@@ -32,8 +33,7 @@ def _kernel_manager(tmp_path) -> KernelManager:
 
 
 def _kernel_env(tmp_path) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = user_env()
   env["IPYTHONDIR"] = str(tmp_path / "ipython")  # no user profile or startup files
   env["MPLCONFIGDIR"] = str(tmp_path / "matplotlib")
   return env

@@ -18,17 +18,15 @@ from flax import nnx
 from dvl_jax import train_demo
 from dvl_jax.config import ModelConfig
 from dvl_jax.loading import load
+from tests.user_process import user_env
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_hands_results_on_exactly(tmp_path):
   workdir = str(tmp_path / "demo")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
   command = "import sys; from dvl_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
   run = subprocess.run([sys.executable, "-c", command, "demo", "--quick", "--workdir", workdir],
-                       env=env, capture_output=True, text=True, timeout=900)
+                       env=user_env(), capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   table = run.stdout
   assert all(name in table for name in train_demo.DECODERS)
