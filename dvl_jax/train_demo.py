@@ -42,7 +42,6 @@ class DemoSize:
   vision_learning_rate: float = 3e-5
 
 
-IMAGE_SIZE = 56  # pixels: 4x4 patches, one merged token per grid cell
 VOCAB_SIZE = 128  # the generator's ~45 words, the chat markup and the reserved ids
 FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=800, diffusion_steps=500, diffusion_learning_rate=3e-4)
 QUICK = DemoSize(train_examples=256, eval_examples=32, ar_steps=40, diffusion_steps=40)
@@ -95,7 +94,7 @@ def run_config(stage: str, init: str, data_json: str, *, steps: int, learning_ra
   c.data.json, c.data.batch_size, c.data.micro_batches = data_json, size.batch_size, 1
   c.data.max_length, c.data.length_multiple, c.data.num_threads = 128, 8, 2
   c.data.square_pad, c.data.block_aligned_eos = True, stage == "stage2"
-  c.data.min_pixels = c.data.max_pixels = IMAGE_SIZE * IMAGE_SIZE
+  c.data.min_pixels = c.data.max_pixels = synthetic.IMAGE_SIZE ** 2
   return c
 
 
@@ -157,7 +156,8 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   diffusion_model = _train(os.path.join(workdir, "diffusion"), diffusion_config, progress)
 
   print(f"[4/4] evaluation on {size.eval_examples} held-out questions")
-  processor = dvl.Processor.from_pretrained(source, min_pixels=IMAGE_SIZE ** 2, max_pixels=IMAGE_SIZE ** 2)
+  processor = dvl.Processor.from_pretrained(source, min_pixels=synthetic.IMAGE_SIZE ** 2,
+                                            max_pixels=synthetic.IMAGE_SIZE ** 2)
   models = {"source": dvl.load(source), "diffusion": dvl.load(diffusion_model)}
   results = {}
   for name, sampling in DECODERS.items():

@@ -13,9 +13,8 @@ import pytest
 from flax import nnx
 
 import dvl_jax as dvl
-from dvl_jax import bench_cli, cli
+from dvl_jax import bench_cli, cli, saving
 from dvl_jax.data.chat_template import generation_prompt
-from dvl_jax import saving
 from dvl_jax.model.vlm import Qwen25VL
 from tests.data.helpers import make_processor, noise_image
 

@@ -32,6 +32,7 @@ from dvl_jax.data.processor import IMAGE_MARKER
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # cell index = 2 * row + column
+IMAGE_SIZE = 56  # pixels: 4x4 ViT patches, one merged token per grid cell
 CELL_GREYS = (255, 205, 155, 105)  # background of each cell, by cell index
 # An item's size as a fraction of its cell's side: large, because the shapes must be told apart from
 # 14-px patches (at 0.55-0.85 the demo's model named the shape right 66% of the time after 800 steps, 97% here).
@@ -89,7 +90,7 @@ def draw(items: Sequence[Item], size: int, rng: np.random.Generator) -> Image.Im
   return image
 
 
-def example(seed: int, index: int, *, image_size: int = 56, max_items: int = 3) -> Example:
+def example(seed: int, index: int, *, image_size: int = IMAGE_SIZE, max_items: int = 3) -> Example:
   """Example `index` of split `seed`: a uniformly drawn question kind, then a scene of 1..max_items
   copies of a random coloured shape (one copy for a position question, so it has one answer)."""
   rng = np.random.default_rng([seed, index])

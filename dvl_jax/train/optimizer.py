@@ -90,9 +90,14 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
   schedule = warmup_cosine(cfg.learning_rate, total_steps, cfg.warmup_ratio)
 
   def ratio(path: Path) -> float:
-    group = cfg.vision_learning_rate if is_vision_tower(path) else (
-        cfg.projector_learning_rate if is_projector(path) else None)
-    return 1.0 if group is None else group / cfg.learning_rate
+    """The param's group peak over the LM's (a group without its own peak trains at the LM's)."""
+    if is_vision_tower(path):
+      peak = cfg.vision_learning_rate
+    elif is_projector(path):
+      peak = cfg.projector_learning_rate
+    else:
+      peak = None
+    return 1.0 if peak is None else peak / cfg.learning_rate
 
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
