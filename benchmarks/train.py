@@ -37,17 +37,17 @@ from dvl_jax.train.state import stage  # noqa: E402
 from dvl_jax.parallel.rules import shard_model
 from dvl_jax.train.step import TrainStep  # noqa: E402
 
-SIZES = {  # (text hidden, layers, heads, kv heads, mlp), (vision hidden, depth, heads, mlp)
-    "small": ((512, 8, 8, 2, 1536), (256, 8, 4, 768)),
-    "1b": ((2048, 16, 16, 2, 5632), (1280, 32, 16, 3420)),
+SIZES = {  # (text hidden, layers, heads, kv heads, mlp, vocab), (vision hidden, depth, heads, mlp)
+    "small": ((512, 8, 8, 2, 1536, 1024), (256, 8, 4, 768)),
+    "1b": ((2048, 16, 16, 2, 5632, 151936), (1280, 32, 16, 3420)),  # Qwen2.5's vocabulary
 }
 
 
 def model_config(size: str, dtype: str) -> ModelConfig:
-  (h, n, heads, kv, mlp), (vh, depth, vheads, vmlp) = SIZES[size]
+  (h, n, heads, kv, mlp, vocab), (vh, depth, vheads, vmlp) = SIZES[size]
   vision = VisionConfig(depth=depth, hidden_size=vh, num_heads=vheads, intermediate_size=vmlp, out_hidden_size=h,
                         fullatt_block_indexes=tuple(range(depth // 4 - 1, depth, depth // 4)))
-  text = TextConfig(vocab_size=1024, hidden_size=h, intermediate_size=mlp, num_layers=n, num_heads=heads,
+  text = TextConfig(vocab_size=vocab, hidden_size=h, intermediate_size=mlp, num_layers=n, num_heads=heads,
                     num_kv_heads=kv, tie_word_embeddings=False, mrope_section=(h // heads // 8, h // heads // 16 * 3,
                                                                                 h // heads // 16 * 3))
   return ModelConfig(vision=vision, text=text, image_token_id=1018, video_token_id=1019, vision_start_token_id=1020,
@@ -62,14 +62,15 @@ def peak_memory_gb() -> float:
   return psutil.Process().memory_info().rss / 2**30
 
 
-def matmul_flops_per_token(cfg: ModelConfig, trains_all: bool) -> float:
-  """Forward matmul FLOPs of the decoder per token (2 * weights); the backward doubles it for every
-  layer gradients flow through (all of them: the projector sits below the decoder)."""
+def matmul_flops(cfg: ModelConfig, rows: int, length: int, stage2: bool) -> float:
+  """Training matmul FLOPs of a batch: 3 * forward (2 * weights per token), the backward doubling it
+  for every layer (gradients flow through all of them: the projector sits below the decoder). Stage 2
+  runs the decoder over `[x_t ; x_0]` (2L) but the lm_head over x_t only (L)."""
   t = cfg.text
   per_layer = 2 * (t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads) + 3 * t.hidden_size
                    * t.intermediate_size)
-  forward = t.num_layers * per_layer + 2 * t.hidden_size * t.vocab_size
-  return 3 * forward if trains_all else 3 * forward - 2 * t.hidden_size * t.vocab_size
+  decoder_tokens = rows * length * (2 if stage2 else 1)
+  return 3 * (decoder_tokens * t.num_layers * per_layer + rows * length * 2 * t.hidden_size * t.vocab_size)
 
 
 def main() -> None:
@@ -79,6 +80,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default="float32" if jax.default_backend() == "cpu" else "bfloat16")
+  parser.add_argument("--loss-chunk", type=int, default=1024, help="loss_chunk_size (default: 1024, as configs/)")
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak (H100 bf16 dense: 989)")
   args = parser.parse_args()
 
@@ -97,7 +99,8 @@ def main() -> None:
                       block_aligned_eos=name == "stage2", num_threads=2)
     batches = iter(DataPipeline(rows, processor, data, mesh))
     model = shard_model(Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh)
-    trainer = TrainStep(model, stage(name), OptimizerConfig(), total_steps=1000, mesh=mesh)
+    trainer = TrainStep(model, stage(name), OptimizerConfig(), total_steps=1000, mesh=mesh,
+                        loss_chunk_size=args.loss_chunk)
     state = trainer.init(model)
     total = sum(x.size for x in jax.tree.leaves(state.params) + jax.tree.leaves(state.frozen))
     trainable = sum(x.size for x in jax.tree.leaves(state.params))
@@ -114,12 +117,12 @@ def main() -> None:
       times.append(time.perf_counter() - tic)
     step = statistics.median(times)
     tokens, images = float(metrics["tokens"]), float(metrics["images"])
-    length = batch["input_ids"].shape[-1] * (2 if name == "stage2" else 1)
+    length = batch["input_ids"].shape[-1]
     mfu = "-"
     if jax.default_backend() != "cpu":
-      flops = matmul_flops_per_token(cfg, True) * args.batch * length
+      flops = matmul_flops(cfg, args.batch, length, name == "stage2")
       mfu = f"{100 * flops / step / (args.peak_tflops * 1e12):.1f}%"
-    print(f"| {name} | {total / 1e6:.1f}M ({trainable / 1e6:.2f}M) | {length} | {step:.3f} | {tokens / step:.0f} | "
+    print(f"| {name} | {total / 1e6:.1f}M ({trainable / 1e6:.2f}M) | {length * (2 if name == 'stage2' else 1)} | {step:.3f} | {tokens / step:.0f} | "
           f"{images / step:.1f} | {compile_s:.1f} | {peak_memory_gb():.2f} | {mfu} |")
 
 

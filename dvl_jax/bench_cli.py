@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-BENCHMARKS = ("attention", "convert", "sampling", "train")
+BENCHMARKS = ("attention", "convert", "sampling", "train", "train_memory")
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Runs benchmarks/NAME.py with the remaining arguments; "
                        "`dvl bench NAME --help` lists the script's own options.")
   cmd.add_argument("name", choices=BENCHMARKS, help="which benchmark: attention backends, checkpoint conversion "
-                   "memory, sampling speed, or train step speed (required)")
+                   "memory, sampling speed, train step speed, or XLA's memory plan of a real-size train step (required)")
   cmd.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (default: none, its defaults)")
   return cmd
 

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.attention.spec import AttentionSpec
+from dvl_jax.data.labels import IGNORE
 from dvl_jax.diffusion.noise import sample_noise
+from dvl_jax.diffusion.token_ce import token_cross_entropy
 
-IGNORE = -100
 Batch = dict[str, Any]
 
 
@@ -27,19 +28,14 @@ def _clean_embeddings(model, batch: Batch) -> jax.Array:
   return model.embed(batch["input_ids"], features)
 
 
-def _token_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-position cross entropy in fp32 over the full vocabulary; 0 where the label is ignored."""
-  logits = logits.astype(jnp.float32)
-  target = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-  return jnp.where(labels != IGNORE, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
-
-
 def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Array] | None = None,
-             *, antithetic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+             *, antithetic: bool = True, loss_chunk_size: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """BD3-LM loss of spec §5: mask labelled tokens with per-block prob `t`, denoise with `[x_t ; x_0]`.
 
   `noise=(t, move_mask)` (`[B, L]` float, `[B, L]` bool) replaces the random draw so results can be
   compared across implementations; only labelled positions of `move_mask` are masked.
+  `loss_chunk_size > 0` computes the vocabulary logits that many positions at a time (same loss, far
+  less memory for a 152k vocabulary; see `token_ce`).
   Returns `(loss, {"loss", "mean_t", "masked_fraction"})`.
   """
   cfg = model.config
@@ -58,7 +54,7 @@ def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Ar
                                       block_size=cfg.block_size, half_len=n)
   positions = jnp.concatenate([spec.q_idx[:, :n], spec.q_idx[:, :n]], axis=1)  # same for both halves
   hidden, _ = model.decode(x, positions, spec)
-  ce = _token_ce(model.logits(hidden[:, :n]), labels)
+  ce = token_cross_entropy(model.logits, hidden[:, :n], labels, loss_chunk_size)
 
   per_sample_labels = jnp.maximum(1, labelled.sum(axis=1)).astype(jnp.float32)
   weighted = jnp.where(masked, ce / t, 0.0) / per_sample_labels[:, None]
@@ -71,11 +67,12 @@ def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Ar
   return loss, metrics
 
 
-def ar_loss(model, batch: Batch, positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def ar_loss(model, batch: Batch, positions: jax.Array | None = None, *,
+            loss_chunk_size: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Next-token CE averaged over labelled targets of the whole batch (HF's shifted-label loss).
 
   Used for connector alignment (stage 1). `positions` defaults to flat `arange` positions; pass
-  M-RoPE positions (`[3, B, L]`) for a Qwen2.5-VL source model.
+  M-RoPE positions (`[3, B, L]`) for a Qwen2.5-VL source model. `loss_chunk_size` as in `bd3_loss`.
   """
   labels = batch["labels"]
   b, n = labels.shape
@@ -84,7 +81,7 @@ def ar_loss(model, batch: Batch, positions: jax.Array | None = None) -> tuple[ja
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   hidden, _ = model.decode(_clean_embeddings(model, batch), positions, AttentionSpec.self_attention(amask))
   targets = labels[:, 1:]
-  ce = _token_ce(model.logits(hidden[:, :-1]), targets)
+  ce = token_cross_entropy(model.logits, hidden[:, :-1], targets, loss_chunk_size)
   count = jnp.maximum(1, (targets != IGNORE).sum())
   loss = ce.sum() / count
   return loss, {"loss": loss, "tokens": count}

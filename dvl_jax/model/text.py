@@ -15,8 +15,10 @@ from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.config import ModelConfig
 from dvl_jax.model.layers import Dense, Embed, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
 from dvl_jax.model.rope import apply_rope
+from dvl_jax.parallel.rules import constrain
 
 KV = tuple[jax.Array, jax.Array]  # keys, values: [B, L, kv_heads, head_dim]
+ROWS = ("batch", None, None)  # the residual stream [B, L, H]: rows over the batch mesh axes
 
 
 class Attention(nnx.Module):
@@ -87,8 +89,8 @@ class TextModel(nnx.Module):
     """
 
     def body(layer: DecoderLayer, h: jax.Array, prefix: KV | None):
-      h, kv = layer(h, cos, sin, spec, prefix)
-      return h, (kv if return_kv else None)
+      h, kv = layer(constrain(h, ROWS), cos, sin, spec, prefix)
+      return constrain(h, ROWS), (kv if return_kv else None)
 
     h, kv = run_stack(self.layers, x, body, cache, scan=self.scan_layers, remat_policy=self.remat_policy)
     return self.norm(h), kv

@@ -21,6 +21,9 @@ from dvl_jax.config import ModelConfig, VisionConfig
 from dvl_jax.model.layers import Dense, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
 from dvl_jax.model.rope import apply_rope, vision_rope
 from dvl_jax.model.vision_layout import VisionLayout
+from dvl_jax.parallel.rules import constrain
+
+PATCH_ROWS = ("batch", None)  # ViT hidden states [N, D]: each batch shard's pixel chunk stays on it
 
 
 class VisionAttention(nnx.Module):
@@ -114,7 +117,8 @@ class VisionTower(nnx.Module):
 
     def body(block: VisionBlock, h: jax.Array, is_full: jax.Array) -> tuple[jax.Array, None]:
       segments = jnp.where(is_full, layout.image_segments, layout.window_segments)
-      return block(h, cos, sin, segments, self.attention_backend), None
+      h = block(constrain(h, PATCH_ROWS), cos, sin, segments, self.attention_backend)
+      return constrain(h, PATCH_ROWS), None
 
     x, _ = run_stack(self.blocks, x, body, np.asarray(self.full_layers), scan=self.scan_layers,
                      remat_policy=self.remat_policy)

@@ -48,6 +48,19 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: M
   return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Pins activation `x` to the sharding of its logical `axes` on the mesh of `jax.set_mesh`; a no-op
+  without one (single-device calls, the samplers).
+
+  Without the pins, GSPMD settles FSDP's conflict (batch and weights' `embed` dim both on `fsdp`) by
+  gathering the batch: every device then computes every row, and holds every row's logits.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh))
+
+
 def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 

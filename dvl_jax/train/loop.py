@@ -99,7 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = Fal
                       OptimizerConfig(learning_rate=opt.learning_rate, vision_learning_rate=opt.vision_learning_rate,
                                       projector_learning_rate=opt.projector_learning_rate,
                                       warmup_ratio=opt.warmup_ratio, weight_decay=opt.weight_decay,
-                                      clip_norm=opt.clip_norm or None), total, mesh)
+                                      clip_norm=opt.clip_norm or None), total, mesh,
+                      loss_chunk_size=config.loss_chunk_size)
   checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)
   data = iter(pipeline)

@@ -24,6 +24,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "bfloat16"       # activations; params and optimizer state stay float32
   c.remat_policy = "full"            # none | full | dots_saveable | nothing_saveable
   c.attention_backend = "auto"       # auto | xla | splash | pallas_gpu | cudnn
+  c.loss_chunk_size = 1024           # vocabulary logits this many positions at a time (same loss); 0 = all
   c.log_every = 10
   c.checkpoint_every = 800
   c.keep_checkpoints = 3

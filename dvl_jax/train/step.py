@@ -13,6 +13,7 @@ can stop with the last good state.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -57,8 +58,9 @@ class TrainStep:
   """Owns the graphdef, the optimizer and the shardings of one run; calling it runs the jitted step."""
 
   def __init__(self, model: nnx.Module, stage: Stage, optimizer: OptimizerConfig, total_steps: int,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, *, loss_chunk_size: int = 0):
     self.stage, self.mesh, self.model_config = stage, mesh, model.config
+    self.loss_chunk_size = loss_chunk_size
     self.graphdef, params, frozen = split_model(model, stage.is_trainable)
     if not jax.tree.leaves(params):
       raise ValueError(f"stage {stage} leaves no parameter to train")
@@ -100,7 +102,18 @@ class TrainStep:
     key = jax.tree.structure(batch)
     if key not in self._compiled:
       self._compiled[key] = self._jit(state, batch)
-    return self._compiled[key](state, batch, rng)
+    with self._mesh_context():
+      return self._compiled[key](state, batch, rng)
+
+  def lower(self, state: TrainState, batch: Batch, rng: jax.Array) -> jax.stages.Lowered:
+    """The step lowered for these (possibly abstract `ShapeDtypeStruct`) inputs, e.g. to read XLA's
+    memory plan with `.compile().memory_analysis()` before any array exists."""
+    with self._mesh_context():
+      return self._jit(state, batch).lower(state, batch, rng)
+
+  def _mesh_context(self):
+    """The model pins its activations' shardings (`rules.constrain`) against this mesh."""
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
   def _jit(self, state: TrainState, batch: Batch):
     if self.mesh is None:
@@ -113,8 +126,8 @@ class TrainStep:
   def _loss(self, params: nnx.State, frozen: nnx.State, micro: Batch, rng: jax.Array):
     model = nnx.merge(self.graphdef, params, frozen)
     if self.stage.objective == "bd3":
-      return bd3_loss(model, micro, rng)
-    loss, _ = ar_loss(model, micro)
+      return bd3_loss(model, micro, rng, loss_chunk_size=self.loss_chunk_size)
+    loss, _ = ar_loss(model, micro, loss_chunk_size=self.loss_chunk_size)
     return loss, {"loss": loss}
 
   def _step(self, state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:

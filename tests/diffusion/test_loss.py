@@ -88,14 +88,15 @@ def _batch(cfg, seed):
   return ids, labels, amask, pixels, grid, t.astype(np.float32), move
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_bd3_loss_matches_independent_oracle(models, seed):
+@pytest.mark.parametrize("seed,chunk", [(0, 0), (1, 0), (1, 5)])  # 5: chunks of logits, the last one padded
+def test_bd3_loss_matches_independent_oracle(models, seed, chunk):
   cfg, hf, model = models
   ids, labels, amask, pixels, grid, t, move = _batch(cfg, seed)
   expected = _oracle_bd3(hf, cfg, ids, labels, amask, pixels, grid, t, move)
   batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "attention_mask": jnp.asarray(amask),
            "pixel_values": jnp.asarray(pixels), "vision": vision_layout(grid, cfg.vision)}
-  loss, metrics = bd3_loss(model, batch, jax.random.key(0), noise=(jnp.asarray(t), jnp.asarray(move)))
+  loss, metrics = bd3_loss(model, batch, jax.random.key(0), noise=(jnp.asarray(t), jnp.asarray(move)),
+                           loss_chunk_size=chunk)
   assert abs(float(loss) - expected) <= 1e-5 * max(1.0, abs(expected)), (float(loss), expected)
   labelled = labels != -100
   np.testing.assert_allclose(float(metrics["masked_fraction"]), (move & labelled).sum() / labelled.sum(), rtol=1e-6)
@@ -148,7 +149,8 @@ def test_gradients_are_finite_and_reach_the_mask_row(models):
   assert np.abs(np.asarray(grads["visual"]["patch_embed"]["kernel"][...])).sum() > 0
 
 
-def test_ar_loss_matches_transformers_shifted_loss(models):
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_ar_loss_matches_transformers_shifted_loss(models, chunk):
   cfg, hf, model = models
   ids, labels, amask, pixels, grid, _, _ = _batch(cfg, 4)
   labels = np.where(amask == 1, labels, -100)
@@ -159,5 +161,5 @@ def test_ar_loss_matches_transformers_shifted_loss(models):
                   position_ids=torch.tensor(pos)).loss.item()
   batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels), "attention_mask": jnp.asarray(amask),
            "pixel_values": jnp.asarray(pixels), "vision": vision_layout(grid, cfg.vision)}
-  loss, _ = ar_loss(model, batch)
+  loss, _ = ar_loss(model, batch, loss_chunk_size=chunk)
   assert abs(float(loss) - expected) <= 1e-5 * max(1.0, expected)

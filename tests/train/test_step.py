@@ -29,11 +29,11 @@ def _flat(model):
   return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
 
 
-def _run(name, batches, *, mesh=None, opt=OPT, model=None):
+def _run(name, batches, *, mesh=None, opt=OPT, model=None, loss_chunk_size=0):
   model = model or tiny_model()
   if mesh is not None:
     model = shard_model(model, mesh)
-  trainer = TrainStep(model, stage(name), opt, total_steps=10, mesh=mesh)
+  trainer = TrainStep(model, stage(name), opt, total_steps=10, mesh=mesh, loss_chunk_size=loss_chunk_size)
   state, metrics = trainer.init(model), []
   for batch in batches:
     state, m = trainer(state, batch, jax.random.key(0))
@@ -104,11 +104,15 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 4, 1)], ids=["fsdp_x_tensor", "data_x_fsdp"])
-def test_sharded_stage2_steps_equal_the_single_device_steps(shape):
+@pytest.mark.parametrize("shape,chunk", [((1, 4, 2), 0), ((2, 4, 1), 16)],
+                         ids=["fsdp_x_tensor", "data_x_fsdp_chunked_logits"])
+def test_sharded_stage2_steps_equal_the_single_device_steps(shape, chunk):
+  """The second case also computes the loss's logits 16 positions at a time."""
   mesh = make_mesh(shape)
-  _, single, m1 = _run("stage2", _batches(2))
-  trainer, sharded, m8 = _run("stage2", _batches(2, mesh), mesh=mesh)
+  batches = _batches(2)
+  assert batches[0]["input_ids"].shape[-1] > 2 * 16
+  _, single, m1 = _run("stage2", batches)
+  trainer, sharded, m8 = _run("stage2", _batches(2, mesh), mesh=mesh, loss_chunk_size=chunk)
   for a, b in zip(m1, m8):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -132,3 +136,18 @@ def test_bf16_compute_keeps_fp32_master_weights_and_remat_changes_nothing():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.params) + jax.tree.leaves(bf16.opt_state)
              if jnp.issubdtype(x.dtype, jnp.floating))
   assert m_bf16[0]["loss"] == pytest.approx(m_ref[0]["loss"], rel=3e-2) and m_bf16[0]["finite"] == 1
+
+
+def test_sharded_step_keeps_each_row_on_its_batch_shard():
+  """XLA's memory plan: with the rows over 8 FSDP devices, a device's temporaries (activations,
+  logits) shrink with its share of the rows. Without the model's activation pins GSPMD gathered the
+  whole batch onto every device (each device then computed every row)."""
+  def temporaries(mesh):
+    model = tiny_model() if mesh is None else shard_model(tiny_model(), mesh)
+    trainer = TrainStep(model, stage("stage2"), OPT, total_steps=10, mesh=mesh)
+    batch = _batches(1, mesh)[0]
+    compiled = trainer.lower(trainer.abstract_state(model), batch, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  single, sharded = temporaries(None), temporaries(make_mesh((1, 8, 1)))
+  assert sharded < single / 3, (sharded, single)
