@@ -37,15 +37,17 @@ class VisionAttention(nnx.Module):
                       param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
-               backend: str) -> jax.Array:
-    """x `[N, D]`, cos/sin `[N, head_dim]` fp32, segments `[N]` -> `[N, D]`."""
+               backend: str, chunks: int = 1) -> jax.Array:
+    """x `[N, D]`, cos/sin `[N, head_dim]` fp32, segments `[N]` -> `[N, D]`; attention runs inside
+    each of `chunks` equal row chunks (`VisionLayout.chunks`), as a batch of sequences."""
     n = x.shape[0]
     qkv = self.qkv(x)
     q, k, v = jnp.moveaxis(qkv.reshape(n, 3, self.num_heads, -1), 1, 0)
     q = apply_rope(q.astype(jnp.float32), cos, sin).astype(qkv.dtype)
     k = apply_rope(k.astype(jnp.float32), cos, sin).astype(qkv.dtype)
-    spec = AttentionSpec.self_attention(segments[None], kind="full")
-    out = attend(q[None], k[None], v[None], spec, backend=backend)
+    per_chunk = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])  # noqa: E731
+    spec = AttentionSpec.self_attention(per_chunk(segments), kind="full")
+    out = attend(per_chunk(q), per_chunk(k), per_chunk(v), spec, backend=backend)
     return self.proj(out.reshape(n, -1))
 
 
@@ -60,8 +62,8 @@ class VisionBlock(nnx.Module):
                       param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
-               backend: str) -> jax.Array:
-    x = x + self.attn(self.norm1(x), cos, sin, segments, backend)
+               backend: str, chunks: int = 1) -> jax.Array:
+    x = x + self.attn(self.norm1(x), cos, sin, segments, backend, chunks)
     return x + self.mlp(self.norm2(x))
 
 
@@ -111,13 +113,15 @@ class VisionTower(nnx.Module):
     """Hidden states after the last block, `[N, hidden]` in window order (HF's merger input)."""
     x = self.patch_embed(pixel_values)
     n, d = x.shape
-    cells = x.reshape(n // self.merge_unit, self.merge_unit, d)
-    x = jnp.take(cells, layout.window_index, axis=0).reshape(n, d)
+    chunks = layout.chunks
+    cells = x.reshape(chunks, n // self.merge_unit // chunks, self.merge_unit, d)
+    local = layout.window_index.reshape(chunks, -1) % cells.shape[1]  # each chunk's cells stay in it
+    x = jax.vmap(lambda c, i: jnp.take(c, i, axis=0))(cells, local).reshape(n, d)
     cos, sin = vision_rope(layout.hw, self.head_dim, table_dtype=self.rope_table_dtype)
 
     def body(block: VisionBlock, h: jax.Array, is_full: jax.Array) -> tuple[jax.Array, None]:
       segments = jnp.where(is_full, layout.image_segments, layout.window_segments)
-      h = block(constrain(h, PATCH_ROWS), cos, sin, segments, self.attention_backend)
+      h = block(constrain(h, PATCH_ROWS), cos, sin, segments, self.attention_backend, chunks)
       return constrain(h, PATCH_ROWS), None
 
     x, _ = run_stack(self.blocks, x, body, np.asarray(self.full_layers), scan=self.scan_layers,

@@ -25,6 +25,9 @@ class VisionLayout:
   `image_segments` `[N]`: 1 + frame number (HF `cu_seqlens`: one segment per `gh*gw` frame), 0 for padding.
   `hw` `[N, 2]`: (row, col) patch coordinates for the 2-D rotary embedding, 0 for padding.
   `M = N / merge_unit`.
+  `chunks` (static): the rows split into this many equal chunks (one per batch shard) that no window,
+    image or `window_index` entry crosses, so the tower reorders and attends inside each chunk and a
+    device never touches another shard's patches.
   """
 
   window_index: jax.Array
@@ -32,6 +35,7 @@ class VisionLayout:
   window_segments: jax.Array
   image_segments: jax.Array
   hw: jax.Array
+  chunks: int = struct.field(pytree_node=False, default=1)
 
 
 def num_patches(grid_thw: np.ndarray) -> int:

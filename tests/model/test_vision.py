@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dvl_jax.config import tiny_config
+from dvl_jax.data.sharded_layout import sharded_vision_layout
 from dvl_jax.model.vision import VisionTower
 from dvl_jax.model.vision_layout import num_patches, tokens_per_image, vision_layout
+from dvl_jax.parallel.mesh import make_mesh
 
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -182,6 +185,30 @@ def test_padding_and_jit_match_unpadded(tower):
   assert out.shape == (pad // V.merge_unit, V.out_hidden_size)
   assert np.isfinite(out).all()
   np.testing.assert_allclose(out[: n // V.merge_unit], ref, atol=1e-5, rtol=0)
+
+
+def test_chunked_layout_matches_one_sequence(tower):
+  """A batch's pixels in one zero-padded chunk per batch shard (the data pipeline's layout): the tower
+  reorders and attends inside each chunk, on a 3-device mesh with its activations pinned to the rows,
+  and the spliced tokens equal the plain layout's (one of the shards has no image)."""
+  grids = [np.array(GRIDS["mixed"][:1]), np.zeros((0, 3), np.int64), np.array(GRIDS["mixed"][1:])]
+  chunk = 240  # patches per shard
+  ref = np.asarray(tower(pixels(GRIDS["mixed"]), vision_layout(np.array(GRIDS["mixed"]), V)))
+  px = 100 * pixels([[1, 12, 60]], seed=1)  # garbage in every padded row
+  offset = 0
+  for k, g in enumerate(grids):
+    n = num_patches(g) if len(g) else 0
+    px[k * chunk:k * chunk + n] = pixels(GRIDS["mixed"])[offset:offset + n]
+    offset += n
+  lay = sharded_vision_layout(grids, [tokens_per_image(g, V) for g in grids], chunk, V)
+  assert lay.chunks == 3
+  mesh = make_mesh((1, 3, 1), jax.devices()[:3])
+  rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  graphdef, state = nnx.split(tower)
+  run = jax.jit(lambda s, x, lay: nnx.merge(graphdef, s)(x, lay))
+  with jax.set_mesh(mesh):
+    out = np.asarray(run(state, jax.device_put(px, rows), lay))
+  np.testing.assert_allclose(out[:len(ref)], ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "full"), (False, "dots_saveable")])
