@@ -47,9 +47,13 @@ def _run(name: str, tmp_path, cell_timeout: int, parameters: str = "") -> nbform
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters))
   workdir = tmp_path / "work"
   workdir.mkdir()
-  client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=cell_timeout,
-                          resources={"metadata": {"path": str(workdir)}})
-  client.execute(env=_kernel_env(tmp_path))  # raises CellExecutionError, naming the cell, if one fails
+  km = _kernel_manager(tmp_path)
+  client = NotebookClient(nb, km=km, timeout=cell_timeout, resources={"metadata": {"path": str(workdir)}})
+  try:
+    client.execute(env=_kernel_env(tmp_path))  # raises CellExecutionError, naming the cell, if one fails
+  finally:  # nbclient leaves a kernel it did not start running (it kept a core busy for the rest of the suite)
+    if km.has_kernel:
+      km.shutdown_kernel(now=True)
   return nb
 
 
