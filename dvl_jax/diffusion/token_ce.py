@@ -1,8 +1,8 @@
 """Per-position cross entropy over the vocabulary, optionally a chunk of positions at a time.
 
-The fp32 logits of a training row are the largest activation of a real Qwen2.5-VL step:
-`[B, L, 151936]` is 5 GB for one 8k-token row, and their gradient as much again, more than the
-whole rematerialised decoder. With `chunk_size > 0` the logits are computed `chunk_size` positions
+With flash-style attention (splash on TPU), the fp32 logits of a training row are the largest
+activation of a real Qwen2.5-VL step: `[B, L, 151936]` is 5 GB for one 8k-token row, and their
+gradient as much again, more than all the layer inputs a fully rematerialised 3B decoder keeps. With `chunk_size > 0` the logits are computed `chunk_size` positions
 at a time inside a rematerialised scan, so only `[B, chunk_size, V]` of them is alive in the forward
 and in the backward pass (the lm_head forward runs twice). The values per position are the same.
 """
