@@ -1,7 +1,9 @@
 """A procedurally generated visual QA data set: copies of one coloured shape in the cells of a 2x2 grid.
 
-Questions ask for the colour, the shape, the number of copies or (with one copy) the position, with
-one- or two-word answers; none can be guessed without the image. The design keeps the task learnable
+Questions ask for the colour, the shape, the number of copies, (with one copy) the position, or a
+description ("three blue squares"), with one- to three-word answers; none can be guessed without the
+image. The descriptions are the demo's longest answers, the ones where block diffusion decodes more
+than one token per forward. The design keeps the task learnable
 by a from-scratch 4-layer model within the demo's CPU budget, which the first version (up to three
 different shapes, questions binding one attribute to another) was not:
 
@@ -38,9 +40,10 @@ CELL_GREYS = (255, 205, 155, 105)  # background of each cell, by cell index
 # 14-px patches (at 0.55-0.85 the demo's model named the shape right 66% of the time after 800 steps, 97% here).
 ITEM_EXTENT = (0.7, 0.95)
 NUMBERS = ("zero", "one", "two", "three", "four")
-QUESTION_KINDS = ("color", "shape", "position", "count")
+QUESTION_KINDS = ("color", "shape", "position", "count", "describe")
 QUESTIONS = {"color": "What color do you see?", "shape": "What shape do you see?",
-             "position": "Where is the shape?", "count": "How many shapes are there?"}
+             "position": "Where is the shape?", "count": "How many shapes are there?",
+             "describe": "Describe the image."}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Example:
 
 def answer(kind: str, items: Sequence[Item]) -> str:
   """The answer to the `kind` question about a scene (position: of its first item)."""
+  if kind == "describe":
+    return f"{NUMBERS[len(items)]} {items[0].color} {items[0].shape}{'s' if len(items) > 1 else ''}"
   return {"color": items[0].color, "shape": items[0].shape, "position": POSITIONS[items[0].cell],
           "count": NUMBERS[len(items)]}[kind]
 
@@ -128,4 +133,4 @@ def write_dataset(out_dir: str, n: int, seed: int, **kwargs: Any) -> str:
 
 def corpus() -> list[str]:
   """Every text the generator can emit plus the system prompt: the vocabulary of a demo tokenizer."""
-  return [SYSTEM_PROMPT, "system user assistant", *QUESTIONS.values(), *COLORS, *SHAPES, *POSITIONS, *NUMBERS]
+  return [SYSTEM_PROMPT, "system user assistant", *QUESTIONS.values(), *COLORS, *SHAPES, *(f"{s}s" for s in SHAPES), *POSITIONS, *NUMBERS]

@@ -25,7 +25,7 @@ def test_examples_are_a_function_of_seed_and_index():
 
 def test_answers_are_read_back_from_the_pixels():
   """Each answer equals what the image shows: the colour, the shape (from how much of its bounding box it
-  fills), the occupied cells and their number."""
+  fills), the occupied cells and their number, and the description made of those."""
   examples = synthetic.examples(200, seed=0)
   assert set(collections.Counter(e.kind for e in examples)) == set(synthetic.QUESTION_KINDS)
   for e in examples:
@@ -39,8 +39,10 @@ def test_answers_are_read_back_from_the_pixels():
     ys, xs = np.nonzero((cells[occupied[0]] == synthetic.COLORS[color]).all(-1))
     fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))  # of the bounding box: 1, pi / 4, 1 / 2
     shape = min(zip((1.0, np.pi / 4, 0.5), ("square", "circle", "triangle")), key=lambda f: abs(f[0] - fill))[1]
-    truth = {"color": color, "count": synthetic.NUMBERS[len(occupied)], "shape": shape,
-             "position": synthetic.POSITIONS[occupied[0]] if len(occupied) == 1 else None}
+    count = synthetic.NUMBERS[len(occupied)]
+    truth = {"color": color, "count": count, "shape": shape,
+             "position": synthetic.POSITIONS[occupied[0]] if len(occupied) == 1 else None,
+             "describe": f"{count} {color} {shape}" + ("s" if len(occupied) > 1 else "")}
     assert e.answer == truth[e.kind], (e.question, e.answer, truth)
 
 
