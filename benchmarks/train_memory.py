@@ -40,7 +40,7 @@ from dvl_jax.config import PRESETS  # noqa: E402
 from dvl_jax.data.sharded_layout import sharded_vision_layout  # noqa: E402
 from dvl_jax.loading import abstract_model  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
-from dvl_jax.parallel.rules import logical_shardings  # noqa: E402
+from dvl_jax.parallel.rules import abstract_arrays  # noqa: E402
 from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402
 from dvl_jax.train.state import stage  # noqa: E402
 from dvl_jax.train.step import TrainStep  # noqa: E402
@@ -64,10 +64,7 @@ def abstract_batch(cfg, shards: int, rows: int, length: int, image_px: int) -> d
 def sharded_abstract_model(cfg, mesh):
   """The model with `ShapeDtypeStruct` params that carry their logical-rule shardings over `mesh`."""
   graphdef, state = nnx.split(abstract_model(cfg))
-  shardings = logical_shardings(state, mesh)
-  place = lambda var, s: var.replace(jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,  # noqa: E731
-                                                          sharding=s))
-  return nnx.merge(graphdef, jax.tree.map(place, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return nnx.merge(graphdef, abstract_arrays(state, mesh))
 
 
 def main() -> None:
