@@ -37,13 +37,13 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dvl_jax.config import tiny_config  # noqa: E402
+from dvl_jax.core.config import tiny_config  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
-from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
+from dvl_jax.models.qwen25vl.model import Qwen25VL  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.parallel.rules import shard_model  # noqa: E402
-from dvl_jax.parallel.sampling_mesh import suggest_mesh  # noqa: E402
+from dvl_jax.diffusion.sampling_mesh import suggest_mesh  # noqa: E402
 
 SETTINGS = {
     "AR greedy": dict(algorithm="autoregressive"),

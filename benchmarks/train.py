@@ -25,12 +25,12 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dvl_jax.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from dvl_jax.data import synthetic  # noqa: E402
 from dvl_jax.data.pipeline import DataConfig, DataPipeline  # noqa: E402
 from dvl_jax.data.processor import Processor  # noqa: E402
 from dvl_jax.data.word_tokenizer import word_tokenizer  # noqa: E402
-from dvl_jax.model.vlm import Qwen25VL  # noqa: E402
+from dvl_jax.models.qwen25vl.model import Qwen25VL  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402
 from dvl_jax.train.state import stage  # noqa: E402

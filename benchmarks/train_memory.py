@@ -36,9 +36,9 @@ from flax import nnx  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dvl_jax.config import PRESETS  # noqa: E402
+from dvl_jax.core.config import PRESETS  # noqa: E402
 from dvl_jax.data.sharded_layout import sharded_vision_layout  # noqa: E402
-from dvl_jax.loading import abstract_model  # noqa: E402
+from dvl_jax.models.families import abstract_model  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.parallel.rules import abstract_arrays  # noqa: E402
 from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402

@@ -8,7 +8,7 @@ from checkpoints_convert.errors import (ConversionError, CorruptCheckpointError,
                                         NotACheckpointError, UnknownLayoutError, WeightsMismatchError)
 from checkpoints_convert.to_hf import export
 from checkpoints_convert.to_orbax import convert
-from dvl_jax.loading import restore_params
+from dvl_jax.checkpoints.loading import restore_params
 
 __all__ = [
     "ConversionError", "CorruptCheckpointError", "DestinationExistsError", "NotACheckpointError",

@@ -13,13 +13,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from checkpoints_convert import key_map, orbax_stream
+from checkpoints_convert import orbax_stream
+from dvl_jax.models import key_map
 from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from checkpoints_convert.safetensors_writer import PlannedTensor, write_checkpoint
 from checkpoints_convert.to_orbax import HF_CONFIG_COPY, float_dtype
-from dvl_jax.config import ModelConfig
-from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR, abstract_model
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
+from dvl_jax.models.families import abstract_model
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 

@@ -17,12 +17,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from checkpoints_convert import key_map, layouts, orbax_stream, safetensors_reader
+from checkpoints_convert import layouts, orbax_stream, safetensors_reader
+from dvl_jax.models import key_map
 from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
-from checkpoints_convert.key_map import HubTensor
+from dvl_jax.models.key_map import HubTensor
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
-from dvl_jax.config import ModelConfig
-from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR, abstract_model
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
+from dvl_jax.models.families import abstract_model
 
 HF_CONFIG_COPY = "hf_config.json"
 _COMPARE_BYTES = 64 << 20
@@ -48,7 +50,7 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: st
       cfg = cfg.replace(param_dtype=float_dtype(dtype).name)
     _, state = nnx.split(abstract_model(cfg), nnx.Param)
     params = orbax_stream.variables(state)
-    source = layouts.open_source(src_dir)
+    source = layouts.open_source(src_dir, key_map.family_key_map(cfg))
     tensors = key_map.hub_tensors({p: v.shape for p, v in params.items()}, cfg)
     check_weights(f"{src_dir} ({source.layout} layout)", source, tensors, cfg)
     with tqdm(total=len(tensors), desc="convert", unit="tensor", disable=not progress) as bar:

@@ -13,9 +13,11 @@ import pytest
 from flax import nnx
 
 import dvl_jax as dvl
-from dvl_jax import bench_cli, cli, saving
+from dvl_jax import cli
+from dvl_jax.cli import bench as bench_cli
+from dvl_jax.checkpoints import saving
 from dvl_jax.data.chat_template import generation_prompt
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from tests.data.helpers import make_processor, noise_image
 
 PIXELS = 56 * 56  # 4 image tokens per image
@@ -92,7 +94,7 @@ def json_answer(files):
 
 
 def test_every_option_of_every_subcommand_has_help_with_its_default():
-  parser = cli._parser()
+  parser = cli.commands._parser()
   subcommands = parser._subparsers._group_actions[0].choices
   assert set(subcommands) == {"convert", "export", "generate", "train", "demo", "bench"}
   for name, sub in [("", parser), *subcommands.items()]:

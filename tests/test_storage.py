@@ -15,13 +15,14 @@ import pytest
 from flax import nnx
 from fsspec.implementations.local import LocalFileSystem
 
-from dvl_jax import saving, storage
-from dvl_jax.config import ModelConfig, tiny_config
+from dvl_jax.checkpoints import saving
+from dvl_jax.core import storage
+from dvl_jax.core.config import ModelConfig, tiny_config
 from dvl_jax.data import synthetic
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
 from dvl_jax.data.processor import Processor
-from dvl_jax.loading import load
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.checkpoints.loading import load
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from dvl_jax.parallel.mesh import make_mesh
 from tests.data.helpers import make_processor
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dvl_jax import train_demo
-from dvl_jax.config import ModelConfig
-from dvl_jax.loading import load
+from dvl_jax.demos import train_demo
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.checkpoints.loading import load
 from tests.user_process import user_env
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("causal", "full", "block_causal", "bd3_train")
+BLOCK_KINDS = ("block_causal", "bd3_train")  # the kinds whose mask depends on a block size
 
 
 def allowed(kind: str, q_idx: Any, kv_idx: Any, *, block_size: int = 1, half_len: int = 0) -> Any:

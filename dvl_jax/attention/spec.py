@@ -26,13 +26,16 @@ class AttentionSpec:
   q_seg: jax.Array
   kv_seg: jax.Array
   kind: str = struct.field(pytree_node=False, default="causal")
-  block_size: int = struct.field(pytree_node=False, default=1)
+  block_size: int | None = struct.field(pytree_node=False, default=None)  # needed by the block kinds
   half_len: int = struct.field(pytree_node=False, default=0)
   positional: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.kind not in masks.KINDS:
       raise ValueError(f"unknown attention mask kind {self.kind!r}; use one of {masks.KINDS}")
+    if self.kind in masks.BLOCK_KINDS and self.block_size is None:
+      raise ValueError(f"attention kind {self.kind!r} needs block_size (e.g. the model config's block_size); "
+                       "without it the mask would silently be another one")
 
   @classmethod
   def self_attention(cls, segment_ids: jax.Array, kind: str = "causal", **static) -> "AttentionSpec":

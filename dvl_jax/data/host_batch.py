@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from dvl_jax.config import ModelConfig
+from dvl_jax.core.config import ModelConfig
 from dvl_jax.data.bad_rows import UNREADABLE_IMAGE, BadRow
 from dvl_jax.data.buckets import PlannedBatch
 from dvl_jax.data.dataset_index import DatasetIndex

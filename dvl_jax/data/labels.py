@@ -14,9 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dvl_jax.data.chat_template import IM_END, IM_START, SYSTEM_PROMPT, render_message
+from dvl_jax.core.batch import IGNORE
 from dvl_jax.data.image_tokens import IMAGE_PLACEHOLDER
-
-IGNORE = -100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """LLaVA-format rows: a JSON array or JSONL file of `{"id", "image"?, "conversations"}` plus an image folder.
 
 `image` is one path or a list of paths, relative to the image folder unless absolute; the file, the
-folder and the paths may be `gs://` URLs (read through `dvl_jax.storage`). Rows built in
+folder and the paths may be `gs://` URLs (read through `dvl_jax.core.storage`). Rows built in
 memory (the synthetic data set) may carry PIL images instead of paths. Problems of a single row are
 `BadRow`s for the caller to count; a file that cannot be read at all is the user's error and raises.
 """
@@ -15,7 +15,7 @@ from typing import Any, Union
 
 from PIL import Image
 
-from dvl_jax import storage
+from dvl_jax.core import storage
 from dvl_jax.data.bad_rows import MALFORMED_CONVERSATION, MISSING_IMAGE, UNREADABLE_IMAGE, BadRow
 
 ImageRef = Union[str, Image.Image]

@@ -39,7 +39,7 @@ from dvl_jax.data.host_batch import HostBatcher
 from dvl_jax.data.llava_json import read_rows
 from dvl_jax.data.processor import Processor
 from dvl_jax.data.samples import SampleEncoder
-from dvl_jax.model.vision_layout import VisionLayout
+from dvl_jax.core.vision_layout import VisionLayout
 from dvl_jax.parallel.rules import RULES
 
 log = logging.getLogger(__name__)

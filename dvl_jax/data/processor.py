@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dvl_jax import storage
-from dvl_jax.config import ModelConfig
+from dvl_jax.core import storage
+from dvl_jax.core.config import ModelConfig
 from dvl_jax.data.image_tokens import IMAGE_PLACEHOLDER, expand_image_placeholders
 
 IMAGE_MARKER = "<image>"

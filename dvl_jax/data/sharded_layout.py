@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dvl_jax.config import VisionConfig
-from dvl_jax.model.vision_layout import VisionLayout, vision_layout
+from dvl_jax.core.config import VisionConfig
+from dvl_jax.core.vision_layout import VisionLayout, vision_layout
 
 
 def sharded_vision_layout(shard_grids: Sequence[np.ndarray], shard_used: Sequence[np.ndarray],

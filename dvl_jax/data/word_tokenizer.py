@@ -15,7 +15,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dvl_jax.config import ModelConfig
+from dvl_jax.core.config import ModelConfig
 from dvl_jax.data.chat_template import IM_END, IM_START
 
 ENDOFTEXT, UNKNOWN = "<|endoftext|>", "[UNK]"

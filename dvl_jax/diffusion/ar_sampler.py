@@ -22,9 +22,9 @@ from flax import nnx
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.diffusion import kv_cache, remask, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
-from dvl_jax.model.rope import get_rope_index
-from dvl_jax.model.text import KV
-from dvl_jax.parallel.sampling_mesh import Placement, jit_sampler
+from dvl_jax.models.rope import get_rope_index
+from dvl_jax.models.interface import KV
+from dvl_jax.diffusion.sampling_mesh import Placement, jit_sampler
 
 TRACES: collections.Counter = collections.Counter()
 

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.config import ModelConfig
-from dvl_jax.model.layers import dtypes
-from dvl_jax.model.text import KV
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.models.layers import dtypes
+from dvl_jax.models.interface import KV
 
 
 def init(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Sharding | None = None) -> KV:

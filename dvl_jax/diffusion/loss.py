@@ -1,9 +1,6 @@
 """Training losses as pure functions of (model, batch): BD3-LM (stage 2) and next-token CE (stage 1).
 
-A batch is a dict of arrays: `input_ids` `[B, L]` (HF image-token convention, block-aligned EOS
-padding already applied by the data pipeline, spec §4.5), `labels` `[B, L]` (-100 = unsupervised,
-not shifted), `attention_mask` `[B, L]`, and optionally `pixel_values` `[N, patch_dim]` with `vision`
-(a `VisionLayout`).
+The batch format is `dvl_jax.core.batch`; the model is reached only through `dvl_jax.models.interface`.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.data.labels import IGNORE
+from dvl_jax.core.batch import IGNORE
 from dvl_jax.diffusion.noise import sample_noise
 from dvl_jax.diffusion.token_ce import token_cross_entropy
 
@@ -47,7 +44,7 @@ def bd3_loss(model, batch: Batch, rng: jax.Array, noise: tuple[jax.Array, jax.Ar
   masked = move & labelled
 
   clean = _clean_embeddings(model, batch)
-  mask_embedding = model.text.embed_tokens(jnp.asarray(cfg.mask_token_id))  # trainable row
+  mask_embedding = model.embed(jnp.full((1, 1), cfg.mask_token_id, jnp.int32))[0, 0]  # trainable row
   noised = jnp.where(masked[..., None], mask_embedding.astype(clean.dtype), clean)
   x = jnp.concatenate([noised, clean], axis=1)
   spec = AttentionSpec.self_attention(jnp.concatenate([amask, amask], axis=1), kind="bd3_train",

@@ -21,7 +21,7 @@ Beyond the original: batches of prompts with different lengths (each row runs it
 step / commit state machine in the same forwards, at its own cache offset; finished rows are frozen),
 per-row EOS (the original stops when any row of the batch has EOS, quirk 2; identical at batch size 1),
 `fused` commit and `threshold` decoding (see `SamplingConfig`), and sampling over the device mesh the
-params are sharded on (`dvl_jax.parallel.sampling_mesh`: same tokens, the cache never resharded in the loop).
+params are sharded on (`dvl_jax.diffusion.sampling_mesh`: same tokens, the cache never resharded in the loop).
 
 `fused` mode: a finished block is not committed by its own pass; the next forward runs the window
 `[previous block ; current block]` under the block-causal mask, so the previous block's rows attend
@@ -45,8 +45,8 @@ from flax import nnx
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.diffusion import ar_sampler, kv_cache, remask, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
-from dvl_jax.model.text import KV
-from dvl_jax.parallel.sampling_mesh import Placement, jit_sampler
+from dvl_jax.models.interface import KV
+from dvl_jax.diffusion.sampling_mesh import Placement, jit_sampler
 
 TRACES: collections.Counter = collections.Counter()  # traces per sampler: a recompile shows up here
 
@@ -74,7 +74,7 @@ def generate(model: nnx.Module, inputs: Any, config: SamplingConfig = SamplingCo
   `on_block(row, tokens)`: called on the host while sampling runs, each time a row's block of generated
   tokens is final (`dvl_jax.diffusion.streaming`); same tokens as without it.
   A model whose params are sharded over a `('data', 'fsdp', 'tensor')` mesh samples on that mesh
-  (`dvl_jax.parallel.sampling_mesh`); pick its shape with `suggest_mesh` before `dvl.load(ckpt, mesh=...)`.
+  (`dvl_jax.diffusion.sampling_mesh`); pick its shape with `suggest_mesh` before `dvl.load(ckpt, mesh=...)`.
   """
   config = config.resolve(model.config)
   if config.algorithm == "autoregressive":

@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dvl_jax.config import ModelConfig
-from dvl_jax.model.vision_layout import VisionLayout, vision_layout
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.core.vision_layout import VisionLayout, vision_layout
 
 ALGORITHMS = ("block_diffusion", "autoregressive")
 STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "threshold")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvl_jax.parallel.sampling_mesh import Placement
+from dvl_jax.diffusion.sampling_mesh import Placement
 
 OnBlock = Callable[[int, np.ndarray], None]
 

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dvl_jax.data.labels import IGNORE
+from dvl_jax.core.batch import IGNORE
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -22,11 +22,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dvl_jax import saving
-from dvl_jax.checkpoint import TrainCheckpoints
+from dvl_jax.checkpoints import saving
+from dvl_jax.checkpoints.train_checkpoints import TrainCheckpoints
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
 from dvl_jax.data.processor import Processor
-from dvl_jax.loading import load
+from dvl_jax.checkpoints.loading import load
 from dvl_jax.parallel import distributed
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.train.metrics_writer import MetricsWriter, local_metrics_dir

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from dvl_jax import storage
+from dvl_jax.core import storage
 
 
 def local_metrics_dir(workdir: str) -> str:

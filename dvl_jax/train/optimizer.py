@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dvl_jax.models.interface import ParamGroup, path_names
+
 Path = tuple[Any, ...]
 
 
@@ -57,21 +59,6 @@ def warmup_cosine(peak: float, total_steps: int, warmup_ratio: float) -> optax.S
   return schedule
 
 
-def _keys(path: Path) -> list[Any]:
-  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
-
-
-def is_vision_tower(path: Path) -> bool:
-  """Params of the ViT proper (spec §7.1: names containing `vision_tower`); the merger is the projector."""
-  keys = _keys(path)
-  return keys[:1] == ["visual"] and keys[1:2] != ["merger"]
-
-
-def is_projector(path: Path) -> bool:
-  """Params of the PatchMerger, the connector that stage 1 trains alone."""
-  return _keys(path)[:2] == ["visual", "merger"]
-
-
 def _scale_leaves(ratio: Callable[[Path], float]) -> optax.GradientTransformation:
   """Multiplies each leaf's update by a constant chosen from its path."""
 
@@ -82,18 +69,22 @@ def _scale_leaves(ratio: Callable[[Path], float]) -> optax.GradientTransformatio
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(transformation, learning-rate schedule of the main group). Weight decay skips 1-D params (biases
-  and norm scales), like HF's decay-parameter list."""
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, param_group: Callable[[tuple[str, ...]], ParamGroup]
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(transformation, learning-rate schedule of the main group). `param_group` is the model family's
+  (`DiffusionLM.param_group`): the "vision" group (spec §7.1: the ViT proper) and the "projector" group
+  may have their own peaks. Weight decay skips 1-D params (biases and norm scales), like HF's
+  decay-parameter list."""
   if total_steps < 1:
     raise ValueError(f"total_steps={total_steps} must be >= 1")
   schedule = warmup_cosine(cfg.learning_rate, total_steps, cfg.warmup_ratio)
 
   def ratio(path: Path) -> float:
     """The param's group peak over the LM's (a group without its own peak trains at the LM's)."""
-    if is_vision_tower(path):
+    group = param_group(path_names(path))
+    if group == "vision":
       peak = cfg.vision_learning_rate
-    elif is_projector(path):
+    elif group == "projector":
       peak = cfg.projector_learning_rate
     else:
       peak = None

@@ -13,13 +13,15 @@ import flax.struct
 import jax
 from flax import nnx
 
+from dvl_jax.models.interface import path_names
+
 Path = tuple[Any, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """What a run optimises: `objective` "ar" (next-token CE) or "bd3" (BD3-LM, spec §5), and which
-  params train: "projector" (the PatchMerger) or "all"."""
+  params train: "projector" (the family's `param_group` "projector", Qwen2.5-VL's PatchMerger) or "all"."""
 
   objective: str
   trainable: str
@@ -30,8 +32,8 @@ class Stage:
     if self.trainable not in ("projector", "all"):
       raise ValueError(f"trainable={self.trainable!r} must be 'projector' or 'all'")
 
-  def is_trainable(self, path: Path) -> bool:
-    return self.trainable == "all" or tuple(path[:2]) == ("visual", "merger")
+  def is_trainable(self, path: Path, param_group: Callable[[tuple[str, ...]], str]) -> bool:
+    return self.trainable == "all" or param_group(path_names(path)) == "projector"
 
 
 # Spec §7: stage 1 = connector alignment (AR, projector only); stage 2 = diffusion finetuning (BD3, all).
@@ -53,6 +55,7 @@ class TrainState:
   opt_state: Any
 
 
-def split_model(model: nnx.Module, is_trainable: Callable[[Path], bool]) -> tuple[Any, nnx.State, nnx.State]:
+def split_model(model: nnx.Module, stage: Stage) -> tuple[Any, nnx.State, nnx.State]:
   """(graphdef, trainable params, everything else)."""
-  return nnx.split(model, nnx.All(nnx.Param, lambda path, _: is_trainable(tuple(path))), ...)
+  trainable = lambda path, _: stage.is_trainable(tuple(path), model.param_group)  # noqa: E731
+  return nnx.split(model, nnx.All(nnx.Param, trainable), ...)

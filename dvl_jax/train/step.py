@@ -61,15 +61,15 @@ class TrainStep:
                mesh: Mesh | None = None, *, loss_chunk_size: int = 0):
     self.stage, self.mesh, self.model_config = stage, mesh, model.config
     self.loss_chunk_size = loss_chunk_size
-    self.graphdef, params, frozen = split_model(model, stage.is_trainable)
+    self.graphdef, params, frozen = split_model(model, stage)
     if not jax.tree.leaves(params):
       raise ValueError(f"stage {stage} leaves no parameter to train")
-    self.tx, self.schedule = make_optimizer(optimizer, total_steps)
+    self.tx, self.schedule = make_optimizer(optimizer, total_steps, model.param_group)
     self._compiled: dict[Any, Any] = {}
 
   def init(self, model: nnx.Module) -> TrainState:
     """A fresh state from the model's current params (already placed on the mesh, if any)."""
-    _, params, frozen = split_model(model, self.stage.is_trainable)
+    _, params, frozen = split_model(model, self.stage)
     shardings = None if self.mesh is None else _by_param_path(params, jax.eval_shape(self.tx.init, params), self.mesh)
     opt_state = jax.jit(self.tx.init, out_shardings=shardings)(params)
     step = jnp.zeros((), jnp.int32)
@@ -79,7 +79,7 @@ class TrainStep:
 
   def abstract_state(self, model: nnx.Module) -> TrainState:
     """`ShapeDtypeStruct`s with shardings: the restore target of a checkpoint of this run."""
-    _, params, frozen = split_model(model, self.stage.is_trainable)
+    _, params, frozen = split_model(model, self.stage)
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, jax.eval_shape(self.tx.init, params))
     shardings = self.state_shardings(model)
     if shardings is None:
@@ -89,7 +89,7 @@ class TrainStep:
   def state_shardings(self, model: nnx.Module) -> TrainState | None:
     if self.mesh is None:
       return None
-    _, params, frozen = split_model(model, self.stage.is_trainable)
+    _, params, frozen = split_model(model, self.stage)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     placed = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     return TrainState(replicated, placed(params), placed(frozen),

@@ -11,10 +11,10 @@ from flax import nnx
 
 from dvl_jax.attention import dispatch
 from dvl_jax.attention.reference import attend_dense
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion.loss import bd3_loss
-from dvl_jax.model.vision_layout import vision_layout
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core.vision_layout import vision_layout
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from tests.attention.cases import Case, cache_window, max_errors, problem
 
 KERNELS = ("pallas_gpu", "splash")  # cudnn is jax's XLA path off a GPU: checked at the attention level

@@ -15,7 +15,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from checkpoints_convert import convert, export, orbax_stream, safetensors_reader
-from dvl_jax.loading import load
+from dvl_jax.checkpoints.loading import load
 from dvl_jax.parallel import rules
 from dvl_jax.parallel.mesh import make_mesh
 from tests.convert.tiny_layouts import (SIDE_FILES, expected_params, hub_state, loaded_params, tiny, write_hub,

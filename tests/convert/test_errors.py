@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from checkpoints_convert import (ConversionError, CorruptCheckpointError, DestinationExistsError,
                                  NotACheckpointError, UnknownLayoutError, WeightsMismatchError, convert,
                                  export, safetensors_reader)
-from dvl_jax.cli import main
+from dvl_jax.cli.commands import main
 from tests.convert.tiny_layouts import hub_state, tiny, write_side_files
 
 

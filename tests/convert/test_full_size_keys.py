@@ -8,11 +8,12 @@ import torch
 import transformers
 from flax import nnx
 
-from checkpoints_convert import key_map, layouts, orbax_stream
+from checkpoints_convert import layouts, orbax_stream
+from dvl_jax.models import key_map
 from checkpoints_convert.safetensors_reader import TensorRef
 from checkpoints_convert.to_orbax import check_weights
-from dvl_jax.config import QWEN25_VL_3B, QWEN25_VL_7B
-from dvl_jax.loading import abstract_model
+from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B
+from dvl_jax.models.families import abstract_model
 
 
 @pytest.mark.parametrize("cfg", [QWEN25_VL_3B, QWEN25_VL_7B], ids=["3b", "7b"])
@@ -24,7 +25,8 @@ def test_every_hf_tensor_fills_exactly_one_param_slice(cfg):
     assert hf_shapes.pop("lm_head.weight") == hf_shapes["model.language_model.embed_tokens.weight"]
 
   source = layouts.from_refs(
-      [TensorRef(name, "meta", np.dtype(np.float32), shape, 0) for name, shape in hf_shapes.items()], "meta")
+      [TensorRef(name, "meta", np.dtype(np.float32), shape, 0) for name, shape in hf_shapes.items()], "meta",
+      key_map.family_key_map(cfg))
   assert source.layout == "transformers"
   _, state = nnx.split(abstract_model(cfg), nnx.Param)
   params = orbax_stream.variables(state)

@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.data.buckets import BatchPlan, choose_buckets
 from dvl_jax.data.sharded_layout import sharded_vision_layout
-from dvl_jax.model.vision_layout import vision_layout
+from dvl_jax.core.vision_layout import vision_layout
 
 
 def _padding(buckets, rounded):

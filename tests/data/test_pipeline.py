@@ -14,8 +14,8 @@ from dvl_jax.data import synthetic
 from dvl_jax.data.host_batch import HostBatcher
 from dvl_jax.data.pipeline import DataConfig, DataPipeline, batch_shards
 from dvl_jax.data.samples import SampleEncoder
-from dvl_jax.model.vision_layout import vision_layout
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core.vision_layout import vision_layout
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from dvl_jax.parallel.mesh import make_mesh
 from tests.data.helpers import make_processor, noise_image, qa_row
 

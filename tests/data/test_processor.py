@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.data.processor import Processor
 
 

@@ -10,10 +10,10 @@ import torch
 from flax import nnx
 
 import dvl_jax as dvl
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
 
 CFG = tiny_config()
 GEN = 12

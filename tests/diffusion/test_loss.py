@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import dvl_jax as dvl
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
 from dvl_jax.diffusion.noise import block_times
-from dvl_jax.model.vision_layout import vision_layout
-from dvl_jax.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.core.vision_layout import vision_layout
+from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.model.vision_layout import vision_layout
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core.vision_layout import vision_layout
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 
 CFG = tiny_config()
 BS, MASK, EOS = CFG.block_size, CFG.mask_token_id, CFG.eos_token_id

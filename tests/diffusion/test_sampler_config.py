@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 
 
 @pytest.mark.parametrize("options, message", [

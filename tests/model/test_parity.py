@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dvl_jax as dvl
-from dvl_jax.config import tiny_config
-from dvl_jax.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
 
 LOGITS_TOL = 1e-4
 VISION_TOL = 1e-5
@@ -93,7 +93,7 @@ def test_vision_features_match_pytorch(models):
   _, _, pixels, grids = _batch(cfg, [[0]], grids, seed=5)
   with torch.no_grad():
     ref = hf.visual(torch.tensor(pixels), grid_thw=torch.tensor(grids)).numpy()
-  from dvl_jax.model.vision_layout import vision_layout
+  from dvl_jax.core.vision_layout import vision_layout
 
   ours = np.asarray(model.image_features(jnp.asarray(pixels), vision_layout(grids, cfg.vision)))
   assert np.abs(ours - ref).max() <= VISION_TOL

@@ -7,10 +7,10 @@ import pytest
 import torch
 from flax import nnx
 
-from dvl_jax.config import tiny_config
-from dvl_jax.model.rope import get_rope_index, text_rope
-from dvl_jax.model.vlm import Qwen25VL
-from dvl_jax.tiny_checkpoint import build_hf_model
+from dvl_jax.core.config import tiny_config
+from dvl_jax.models.rope import get_rope_index, text_rope
+from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny_checkpoint import build_hf_model
 
 
 def test_mrope_with_equal_rows_is_flat_rope():

@@ -8,10 +8,10 @@ import torch
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dvl_jax.config import tiny_config
+from dvl_jax.core.config import tiny_config
 from dvl_jax.data.sharded_layout import sharded_vision_layout
-from dvl_jax.model.vision import VisionTower
-from dvl_jax.model.vision_layout import num_patches, tokens_per_image, vision_layout
+from dvl_jax.models.qwen25vl.vision import VisionTower
+from dvl_jax.core.vision_layout import num_patches, tokens_per_image, vision_layout
 from dvl_jax.parallel.mesh import make_mesh
 
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dvl_jax.config import tiny_config
-from dvl_jax.model.vision_layout import vision_layout
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core.config import tiny_config
+from dvl_jax.core.vision_layout import vision_layout
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import abstract_arrays, logical_shardings, partition_spec
 

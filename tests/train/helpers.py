@@ -7,7 +7,7 @@ from flax import nnx
 
 from dvl_jax.data import synthetic
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.models.qwen25vl.model import Qwen25VL
 from dvl_jax.parallel.mesh import make_mesh
 from tests.data.helpers import make_processor
 

@@ -13,10 +13,10 @@ import pytest
 
 from dvl_jax import cli
 from dvl_jax.data import synthetic
-from dvl_jax.loading import load
+from dvl_jax.checkpoints.loading import load
 from dvl_jax.train.loop import TrainingDiverged, mesh_shape, train
 from dvl_jax.train.run_config import default_config
-from dvl_jax.train_demo import init_checkpoint
+from dvl_jax.demos.train_demo import init_checkpoint
 from tests.train.helpers import PROC
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -92,7 +92,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted):
 
 def _killed_run(ckpt, data, workdir):
   """Runs in a subprocess: trains, and SIGKILLs itself right after the step-4 checkpoint write starts."""
-  from dvl_jax import checkpoint
+  from dvl_jax.checkpoints import train_checkpoints as checkpoint
 
   save = checkpoint.TrainCheckpoints.save
 

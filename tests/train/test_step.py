@@ -11,7 +11,8 @@ import pytest
 
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import partition_spec, shard_model
-from dvl_jax.train.optimizer import OptimizerConfig, is_projector, is_vision_tower
+from dvl_jax.models.interface import path_names
+from dvl_jax.train.optimizer import OptimizerConfig
 from dvl_jax.train.state import stage
 from dvl_jax.train.step import TrainStep
 from tests.train.helpers import pipeline, synthetic_rows, tiny_model
@@ -73,10 +74,11 @@ def test_stage2_moves_every_param_and_the_vision_tower_at_its_own_learning_rate(
       lr = 2e-4 if k.startswith("['visual']") else 1e-3
     np.testing.assert_allclose(np.median(delta[delta > 0]), lr, rtol=1e-3, err_msg=k)
     assert np.all(delta <= lr * (1 + 1e-6) + 2 * np.spacing(np.abs(before[k]))), k  # fp32 rounding of p + delta
-  assert is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("blocks")))
-  assert not is_vision_tower((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("merger")))
-  assert is_projector((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("merger")))
-  assert not is_projector((jax.tree_util.DictKey("visual"), jax.tree_util.DictKey("blocks")))
+  group = lambda *keys: model.param_group(path_names(tuple(map(jax.tree_util.DictKey, keys))))  # noqa: E731
+  assert group("visual", "blocks") == "vision"
+  assert group("visual", "merger") != "vision"
+  assert group("visual", "merger") == "projector"
+  assert group("visual", "blocks") != "projector"
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -11,18 +11,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dvl_jax import storage
-from dvl_jax.config import ModelConfig
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core import storage
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.models.families import abstract_model
 from dvl_jax.parallel import rules
 
 CONFIG_FILE = "config.json"  # ModelConfig.save
 PARAMS_DIR = "params"  # Orbax checkpoint of the nnx.Param state
-
-
-def abstract_model(cfg: ModelConfig) -> Qwen25VL:
-  """The model with `ShapeDtypeStruct` params (no memory): the source of shapes, dtypes and axes."""
-  return nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
 
 
 def restore_params(ckpt_dir: str, abstract_state: nnx.State, shardings: Any = None) -> nnx.State:
@@ -43,8 +38,11 @@ def restore_params(ckpt_dir: str, abstract_state: nnx.State, shardings: Any = No
     return ckptr.restore(storage.as_path(ckpt_dir) / PARAMS_DIR, targets)
 
 
-def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config_overrides: Any) -> Qwen25VL:
+def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config_overrides: Any) -> Any:
   """The model of a converted checkpoint, params sharded over `mesh` by the logical-axis rules.
+
+  The family (`dvl_jax.models.families`) comes from the checkpoint's config; the result implements
+  `dvl_jax.models.interface.DiffusionLM` and is called as design §3's model call.
 
   `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators); `config_overrides` set
   run-time fields of the model config (`compute_dtype`, `remat_policy`, `attention_backend`, ...).

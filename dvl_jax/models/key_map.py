@@ -1,21 +1,24 @@
-"""Hub Qwen2.5-VL tensor names <-> params of `Qwen25VL`, as data: one table used in both directions.
+"""The vocabulary of checkpoint key maps: Hub tensor names <-> params, as data, one table both ways.
 
-`{i}` in a Hub name is the layer index: those tensors fill one slice of a stacked param (leading
-`layers` axis). Kernels are stored `[in, out]`, i.e. PyTorch's `weight.T`.
+Each family's `key_map.py` (next to its modules) holds `RULES` (a tuple of `Rule`), `LAYOUTS` (prefix
+renames that reduce every supported checkpoint layout to its Hub names) and `SIDE_FILES` (weights kept in
+files of their own, DiffusionVL's training layout). `{i}` in a Hub name is the layer index: those tensors
+fill one slice of a stacked param (leading `layers` axis). Kernels are stored `[in, out]` (`weight.T`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 
-from dvl_jax.config import ModelConfig
+from dvl_jax.core.config import ModelConfig
 
 ParamPath = tuple[str, ...]
-LM_HEAD = "lm_head.weight"
+LM_HEAD = "lm_head.weight"  # dropped from a tied model's checkpoint (checked equal to the embedding)
 EMBED_TOKENS = "model.embed_tokens.weight"
 
 
@@ -54,37 +57,13 @@ class Rule:
     return "{i}" in self.hub
 
 
-def _linear(hub: str, param: str, bias: bool = True) -> list[Rule]:
+def linear(hub: str, param: str, bias: bool = True) -> list[Rule]:
   rules = [Rule(f"{hub}.weight", f"{param}.kernel", Transform.TRANSPOSE)]
   return rules + [Rule(f"{hub}.bias", f"{param}.bias", Transform.IDENTITY)] if bias else rules
 
 
-def _norm(hub: str, param: str) -> list[Rule]:
+def norm(hub: str, param: str) -> list[Rule]:
   return [Rule(f"{hub}.weight", f"{param}.scale", Transform.IDENTITY)]
-
-
-_MLP = ("gate_proj", "up_proj", "down_proj")
-
-RULES: tuple[Rule, ...] = (
-    Rule("visual.patch_embed.proj.weight", "visual.patch_embed.kernel", Transform.CONV3D_FLATTEN),
-    *_norm("visual.blocks.{i}.norm1", "visual.blocks.norm1"),
-    *_norm("visual.blocks.{i}.norm2", "visual.blocks.norm2"),
-    *_linear("visual.blocks.{i}.attn.qkv", "visual.blocks.attn.qkv"),
-    *_linear("visual.blocks.{i}.attn.proj", "visual.blocks.attn.proj"),
-    *[r for p in _MLP for r in _linear(f"visual.blocks.{{i}}.mlp.{p}", f"visual.blocks.mlp.{p}")],
-    *_norm("visual.merger.ln_q", "visual.merger.ln_q"),
-    *_linear("visual.merger.mlp.0", "visual.merger.mlp_in"),
-    *_linear("visual.merger.mlp.2", "visual.merger.mlp_out"),
-    Rule(EMBED_TOKENS, "text.embed_tokens.embedding", Transform.IDENTITY),
-    *_norm("model.layers.{i}.input_layernorm", "text.layers.input_layernorm"),
-    *_norm("model.layers.{i}.post_attention_layernorm", "text.layers.post_attention_layernorm"),
-    *[r for p in ("q_proj", "k_proj", "v_proj")
-      for r in _linear(f"model.layers.{{i}}.self_attn.{p}", f"text.layers.self_attn.{p}")],
-    *_linear("model.layers.{i}.self_attn.o_proj", "text.layers.self_attn.o_proj", bias=False),
-    *[r for p in _MLP for r in _linear(f"model.layers.{{i}}.mlp.{p}", f"text.layers.mlp.{p}", bias=False)],
-    *_norm("model.norm", "text.norm"),
-    *_linear("lm_head", "lm_head", bias=False),  # absent from the model when embeddings are tied
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +77,29 @@ class HubTensor:
   shape: tuple[int, ...]  # PyTorch shape
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A checkpoint layout (spec §8): recognised by marker prefixes, reduced to Hub names by prefix renames."""
+
+  name: str
+  renames: tuple[tuple[str, str], ...]  # (prefix in the files, Hub prefix); first match wins
+  markers: tuple[str, ...]  # a name with one of these prefixes identifies the layout
+
+
+def family_key_map(cfg: ModelConfig) -> ModuleType:
+  """The key map module of `cfg.family`."""
+  from dvl_jax.models import families  # the registry names this module's users; import it late
+
+  return families.get(cfg.family).key_map
+
+
 def hub_tensors(param_shapes: dict[ParamPath, tuple[int, ...]], cfg: ModelConfig) -> list[HubTensor]:
-  """Every Hub tensor of the model whose params have these shapes, in table order."""
-  by_param = {tuple(r.param.split(".")): r for r in RULES}
+  """Every Hub tensor of the model whose params have these shapes, in the family's table order."""
+  rules = family_key_map(cfg).RULES
+  by_param = {tuple(r.param.split(".")): r for r in rules}
   unmapped = sorted(".".join(p) for p in param_shapes if p not in by_param)
   if unmapped:
-    raise KeyError(f"checkpoints_convert.key_map.RULES has no rule for the params {unmapped}")
+    raise KeyError(f"the {cfg.family} key map has no rule for the params {unmapped}")
   out = []
   for path, rule in by_param.items():
     if path not in param_shapes:

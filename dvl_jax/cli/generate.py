@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from dvl_jax import storage
+from dvl_jax.core import storage
 from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, MODES, POSITIONS, STRATEGIES, Prompts, SamplingConfig
-from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR
+from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 
 TOKENIZER_FILE = "tokenizer.json"
 SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended from the dataclass
@@ -222,7 +222,7 @@ def _mesh(spec: str | None, model_cfg: Any, batch: int) -> Any:
   if spec is None:
     return None
   from dvl_jax.parallel.mesh import make_mesh
-  from dvl_jax.parallel.sampling_mesh import suggest_mesh
+  from dvl_jax.diffusion.sampling_mesh import suggest_mesh
 
   return make_mesh(suggest_mesh(model_cfg, batch=batch) if spec == "auto" else suggest_mesh(model_cfg, override=spec))
 

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dvl_jax.config import ModelConfig
-from dvl_jax.model.vlm import Qwen25VL
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.models.families import abstract_model
 from dvl_jax.parallel import rules
 from dvl_jax.parallel.mesh import AXES
 
@@ -70,7 +70,7 @@ def suggest_mesh(cfg: ModelConfig, num_devices: int | None = None, *, batch: int
 
 def param_bytes(cfg: ModelConfig) -> int:
   """Bytes of all params of the model `cfg` (from shapes only)."""
-  state = nnx.state(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
+  state = nnx.state(abstract_model(cfg))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from dvl_jax.config import VisionConfig
+from dvl_jax.core.config import VisionConfig
 
 
 @struct.dataclass

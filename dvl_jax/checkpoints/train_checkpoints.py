@@ -13,7 +13,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from dvl_jax import storage
+from dvl_jax.core import storage
 
 
 class TrainCheckpoints:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dvl_jax.config import ModelConfig, tiny_config
+from dvl_jax.core.config import ModelConfig, tiny_config
 
 
 def build_hf_model(cfg: ModelConfig | None = None, *, seed: int = 0) -> Any:

@@ -12,12 +12,12 @@ from flax import nnx
 
 from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.config import ModelConfig
-from dvl_jax.model.layers import Dense, Embed, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
-from dvl_jax.model.rope import apply_rope
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.models.interface import KV
+from dvl_jax.models.layers import Dense, Embed, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
+from dvl_jax.models.rope import apply_rope
 from dvl_jax.parallel.rules import constrain
 
-KV = tuple[jax.Array, jax.Array]  # keys, values: [B, L, kv_heads, head_dim]
 ROWS = ("batch", None, None)  # the residual stream [B, L, H]: rows over the batch mesh axes
 
 

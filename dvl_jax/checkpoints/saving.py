@@ -13,8 +13,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dvl_jax import storage
-from dvl_jax.loading import CONFIG_FILE, PARAMS_DIR
+from dvl_jax.core import storage
+from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 
 SIDE_FILE_SKIP = (CONFIG_FILE,)
 

@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 
-from dvl_jax import saving
-from dvl_jax.config import ModelConfig, TextConfig, VisionConfig
+from dvl_jax.checkpoints import saving
+from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig
 from dvl_jax.data import synthetic
 from dvl_jax.data.chat_template import generation_prompt
 from dvl_jax.data.word_tokenizer import word_tokenizer
@@ -72,9 +72,9 @@ def init_checkpoint(dst: str, cfg: ModelConfig, tokenizer: Any, seed: int = 0) -
   """A randomly initialised model in the converted-checkpoint layout, with its tokenizer."""
   from flax import nnx
 
-  from dvl_jax.model.vlm import Qwen25VL
+  from dvl_jax.models.families import build_model
 
-  saving.save(Qwen25VL(cfg, rngs=nnx.Rngs(seed)), dst)
+  saving.save(build_model(cfg, nnx.Rngs(seed)), dst)
   tokenizer.save_pretrained(dst)
   return dst
 

@@ -17,10 +17,10 @@ from flax import nnx
 
 from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.config import ModelConfig, VisionConfig
-from dvl_jax.model.layers import Dense, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
-from dvl_jax.model.rope import apply_rope, vision_rope
-from dvl_jax.model.vision_layout import VisionLayout
+from dvl_jax.core.config import ModelConfig, VisionConfig
+from dvl_jax.models.layers import Dense, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
+from dvl_jax.models.rope import apply_rope, vision_rope
+from dvl_jax.core.vision_layout import VisionLayout
 from dvl_jax.parallel.rules import constrain
 
 PATCH_ROWS = ("batch", None)  # ViT hidden states [N, D]: each batch shard's pixel chunk stays on it

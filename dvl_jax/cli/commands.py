@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from dvl_jax import bench_cli, generate_cli
+from dvl_jax.cli import bench as bench_cli
+from dvl_jax.cli import generate as generate_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,12 +108,12 @@ def _run(args: argparse.Namespace) -> int:
     if metrics:
       print(f"step metrics: loss {metrics['loss']:.4f}, grad norm {metrics['grad_norm']:.3f}")
   elif args.command == "demo" and args.parity:
-    from dvl_jax import parity_demo
+    from dvl_jax.demos import parity_demo
 
     diffs = parity_demo.run(args.workdir, args.seed)
     return 0 if all(d <= 1e-4 for d in diffs.values()) else 1
   elif args.command == "demo":
-    from dvl_jax import train_demo
+    from dvl_jax.demos import train_demo
 
     out = train_demo.run(args.workdir, quick=args.quick, seed=args.seed)
     if not args.quick and not train_demo.passed(out["results"]):

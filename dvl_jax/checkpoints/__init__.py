@@ -1,0 +1,1 @@
+"""Checkpoints and their storage: loading and saving converted models, the train-state checkpoint manager."""

@@ -1,0 +1,1 @@
+"""Model families behind one interface (`interface.DiffusionLM`); shared building blocks (layers, rope, decoder)."""

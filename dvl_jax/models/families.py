@@ -1,0 +1,77 @@
+"""The model families, by name: what `dvl.load`, `dvl convert` and `dvl export` use to pick one.
+
+A family is one folder under `dvl_jax/models/` with its modules (implementing `interface.DiffusionLM`), its
+Hugging Face config reader / writer (`hf_config`: `from_hf(dict, **overrides)`, `to_hf(cfg)`) and its
+checkpoint key map (`key_map`: `RULES`, `LAYOUTS`, `SIDE_FILES`, see `dvl_jax.models.key_map`). The config's
+`family` field names it; a checkpoint's `config.json` `model_type` picks it when converting. Entries are
+import paths, so listing a family imports nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+from flax import nnx
+
+from dvl_jax.core.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str  # ModelConfig.family
+  package: str  # holds model.py (the class `model_class`), hf_config.py and key_map.py
+  model_class: str
+  hf_model_types: tuple[str, ...]  # config.json `model_type` values this family reads
+  description: str
+
+  def module(self, name: str) -> ModuleType:
+    return importlib.import_module(f"{self.package}.{name}")
+
+  @property
+  def model_type(self) -> type:
+    return getattr(self.module("model"), self.model_class)
+
+  @property
+  def hf_config(self) -> ModuleType:
+    return self.module("hf_config")
+
+  @property
+  def key_map(self) -> ModuleType:
+    return self.module("key_map")
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("qwen2_5_vl", "dvl_jax.models.qwen25vl", "Qwen25VL",
+           ("qwen2_5_vl", "diffusionvl_qwenvl", "llada_qwen"),
+           "Qwen2.5-VL / DiffusionVL-QwenVL: Qwen ViT + PatchMerger + Qwen2.5 decoder"),
+    Family("qwen2", "dvl_jax.models.qwen2", "Qwen2LM", ("qwen2",),
+           "Qwen2 / Qwen2.5 text-only LM (a block-diffusion LM; no vision tower)"),
+)}
+
+
+def get(name: str) -> Family:
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; known families: {sorted(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def for_hf_model_type(model_type: str) -> Family:
+  """The family that reads a Hugging Face `config.json` of this `model_type`."""
+  for family in FAMILIES.values():
+    if model_type in family.hf_model_types:
+      return family
+  known = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+  raise ValueError(f"config.json has model_type={model_type!r}; expected one of {known}")
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> Any:
+  """A freshly initialised model of `cfg.family` (an `interface.DiffusionLM`)."""
+  return get(cfg.family).model_type(cfg, rngs=rngs)
+
+
+def abstract_model(cfg: ModelConfig) -> Any:
+  """The model with `ShapeDtypeStruct` params (no memory): the source of shapes, dtypes and axes."""
+  return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
