@@ -1,4 +1,4 @@
-"""Tiny random Qwen2.5-VL checkpoints built in PyTorch: fixtures for tests, demos and benchmarks.
+"""Tiny random transformers checkpoints (Qwen2.5-VL, Qwen2 LM) built in PyTorch: fixtures for tests, demos and benchmarks.
 
 Nothing can be downloaded on CI machines, so every parity check starts from a model built here.
 Weights are drawn with a visible spread (norm scales around 1, non-zero biases, matrices at
@@ -14,14 +14,20 @@ from typing import Any
 from dvl_jax.core.config import ModelConfig, tiny_config
 
 
+# transformers' (config class, model class) of each family: the reference its parity tests compare with.
+HF_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
 def build_hf_model(cfg: ModelConfig | None = None, *, seed: int = 0) -> Any:
-  """A randomly initialised fp32 `Qwen2_5_VLForConditionalGeneration` matching `cfg` (needs torch)."""
+  """A randomly initialised fp32 transformers model of `cfg`'s family (`HF_CLASSES`) matching `cfg` (needs torch)."""
   import torch
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+  import transformers
 
   cfg = tiny_config() if cfg is None else cfg
+  config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[cfg.family])
   torch.manual_seed(seed)
-  model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg.to_hf())).eval()
+  model = model_class(config_class(**cfg.to_hf())).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():
       is_norm = name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name
