@@ -10,11 +10,10 @@ Example, with a checkpoint converted by `dvl convert HF_DIR ckpt`:
 
     import dvl_jax as dvl
     from PIL import Image
-    from dvl_jax.data.chat_template import generation_prompt  # DiffusionVL's chat format
     model, proc = dvl.load("ckpt"), dvl.Processor.from_pretrained("ckpt")
-    inputs = proc(generation_prompt("What is in the image?"), [[Image.open("cat.png")]])
+    inputs = proc(dvl.generation_prompt("What is in the image?"), [[Image.open("cat.png")]])
     out = dvl.generate(model, inputs, dvl.SamplingConfig(gen_length=64), tokenizer=proc.tokenizer)
-    print(out.text[0], out.nfe[0])  # the answer, and the model forwards it took
+    print(out.clean_text[0], out.nfe[0])  # the answer as DiffusionVL's evaluation scores it, the forwards it took
 
 Public surface (design §3):
 
@@ -23,23 +22,41 @@ Public surface (design §3):
     model = dvl.load(ckpt_dir, mesh=None)  # Flax NNX model (dvl.Qwen25VL), params placed on their shardings
     proc  = dvl.Processor.from_pretrained(ckpt_dir)   # prompts with <image> + images -> padded arrays
     logits = model(input_ids, pixel_values=None, image_grid_thw=None, positions="mrope" | "flat")
-    out = dvl.generate(model, inputs, dvl.SamplingConfig(...))  # .tokens .text .nfe .tokens_per_forward
+    out = dvl.generate(model, inputs, dvl.SamplingConfig(...))  # a dvl.GenerateOutput: .tokens .text .nfe ...
     loss, aux = dvl.bd3_loss(model, batch, rng, noise=None)     # noise=(t, move_mask) injectable; dvl.ar_loss
+    metrics = dvl.train(config, workdir)   # a training run from an ml_collections config, as `dvl train`
 
-`inputs` is the processor's output, a `dvl.Prompts`, or lists of token ids. `generate(..., on_block=fn)`
-calls `fn(row, tokens)` as each block of an answer is final (streaming, same tokens). `dvl.make_mesh`
-builds a mesh for `dvl.load(..., mesh=...)`; `dvl.suggest_mesh` picks its shape for sampling (`generate`
-runs on the mesh the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the
-architecture. Names resolve on first use, so `import dvl_jax` stays cheap and needs no converter deps.
+`inputs` is the processor's output, a `dvl.Prompts`, or lists of token ids. `dvl.generation_prompt(question,
+num_images)` is DiffusionVL's chat prompt with one `<image>` per image. Token ids in LLaVA's convention (one
+-200 per image) become the model's with `dvl.expand_image_placeholders(ids, image_grid_thw,
+image_token_id=...)`; `model.image_features(pixel_values, layout)` takes a `dvl.VisionLayout` from
+`dvl.vision_layout(image_grid_thw, model.config.vision)`. `out.clean_text` is `out.text` after
+`dvl.clean_answer`, the original evaluation's clean-up. `generate(..., on_block=fn)` calls `fn(row, tokens)`
+as each block of an answer is final (streaming, same tokens). `dvl.make_mesh` builds a mesh for
+`dvl.load(..., mesh=...)`; `dvl.suggest_mesh` picks its shape for sampling (`generate` runs on the mesh
+the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the architecture.
+
+Demo and test helpers (the notebooks use them): `dvl.synthetic`, the shapes VQA data set;
+`dvl.word_tokenizer`, a small tokenizer over its words; `dvl.tiny_checkpoint`, tiny random Hugging Face
+checkpoints; `dvl.train_demo`, the `dvl demo` recipe (model, run configs, evaluation).
+
+Names resolve on first use, so `import dvl_jax` stays cheap and needs no converter deps. `dvl.train` is the
+function even though `dvl_jax.train` is also a subpackage: import from that one with `from dvl_jax.train...`.
 """
 
 import importlib
+import sys
+import types
 
-_EXPORTS = {
+_EXPORTS = {  # name -> the module that defines it
     "convert": "checkpoints_convert",
     "export": "checkpoints_convert",
     "load": "dvl_jax.checkpoints.loading",
     "Processor": "dvl_jax.data.processor",
+    "generation_prompt": "dvl_jax.data.chat_template",
+    "expand_image_placeholders": "dvl_jax.data.image_tokens",
+    "vision_layout": "dvl_jax.core.vision_layout",
+    "VisionLayout": "dvl_jax.core.vision_layout",
     "make_mesh": "dvl_jax.parallel.mesh",
     "suggest_mesh": "dvl_jax.diffusion.sampling_mesh",
     "ModelConfig": "dvl_jax.core.config",
@@ -49,20 +66,44 @@ _EXPORTS = {
     "generate": "dvl_jax.diffusion.sampler",
     "SamplingConfig": "dvl_jax.diffusion.sampling_config",
     "Prompts": "dvl_jax.diffusion.sampling_config",
+    "GenerateOutput": "dvl_jax.diffusion.sampling_config",
+    "clean_answer": "dvl_jax.diffusion.sampling_config",
     "bd3_loss": "dvl_jax.diffusion.loss",
     "ar_loss": "dvl_jax.diffusion.loss",
+    "train": "dvl_jax.train.loop",
+    "word_tokenizer": "dvl_jax.data.word_tokenizer",
+}
+_MODULES = {  # name -> a module exported whole
+    "synthetic": "dvl_jax.data.synthetic",
+    "tiny_checkpoint": "dvl_jax.testing.tiny_checkpoint",
+    "train_demo": "dvl_jax.demos.train_demo",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name: str):
-  if name not in _EXPORTS:
+  if name in _MODULES:
+    value = importlib.import_module(_MODULES[name])
+  elif name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  else:
     raise AttributeError(f"module 'dvl_jax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_EXPORTS[name]), name)
   globals()[name] = value
   return value
 
 
 def __dir__():
   return __all__
+
+
+class _Package(types.ModuleType):
+  """Importing a subpackage binds it to its parent's attribute of the same name, which would turn
+  `dvl.train` into the `dvl_jax.train` subpackage; an exported name keeps its public value instead."""
+
+  def __setattr__(self, name: str, value: object) -> None:
+    if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+      super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

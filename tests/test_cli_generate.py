@@ -2,9 +2,11 @@
 subcommand's --help; user mistakes as one-line errors with exit code 2."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +18,6 @@ import dvl_jax as dvl
 from dvl_jax import cli
 from dvl_jax.cli import bench as bench_cli
 from dvl_jax.checkpoints import saving
-from dvl_jax.data.chat_template import generation_prompt
 from dvl_jax.models.qwen25vl.model import Qwen25VL
 from tests.data.helpers import make_processor, noise_image
 
@@ -74,7 +75,7 @@ def generate_args(files, *extra: str) -> list[str]:
 def direct(files, prompts, images):
   """`dvl.generate` called as a library user would, for the same requests."""
   processor = dvl.Processor.from_pretrained(files["ckpt"], min_pixels=PIXELS, max_pixels=PIXELS)
-  inputs = processor([generation_prompt(p, len(i)) for p, i in zip(prompts, images)],
+  inputs = processor([dvl.generation_prompt(p, len(i)) for p, i in zip(prompts, images)],
                      [[_open(path) for path in paths] for paths in images])
   return dvl.generate(dvl.load(files["ckpt"]), inputs, dvl.SamplingConfig(**SAMPLING), tokenizer=processor.tokenizer)
 
@@ -136,6 +137,41 @@ def test_text_mode_streams_blocks_that_make_up_the_final_text(files, json_answer
   pieces = [w for w in out.writes if w and w != "\n"]
   assert len(pieces) >= 2 and "".join(pieces) == json_answer["text"]  # streamed, not printed at the end
   assert f"{len(json_answer['tokens'])} tokens" in err
+
+
+@pytest.fixture
+def untidy_answers(monkeypatch):
+  """`dvl.generate` answering with extra lines, spaces and a full stop around its own text."""
+  real_generate = dvl.generate
+
+  def generate(*args, **kwargs):
+    out = real_generate(*args, **kwargs)
+    return dataclasses.replace(out, text=[f"  {t}.\nsecond line" for t in out.text])
+
+  monkeypatch.setattr(dvl, "generate", generate)
+
+
+@pytest.mark.parametrize("mode", ["json", "text"])
+def test_clean_answer_prints_the_answer_as_the_evaluation_scored_it(files, json_answer, untidy_answers, mode):
+  code, out, err = dvl_main(*generate_args(files, "--prompt", QUESTION, "--image", files["image"], "--clean-answer",
+                                           *(["--json"] if mode == "json" else [])))
+  assert code == 0, err
+  clean = dvl.clean_answer(f"  {json_answer['text']}.")
+  if mode == "json":
+    result = json.loads(out.getvalue())
+    assert result["text"] == clean and result["tokens"] == json_answer["tokens"]
+  else:
+    assert out.getvalue() == clean + "\n" and out.writes[0] == clean  # whole, not streamed
+
+
+def test_pixel_bounds_default_to_the_checkpoints(files, json_answer, tmp_path):
+  """Without --min-pixels / --max-pixels the checkpoint's bounds apply (here the ones json_answer passed)."""
+  ckpt = shutil.copytree(files["ckpt"], tmp_path / "ckpt")
+  (ckpt / "preprocessor_config.json").write_text(json.dumps({"min_pixels": PIXELS, "max_pixels": PIXELS}))
+  code, out, err = dvl_main("generate", "--checkpoint", str(ckpt), "--prompt", QUESTION, "--image", files["image"],
+                            "--gen-length", str(SAMPLING["gen_length"]), "--json")
+  assert code == 0, err
+  assert json.loads(out.getvalue())["tokens"] == json_answer["tokens"]
 
 
 def test_requests_file_batches_every_line(files):

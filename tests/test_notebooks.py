@@ -87,6 +87,8 @@ def test_quickstart_runs_and_plots_the_trajectory_and_the_tau_sweep(tmp_path):
   assert _pngs(_outputs(nb, "image")) == 1
   assert _pngs(_outputs(nb, "trajectory")) == 1
   assert _pngs(_outputs(nb, "sweep")) == 1
+  converted = "".join(o.get("text", "") for o in _outputs(nb, "convert"))
+  assert "images of 3136 to 3136 pixels" in converted, converted  # the bounds saved with the tiny checkpoint
   sweep = "".join(o.get("text", "") for o in _outputs(nb, "sweep"))
   assert sweep.count("tokens/forward") == 5, sweep  # one line per threshold
   assert os.path.isfile(tmp_path / "work" / "quickstart_run" / "dvl" / "tokenizer.json")
@@ -94,7 +96,8 @@ def test_quickstart_runs_and_plots_the_trajectory_and_the_tau_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_train_tiny_runs_both_stages_and_plots_the_loss_curves(tmp_path):
-  size = "dataclasses.replace(train_demo.QUICK, train_examples=128, eval_examples=32, ar_steps=10, diffusion_steps=10)"
+  size = ("dataclasses.replace(dvl.train_demo.QUICK, train_examples=128, eval_examples=32, ar_steps=10, "
+          "diffusion_steps=10)")
   nb = _run("train_tiny.ipynb", tmp_path, cell_timeout=900, parameters=f"import dataclasses\nSIZE = {size}")
   _assert_ran_clean(nb)
   assert _pngs(_outputs(nb, "loss")) == 1

@@ -2,8 +2,9 @@
 
 Every `SamplingConfig` field is an option, derived from the dataclass so the two never drift. Without
 `--json` the answer streams to the terminal block by block as the sampler finishes blocks
-(`generate(on_block=...)`); with `--json` each request prints one JSON object. Bad inputs (checkpoint,
-images, requests file, prompt length) are found before any weights load.
+(`generate(on_block=...)`); with `--json` each request prints one JSON object. `--clean-answer` prints
+answers cleaned as the original evaluation scored them (whole: the clean-up needs the end). Bad inputs
+(checkpoint, images, requests file, prompt length) are found before any weights load.
 """
 
 from __future__ import annotations
@@ -79,10 +80,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the weights to this dtype while loading, e.g. bfloat16 on a GPU/TPU (default: the "
                    "checkpoint's stored dtype)")
-  cmd.add_argument("--min-pixels", type=int, default=MIN_PIXELS,
-                   help=f"images are resized to at least this many pixels (default: {MIN_PIXELS})")
-  cmd.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                   help=f"images are resized to at most this many pixels (default: {MAX_PIXELS})")
+  cmd.add_argument("--min-pixels", type=int, default=None,
+                   help="images are resized to at least this many pixels (default: the checkpoint's bound from "
+                   f"hf_config.json or preprocessor_config.json, else {MIN_PIXELS})")
+  cmd.add_argument("--max-pixels", type=int, default=None,
+                   help="images are resized to at most this many pixels (default: the checkpoint's bound, else "
+                   f"{MAX_PIXELS})")
+  cmd.add_argument("--clean-answer", action="store_true",
+                   help="print each answer as DiffusionVL's evaluation scores it: up to its first line, stripped, "
+                   "one trailing '.' dropped; text mode then prints it whole instead of streaming (default: the "
+                   "decoded text as it is)")
   cmd.add_argument("--json", action="store_true",
                    help="print one JSON object per request: request, text, tokens (up to EOS), nfe (model "
                    "forwards), tokens_per_forward, seconds (its batch's wall time, the first batch's with "
@@ -108,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
   import jax
 
   import dvl_jax as dvl
-  from dvl_jax.data.chat_template import generation_prompt
 
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   if args.batch_size < 1:
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
   model, key = None, jax.random.key(args.seed)
   for start in range(0, len(requests), batch_size):
     chunk = requests[start:start + batch_size]
-    inputs = processor([generation_prompt(r.prompt, len(r.images)) for r in chunk],
+    inputs = processor([dvl.generation_prompt(r.prompt, len(r.images)) for r in chunk],
                        [[_open_image(p) for p in r.images] for r in chunk])
     _check_fits(inputs, config, processor.config, _label(args, start, len(chunk)))
     if model is None:
@@ -132,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
       print(f"[{start + 1}/{len(requests)}] {chunk[0].prompt}", flush=True)
     tic = time.perf_counter()
     out = dvl.generate(model, inputs, config, rng=jax.random.fold_in(key, start), tokenizer=processor.tokenizer,
-                       on_block=None if live is None else live.on_block)
+                       on_block=None if live is None or args.clean_answer else live.on_block)
     seconds = time.perf_counter() - tic
+    texts = out.clean_text if args.clean_answer else out.text
     for row, request in enumerate(chunk):
-      result = {"request": start + row, "text": out.text[row], "tokens": out.tokens[row, :out.lengths[row]].tolist(),
+      result = {"request": start + row, "text": texts[row], "tokens": out.tokens[row, :out.lengths[row]].tolist(),
                 "nfe": int(out.nfe[row]), "tokens_per_forward": float(out.tokens_per_forward[row]),
                 "seconds": round(seconds, 4)}
       if live is None:

@@ -1,14 +1,15 @@
 """`dvl.Processor`: prompts with `<image>` markers + images -> padded model inputs.
 
 Tokenizer and image processor are transformers' own (never re-implemented): the slow PIL
-`Qwen2VLImageProcessor` with DiffusionVL's pixel bounds (spec §2.1). Prompts use the LLaVA convention
-of one `<image>` per image; each marker becomes the image-token id repeated once per merged patch
-(the HF convention the model takes), exactly as the repo's `tokenizer_image_token` splits and joins
-text chunks around `-200` (spec §9.2).
+`Qwen2VLImageProcessor` with the checkpoint's pixel bounds (spec §2.1, see `pixel_bounds`). Prompts use
+the LLaVA convention of one `<image>` per image; each marker becomes the image-token id repeated once per
+merged patch (the HF convention the model takes), exactly as the repo's `tokenizer_image_token` splits
+and joins text chunks around `-200` (spec §9.2).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -20,6 +21,9 @@ from dvl_jax.data.image_tokens import IMAGE_PLACEHOLDER, expand_image_placeholde
 
 IMAGE_MARKER = "<image>"
 MIN_PIXELS, MAX_PIXELS = 384 * 384, 512 * 512  # DiffusionVL's ModelArguments defaults
+SOURCE_CONFIG = "hf_config.json"  # the source's config.json, kept by `dvl convert` (to_orbax.HF_CONFIG_COPY)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # a HF image processor's settings, copied by `dvl convert`
+QWEN_STOCK_PIXELS = (56 * 56, 28 * 28 * 16384)  # the Hub Qwen2.5-VL preprocessor_config.json's min/max pixels
 
 
 class Processor:
@@ -29,10 +33,11 @@ class Processor:
     self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
 
   @classmethod
-  def from_pretrained(cls, ckpt_dir: str, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+  def from_pretrained(cls, ckpt_dir: str, *, min_pixels: int | None = None, max_pixels: int | None = None
                       ) -> "Processor":
-    """Loads the tokenizer files `dvl convert` copied next to the params, and the model config;
-    `ckpt_dir` may be a `gs://` URL (its side files are cached locally)."""
+    """Loads the tokenizer files `dvl convert` copied next to the params, the model config and the
+    checkpoint's pixel bounds (`pixel_bounds`; an argument overrides its bound); `ckpt_dir` may be a
+    `gs://` URL (its side files are cached locally)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
@@ -41,6 +46,7 @@ class Processor:
       raise FileNotFoundError(f"{ckpt_dir} has no tokenizer.json; convert a checkpoint that ships its tokenizer")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt_dir)
     config = ModelConfig.load(os.path.join(ckpt_dir, "config.json"))
+    min_pixels, max_pixels = pixel_bounds(ckpt_dir, min_pixels=min_pixels, max_pixels=max_pixels)
     image_processor = Qwen2VLImageProcessor(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=config.vision.patch_size,
         temporal_patch_size=config.vision.temporal_patch_size, merge_size=config.vision.spatial_merge_size)
@@ -91,3 +97,58 @@ class Processor:
       input_ids[i, :len(r)], attention_mask[i, :len(r)] = r, 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
             "image_grid_thw": grids}
+
+
+def pixel_bounds(ckpt_dir: str, *, min_pixels: int | None = None, max_pixels: int | None = None
+                 ) -> tuple[int, int]:
+  """`(min_pixels, max_pixels)` for images of the local checkpoint `ckpt_dir`; each bound comes from the
+  first of these that names it:
+
+  1. the arguments;
+  2. `hf_config.json`'s top-level `min_pixels` / `max_pixels`: DiffusionVL's training writes them into its
+     `config.json` (kept under this name by `dvl convert`), and its evaluation passes them over the image
+     processor's own (spec §2.1, §9.1), so they win over 3.;
+  3. `preprocessor_config.json` (copied by `dvl convert`): `min_pixels` / `max_pixels`, else newer
+     transformers' `size: {shortest_edge, longest_edge}`; but not Qwen2.5-VL's stock 3136 / 12845056,
+     which DiffusionVL always replaces by 4. (a checkpoint converted from the Hub, or trained from one,
+     carries that file);
+  4. DiffusionVL's defaults `MIN_PIXELS` / `MAX_PIXELS`.
+
+  A dvl `config.json` cannot hold bounds (it is a `ModelConfig`), so it is not read here.
+  """
+  sources = [("the arguments", {"min_pixels": min_pixels, "max_pixels": max_pixels}),
+             (SOURCE_CONFIG, _read_json(os.path.join(ckpt_dir, SOURCE_CONFIG))),
+             (PREPROCESSOR_CONFIG, _preprocessor_bounds(os.path.join(ckpt_dir, PREPROCESSOR_CONFIG))),
+             ("DiffusionVL's defaults", {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})]
+  (low, low_from), (high, high_from) = (
+      next((named[key], name) for name, named in sources if named.get(key) is not None)
+      for key in ("min_pixels", "max_pixels"))
+  for key, value, where in (("min_pixels", low, low_from), ("max_pixels", high, high_from)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{key} from {where} must be a positive integer, got {value!r}")
+  if low > high:
+    raise ValueError(f"min_pixels={low} (from {low_from}) is above max_pixels={high} (from {high_from})")
+  return low, high
+
+
+def _preprocessor_bounds(path: str) -> dict[str, Any]:
+  """The bounds a HF `preprocessor_config.json` sets, `{}` for none or for Qwen2.5-VL's stock ones."""
+  saved = _read_json(path)
+  size = saved.get("size") if isinstance(saved.get("size"), dict) else {}
+  bounds = {key: size.get(edge) if saved.get(key) is None else saved[key]
+            for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge"))}
+  return {} if (bounds["min_pixels"], bounds["max_pixels"]) == QWEN_STOCK_PIXELS else bounds
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """A JSON object file, `{}` if there is none."""
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} does not hold a JSON object")
+  return saved

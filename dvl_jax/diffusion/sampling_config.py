@@ -1,4 +1,5 @@
-"""What the samplers take and return: `SamplingConfig` (static options), `Prompts`, `GenerateOutput`.
+"""What the samplers take and return: `SamplingConfig` (static options), `Prompts`, `GenerateOutput`
+(and `clean_answer`, the original evaluation's answer clean-up).
 
 A `SamplingConfig` is hashable and a static jit argument: one compile per (batch size, prompt length
 bucket, config). Option names follow the original `generate_with_bd3lm` kwargs (spec §6).
@@ -185,7 +186,8 @@ class GenerateOutput:
   `steps_per_token` `[B, G]`: index of the row's forward that fixed each token, -1 if never decoded
     (trajectory plots); block diffusion counts from the first forward after the prefill, AR from the
     prefill (which gives token 0).
-  `text`: decoded answers (up to the first EOS) when a tokenizer was given.
+  `text`: decoded answers (up to the first EOS) when a tokenizer was given; `clean_text`: the same after
+    the original evaluation's clean-up (`clean_answer`), the strings its scores were computed on.
   `cache`: the donated KV cache, reusable by the next call with the same shapes (on a mesh its batch
     is padded to a multiple of the `data` axis).
   """
@@ -211,3 +213,14 @@ class GenerateOutput:
     if tokenizer is not None:
       text = tokenizer.batch_decode([t[:n].tolist() for t, n in zip(tokens, lengths)], skip_special_tokens=True)
     return cls(tokens, lengths, nfe, int(forwards), decoded / np.maximum(nfe, 1), steps, text, cache)
+
+  @property
+  def clean_text(self) -> list[str] | None:
+    return None if self.text is None else [clean_answer(t) for t in self.text]
+
+
+def clean_answer(text: str) -> str:
+  """DiffusionVL's evaluation post-processing (spec §9.2): cut at the first newline, `strip()`, drop one
+  trailing "." (benchmarks score short answers, which the model may end with a full stop or a new line)."""
+  text = text.split("\n", 1)[0].strip()
+  return text[:-1] if text.endswith(".") else text
