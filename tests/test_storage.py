@@ -12,17 +12,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from fsspec.implementations.local import LocalFileSystem
 
-from dvl_jax.checkpoints import saving
 from dvl_jax.core import storage
 from dvl_jax.core.config import ModelConfig, tiny_config
 from dvl_jax.data import synthetic
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
 from dvl_jax.data.processor import Processor
 from dvl_jax.checkpoints.loading import load
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import save_tiny_checkpoint
 from dvl_jax.parallel.mesh import make_mesh
 from tests.data.helpers import make_processor
 
@@ -84,8 +82,7 @@ def test_training_rows_and_images_read_from_a_bucket_equal_the_local_ones(bucket
 def test_checkpoint_config_and_tokenizer_come_from_a_bucket_via_a_local_cache(bucket, tmp_path):
   cfg = tiny_config()
   local = str(tmp_path / "ckpt")
-  saving.save(Qwen25VL(cfg, rngs=nnx.Rngs(0)), local)
-  make_processor().tokenizer.save_pretrained(local)
+  save_tiny_checkpoint(local, cfg, tokenizer=make_processor().tokenizer)
   shutil.copytree(local, os.path.join(bucket, "b", "ckpt"))
 
   assert ModelConfig.load("gs://b/ckpt/config.json") == ModelConfig.load(os.path.join(local, "config.json"))

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 BENCHMARKS = ("attention", "convert", "sampling", "train", "train_memory")
-FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

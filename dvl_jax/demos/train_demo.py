@@ -134,7 +134,6 @@ def evaluate(model: Any, processor: Any, examples: list[synthetic.Example], samp
 def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
   """Runs the four stages; prints and returns `{decoder: metrics}` plus the run directories."""
   import dvl_jax as dvl
-  from dvl_jax import cli
 
   size = QUICK if quick else FULL
   workdir = workdir or tempfile.mkdtemp(prefix="dvl-demo-")
@@ -152,9 +151,8 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
 
   print("[2/4] dvl export (-> PyTorch / HF safetensors), dvl convert (-> dvl checkpoint)")
   hf_dir, source = os.path.join(workdir, "ar_hf"), os.path.join(workdir, "source")
-  for argv in (["export", ar_model, hf_dir, "--no-progress"], ["convert", hf_dir, source, "--no-progress"]):
-    if cli.main(argv):
-      raise RuntimeError(f"dvl {' '.join(argv)} failed")
+  dvl.export(ar_model, hf_dir, progress=False)
+  dvl.convert(hf_dir, source, progress=False)
 
   print(f"[3/4] stage-2 diffusion finetuning (BD3-LM, block size {cfg.block_size}, {size.diffusion_steps} steps)")
   diffusion_config = run_config("stage2", source, data_json, steps=size.diffusion_steps,

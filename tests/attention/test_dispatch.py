@@ -14,7 +14,7 @@ from dvl_jax.attention.reference import attend_dense
 from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion.loss import bd3_loss
 from dvl_jax.core.vision_layout import vision_layout
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 from tests.attention.cases import Case, cache_window, max_errors, problem
 
 KERNELS = ("pallas_gpu", "splash")  # cudnn is jax's XLA path off a GPU: checked at the attention level
@@ -60,9 +60,9 @@ def test_cudnn_backend_matches_reference():
 
 # ---- the whole model ----------------------------------------------------------------------------
 
-def _model(backend: str) -> Qwen25VL:
+def _model(backend: str):
   """Tiny model with widely spread weights (sharp logits, varied greedy tokens), same for every backend."""
-  graphdef, state = nnx.split(Qwen25VL(tiny_config(attention_backend=backend), rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(tiny_model(tiny_config(attention_backend=backend)))
   rng = np.random.default_rng(0)
   spread = lambda x: jnp.asarray(rng.normal(scale=0.3, size=x.shape), x.dtype) + (x if x.ndim == 1 else 0)
   return nnx.merge(graphdef, jax.tree.map(spread, state))

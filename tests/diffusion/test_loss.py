@@ -17,16 +17,15 @@ from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
 from dvl_jax.diffusion.noise import block_times
 from dvl_jax.core.vision_layout import vision_layout
-from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.testing.tiny import converted_checkpoint
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   cfg = tiny_config(block_size=4, position_mode="flat")
   root = tmp_path_factory.mktemp("loss")
-  hf = save_hf_checkpoint(str(root / "hf"), cfg, seed=7)
-  dvl.convert(str(root / "hf"), str(root / "dvl"), progress=False)
-  model = dvl.load(str(root / "dvl"))
+  hf, converted = converted_checkpoint(str(root), cfg, seed=7)
+  model = dvl.load(converted)
   return cfg, hf, model
 
 

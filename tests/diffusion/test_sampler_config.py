@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 
 
 @pytest.mark.parametrize("options, message", [
@@ -30,7 +29,7 @@ def test_invalid_options(options, message):
 
 @pytest.fixture(scope="module")
 def model():
-  return Qwen25VL(tiny_config(), rngs=nnx.Rngs(0))
+  return tiny_model()
 
 
 @pytest.mark.parametrize("inputs, options, message", [

@@ -12,7 +12,7 @@ import torch
 
 import dvl_jax as dvl
 from dvl_jax.core.config import tiny_config
-from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.testing.tiny import converted_checkpoint
 
 LOGITS_TOL = 1e-4
 VISION_TOL = 1e-5
@@ -24,9 +24,8 @@ def models(request, tmp_path_factory):
   if request.param == "tied":
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=True))
   root = tmp_path_factory.mktemp(request.param)
-  hf = save_hf_checkpoint(str(root / "hf"), cfg, seed=3)
-  dvl.convert(str(root / "hf"), str(root / "dvl"), progress=False)
-  return cfg, hf, dvl.load(str(root / "dvl"))
+  hf, converted = converted_checkpoint(str(root), cfg, seed=3)
+  return cfg, hf, dvl.load(converted)
 
 
 def _image_tokens(cfg, grid):

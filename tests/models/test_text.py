@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from dvl_jax.core.config import tiny_config
 from dvl_jax.models.rope import get_rope_index, text_rope
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 from dvl_jax.testing.tiny_checkpoint import build_hf_model
 
 
@@ -63,7 +62,7 @@ def test_scan_unroll_and_remat_agree(tied):
   ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 11)))
   outs = []
   for scan, remat in ((True, "none"), (False, "none"), (True, "full"), (False, "dots_saveable")):
-    model = Qwen25VL(base.replace(scan_layers=scan, remat_policy=remat), rngs=nnx.Rngs(0))
+    model = tiny_model(base.replace(scan_layers=scan, remat_policy=remat))
     assert (model.lm_head is None) == tied
     outs.append(np.asarray(model(ids, positions="flat")))
   for out in outs[1:]:
@@ -74,7 +73,7 @@ def test_kv_prefix_reproduces_full_causal_pass():
   """Decoding the second half against the first half's K/V equals one causal pass (cache contract)."""
   from dvl_jax.attention.spec import AttentionSpec
 
-  model = Qwen25VL(tiny_config(), rngs=nnx.Rngs(1))
+  model = tiny_model(seed=1)
   ids = jnp.asarray(np.random.default_rng(2).integers(3, 200, (1, 10)))
   pos = jnp.arange(10)[None]
   emb = model.embed(ids)

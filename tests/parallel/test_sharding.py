@@ -9,7 +9,8 @@ from jax.sharding import PartitionSpec
 
 from dvl_jax.core.config import tiny_config
 from dvl_jax.core.vision_layout import vision_layout
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.models.families import abstract_model
+from dvl_jax.testing.tiny import tiny_model
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import abstract_arrays, logical_shardings, partition_spec
 
@@ -38,7 +39,7 @@ def test_partition_spec_rules():
 @pytest.mark.parametrize("shape", [(1, 4, 2), (1, 2, 4), (1, 1, 8), (2, 2, 2)])
 def test_sharded_forward_equals_single_device(shape):
   cfg = tiny_config()
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  model = tiny_model(cfg)
   graphdef, state = nnx.split(model)
   ids, pixels, layout = _inputs(cfg)
 
@@ -60,7 +61,7 @@ def test_sharded_forward_equals_single_device(shape):
 
 def test_abstract_arrays_carry_shardings():
   cfg = tiny_config()
-  abstract = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))[1]
+  abstract = nnx.split(abstract_model(cfg))[1]
   mesh = make_mesh((1, 4, 2))
   leaves = jax.tree.leaves(abstract_arrays(abstract, mesh))
   assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding.mesh == mesh for x in leaves)

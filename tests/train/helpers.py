@@ -3,11 +3,10 @@
 import dataclasses
 
 import jax
-from flax import nnx
 
 from dvl_jax.data import synthetic
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing import tiny
 from dvl_jax.parallel.mesh import make_mesh
 from tests.data.helpers import make_processor
 
@@ -16,8 +15,9 @@ CONFIG = DataConfig(batch_size=8, max_length=128, length_multiple=8, square_pad=
                     micro_batches=1)
 
 
-def tiny_model(seed: int = 0, **config_overrides) -> Qwen25VL:
-  return Qwen25VL(dataclasses.replace(PROC.config, **config_overrides), rngs=nnx.Rngs(seed))
+def tiny_model(seed: int = 0, **config_overrides):
+  """The processor's tiny Qwen2.5-VL (its vocabulary), built once per process by `dvl_jax.testing.tiny`."""
+  return tiny.tiny_model(dataclasses.replace(PROC.config, **config_overrides), seed=seed)
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
