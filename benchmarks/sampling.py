@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 from dvl_jax.core.config import tiny_config  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
+from dvl_jax.models.interface import path_names  # noqa: E402
 from dvl_jax.models.qwen25vl.model import Qwen25VL  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.parallel.rules import shard_model  # noqa: E402
@@ -146,7 +147,8 @@ def main() -> None:
   args = parser.parse_args()
 
   model = bench_model(args.small, args.lm_head_scale)
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(model.text))) + model.lm_head.kernel.size
+  params = sum(x.size for path, x in jax.tree.leaves_with_path(nnx.state(model))
+               if model.param_group(path_names(path)) == "language")
   print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {model.config.block_size}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
   rows = []

@@ -1,8 +1,8 @@
 """Autoregressive decoding of the same model with the KV cache: the in-stack speed baseline.
 
 In `mrope` mode it is the source Qwen2.5-VL model's own decoding: prompt positions from
-`get_rope_index` (host), then each new token at `max prompt position + 1 + t` in all three rows (the
-"rope delta" of transformers); greedy output equals transformers' `generate` token for token.
+`model.positions(..., "mrope")` (host), then each new token at `max prompt position + 1 + t` in all three
+rows (the "rope delta" of transformers); greedy output equals transformers' `generate` token for token.
 Rows have their own prompt lengths (cache slot = absolute index) and stop at their own EOS; a
 finished row is frozen and padded with the pad id. Streaming (`on_block`) reports pieces of up to
 `block_size` tokens: each time a row reaches a multiple of it, its EOS or `gen_length`.
@@ -10,135 +10,135 @@ finished row is frozen and padded with the pad id. Streaming (`on_block`) report
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.diffusion import kv_cache, remask, streaming
+from dvl_jax.diffusion import kv_cache, sampler_common, streaming
+from dvl_jax.diffusion.sampler_common import Algorithm, Outputs, Prompt
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
-from dvl_jax.models.rope import get_rope_index
-from dvl_jax.models.interface import KV
-from dvl_jax.diffusion.sampling_mesh import Placement, jit_sampler
+from dvl_jax.diffusion.sampling_mesh import Placement
+from dvl_jax.models.interface import KV, DiffusionLM
 
-TRACES: collections.Counter = collections.Counter()
-
-
-def generate(model: nnx.Module, inputs: Any, config: SamplingConfig, *, rng: jax.Array | None = None,
-             cache: KV | None = None, tokenizer: Any = None,
-             on_block: streaming.OnBlock | None = None) -> GenerateOutput:
-  """Greedy (temperature 0) or sampled AR decoding of `config.gen_length` tokens (see `sampler.generate`)."""
-  config = config.resolve(model.config)
-  run, args, batch = _arguments(model, inputs, config, rng, cache, stream=on_block is not None)
-  out, cache = streaming.call(run, args, on_block, batch)
-  return GenerateOutput.build(out["tokens"], out["nfe"], out["nfe"], out["forwards"], out["steps"],
-                              model.config.eos_token_id, tokenizer, cache, batch=batch)
+TRACES = sampler_common.TRACES  # traces per algorithm (both samplers): a recompile shows up here
 
 
-def lower(model: nnx.Module, inputs: Any, config: SamplingConfig) -> jax.stages.Lowered:
-  config = config.resolve(model.config)
-  run, args, _ = _arguments(model, inputs, config, None, None)
-  return run.lower(*args)
+def generate(model: DiffusionLM, inputs: Any, config: SamplingConfig, **options: Any) -> GenerateOutput:
+  """Greedy (temperature 0) or sampled AR decoding of `config.gen_length` tokens (`options`: see
+  `sampler.generate`)."""
+  return sampler_common.generate(ALGORITHM, model, inputs, config, **options)
 
 
-def _arguments(model: nnx.Module, inputs: Any, config: SamplingConfig, rng: jax.Array | None,
-               cache: KV | None, stream: bool = False) -> tuple[Any, tuple, int]:
-  """(the jitted sampler for the model's placement, its arguments, the number of real rows)."""
-  cfg = model.config
-  prompts = Prompts.coerce(inputs).bucketed(config, cfg)
+def lower(model: DiffusionLM, inputs: Any, config: SamplingConfig) -> jax.stages.Lowered:
+  return sampler_common.lower(ALGORITHM, model, inputs, config)
+
+
+def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+  """(prompt positions rows first, `[B, W]` flat or `[B, 3, W]` M-RoPE, so that one row sharding fits both;
+  each row's first generated position `[B]`)."""
   b, w = prompts.ids.shape
+  if config.positions == "mrope" and prompts.pixel_values is not None and prompts.image_grid_thw is None:
+    raise ValueError("positions='mrope' with images needs image_grid_thw")
   real = np.arange(w) < prompts.lengths[:, None]
-  if config.positions == "mrope":
-    grid = None if prompts.image_grid_thw is None else np.asarray(prompts.image_grid_thw)
-    if prompts.pixel_values is not None and grid is None:
-      raise ValueError("positions='mrope' with images needs image_grid_thw")
-    positions, _ = get_rope_index(prompts.ids, grid, real.astype(np.int64), image_token_id=cfg.image_token_id,
-                                  vision_start_token_id=cfg.vision_start_token_id,
-                                  spatial_merge_size=cfg.vision.spatial_merge_size)
-    next_position = (np.where(real, positions, -1).max(axis=(0, 2)) + 1).astype(np.int32)
-  else:
-    positions = np.broadcast_to(np.arange(w), (b, w))
-    next_position = prompts.lengths
-  graphdef, state = nnx.split(model)
-  place = Placement.of(cfg, state)
-  cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
-  rows_first = np.asarray(positions, np.int32).swapaxes(0, positions.ndim - 2)  # [B, W] or [B, 3, W]
-  args = (graphdef, config, state, cache, place.pad_rows(prompts.ids, fill=cfg.pad_token_id),
-          place.pad_rows(prompts.lengths), place.pad_rows(rows_first), place.pad_rows(next_position),
-          prompts.pixel_values, prompts.vision, place.pad_keys(remask.row_keys(rng, b)))
-  return jit_sampler(_run_streaming if stream else _run, place, _shardings), args, b
+  positions = np.asarray(model.positions(prompts.ids, prompts.image_grid_thw, real.astype(np.int32),
+                                         config.positions), np.int32)  # [B, W] or [3, B, W]
+  next_position = np.where(real, positions, -1).reshape(-1, b, w).max(axis=(0, 2)) + 1
+  return np.moveaxis(positions, -2, 0), next_position.astype(np.int32)
 
 
-def _shardings(place: Placement) -> dict[str, Any]:
-  rows, rep = place.rows, place.replicated
-  outputs = {"tokens": rows, "nfe": rows, "forwards": rep, "steps": rows}
-  return {"in_shardings": (place.param_shardings, place.cache, rows, rows, rows, rows, rep, rep, rows),
-          "out_shardings": (outputs, place.cache)}
+# ---- the decoding loop ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What every step of one sampling call reads and none changes."""
+
+  model: DiffusionLM
+  config: SamplingConfig  # static
+  placement: Placement
+  stream: bool  # report pieces as they are produced (`streaming.emit`)
+  max_len: int  # M, the cache's slots
+  lengths: jax.Array  # [B] prompt lengths
+  next_position: jax.Array  # [B] position of the first generated token
+  mrope: bool  # positions are [3, B, n], else [B, n]
+  keys: jax.Array  # [B] PRNG keys
 
 
-def _run(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, ids: jax.Array, lengths: jax.Array,
-         positions: jax.Array, next_position: jax.Array, pixel_values: Any, vision: Any, keys: jax.Array, *,
-         placement: Placement, stream: bool = False) -> tuple[dict[str, jax.Array], KV]:
-  """ids `[B, W]`, lengths `[B]` (0: a dead padding row), positions `[B, W]` or `[B, 3, W]` (rows first, so
-  one row sharding fits both), next_position `[B]` -> tokens `[B, G]` and statistics. `stream`: report
-  pieces of tokens as they are produced (`streaming.emit`)."""
-  TRACES["autoregressive_streaming" if stream else "autoregressive"] += 1
-  model = nnx.merge(graphdef, placement.constrain_params(state))
-  positions = jnp.swapaxes(positions, 0, positions.ndim - 2)  # the model's [B, W] or [3, B, W]
-  pad_id, eos_id = model.config.pad_token_id, model.config.eos_token_id
-  b, w = ids.shape
-  m, gen = cache[0].shape[2], config.gen_length
-  propose = functools.partial(remask.propose, temperature=config.temperature, top_k=config.top_k,
-                              top_p=config.top_p)
-  plen = lengths.astype(jnp.int32)
-  features = None if pixel_values is None else model.image_features(placement.constrain_patches(pixel_values),
-                                                                     vision)
-  spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < plen[:, None], kind="causal")
-  hidden, kv = model.decode(model.embed(ids, features), positions, spec, return_kv=True)
-  cache = kv_cache.write_prefix(cache, kv, placement.cache)
-  last = jnp.take_along_axis(hidden, (plen - 1)[:, None, None], axis=1)  # logits only where needed
-  first, _ = propose(model.logits(last), jax.vmap(jax.random.fold_in)(keys, jnp.zeros((b,), jnp.int32)))
-  tokens = jnp.full((b, gen), pad_id, jnp.int32).at[:, 0].set(first[:, 0])
+class _Carry(NamedTuple):
+  cache: KV
+  tokens: jax.Array  # [B, G] generated tokens, the pad id after a row's end
+  t: jax.Array  # [] tokens produced (the one being fed back is `t - 1`)
+  done: jax.Array  # [B] (dead padding rows start done)
+  nfe: jax.Array  # [B] forwards of the row, prefill included
 
-  def report(rows: jax.Array, t: jax.Array, tokens: jax.Array) -> None:
-    """Streaming only: the `rows` end their piece (of `block_size` tokens) at token `t`."""
-    if stream:
-      bs = config.block_size
-      win = (t // bs) * bs + jnp.arange(bs)
-      streaming.emit(rows, jnp.broadcast_to(t // bs, (b,)), tokens[:, jnp.minimum(win, gen - 1)],
-                     jnp.broadcast_to(win <= t, (b, bs)), placement)
 
-  report((plen > 0) & ((first[:, 0] == eos_id) | (gen == 1)), jnp.int32(0), tokens)
-
-  def step(carry):
-    cache, tokens, t, done, nfe = carry
-    active = ~done
-    slot = plen + t - 1  # the previous token's absolute index: its K/V are written there
-    pos = (next_position + t - 1)[:, None]
-    if positions.ndim == 3:
-      pos = jnp.broadcast_to(pos[None], (3, b, 1))
-    x = model.embed(jax.lax.dynamic_slice_in_dim(tokens, t - 1, 1, axis=1))
-    spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, m, kind="causal")
-    hidden, kv = model.decode(x, pos, spec, kv_cache.pinned(cache, placement.cache), return_kv=True)
-    cache = kv_cache.write(cache, kv, slot, active, placement.cache)
-    tok, _ = propose(model.logits(hidden), jax.vmap(jax.random.fold_in)(keys, nfe))
-    new = jnp.where(active, tok[:, 0], pad_id)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], t, axis=1)
-    report(active & (((t + 1) % config.block_size == 0) | (new == eos_id) | (t + 1 == gen)), t, tokens)
-    return placement.pin_loop(cache, tokens, t + 1, done | (active & (new == eos_id)), nfe + active)
-
-  init = placement.pin_loop(cache, tokens, jnp.int32(1), (tokens[:, 0] == eos_id) | (plen == 0),
-                            jnp.ones((b,), jnp.int32))
+def _run(model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt, keys: jax.Array,
+         inputs: tuple[jax.Array, jax.Array], *, placement: Placement, stream: bool) -> tuple[Outputs, KV]:
+  """The embedded prompt -> tokens `[B, G]` and statistics; the cache goes through. `inputs`: `_inputs`."""
+  positions, next_position = inputs
+  positions = jnp.moveaxis(positions, 0, -2)  # the model's [B, W] or [3, B, W]
+  ctx = _Context(model, config, placement, stream, cache[0].shape[2], prompt.lengths, next_position,
+                 positions.ndim == 3, keys)
+  init = prefill(ctx, cache, prompt, positions)
   with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
-    cache, tokens, t, _, nfe = jax.lax.while_loop(lambda c: (c[2] < gen) & jnp.any(~c[3]), step, init)
-  produced = jnp.arange(gen)[None, :] < nfe[:, None]
-  out = {"tokens": tokens, "nfe": nfe, "forwards": t, "steps": jnp.where(produced, jnp.arange(gen), -1)}
-  return out, cache
+    c = jax.lax.while_loop(lambda c: (c.t < config.gen_length) & jnp.any(~c.done), functools.partial(step, ctx), init)
+  produced = jnp.arange(config.gen_length)[None, :] < c.nfe[:, None]
+  out = {"tokens": c.tokens, "decoded": c.nfe, "nfe": c.nfe, "forwards": c.t,
+         "steps": jnp.where(produced, jnp.arange(config.gen_length), -1)}
+  return out, c.cache
 
 
-_run_streaming = functools.partial(_run, stream=True)  # one object: `jit_sampler` caches by it
+def prefill(ctx: _Context, cache: KV, prompt: Prompt, positions: jax.Array) -> _Carry:
+  """One causal pass over the prompt writes its K/V and gives each row its first token (logits only at the
+  prompt's last position): the loop's first carry."""
+  cfg, gen = ctx.model.config, ctx.config.gen_length
+  b, w = prompt.ids.shape
+  spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < ctx.lengths[:, None], kind="causal")
+  hidden, kv = ctx.model.decode(prompt.embeds, positions, spec, return_kv=True)
+  cache = kv_cache.write_prefix(cache, kv, ctx.placement.cache)
+  last = jnp.take_along_axis(hidden, (ctx.lengths - 1)[:, None, None], axis=1)
+  first, _ = sampler_common.propose(ctx.config, ctx.model.logits(last), ctx.keys, jnp.zeros((b,), jnp.int32))
+  first = first[:, 0]
+  tokens = jnp.full((b, gen), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
+  report(ctx, (ctx.lengths > 0) & ((first == cfg.eos_token_id) | (gen == 1)), jnp.int32(0), tokens)
+  done = (first == cfg.eos_token_id) | (ctx.lengths == 0)
+  return ctx.placement.pin_loop(_Carry(cache, tokens, jnp.int32(1), done, jnp.ones((b,), jnp.int32)))
+
+
+def step(ctx: _Context, c: _Carry) -> _Carry:
+  """Every active row feeds back its last token (slot `P + t - 1`, position `next_position + t - 1`): its K/V
+  go to the cache and its hidden state gives the row's next token."""
+  cfg = ctx.model.config
+  b = c.tokens.shape[0]
+  active = ~c.done
+  slot = ctx.lengths + c.t - 1
+  pos = (ctx.next_position + c.t - 1)[:, None]
+  if ctx.mrope:
+    pos = jnp.broadcast_to(pos[None], (3, b, 1))
+  x = ctx.model.embed(jax.lax.dynamic_slice_in_dim(c.tokens, c.t - 1, 1, axis=1))
+  spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, ctx.max_len, kind="causal")
+  hidden, kv = ctx.model.decode(x, pos, spec, kv_cache.pinned(c.cache, ctx.placement.cache), return_kv=True)
+  cache = kv_cache.write(c.cache, kv, slot, active, ctx.placement.cache)
+  token, _ = sampler_common.propose(ctx.config, ctx.model.logits(hidden), ctx.keys, c.nfe)
+  new = jnp.where(active, token[:, 0], cfg.pad_token_id)
+  tokens = jax.lax.dynamic_update_slice_in_dim(c.tokens, new[:, None], c.t, axis=1)
+  ends = ((c.t + 1) % ctx.config.block_size == 0) | (new == cfg.eos_token_id) | (c.t + 1 == ctx.config.gen_length)
+  report(ctx, active & ends, c.t, tokens)
+  return ctx.placement.pin_loop(_Carry(cache, tokens, c.t + 1, c.done | (active & (new == cfg.eos_token_id)),
+                                       c.nfe + active))
+
+
+def report(ctx: _Context, rows: jax.Array, t: jax.Array, tokens: jax.Array) -> None:
+  """Streaming only: the `rows` `[B]` end their piece (of `block_size` tokens) at token `t`."""
+  if ctx.stream:
+    bs, gen, b = ctx.config.block_size, ctx.config.gen_length, tokens.shape[0]
+    window = (t // bs) * bs + jnp.arange(bs)
+    streaming.emit(rows, jnp.broadcast_to(t // bs, (b,)), tokens[:, jnp.minimum(window, gen - 1)],
+                   jnp.broadcast_to(window <= t, (b, bs)), ctx.placement)
+
+
+ALGORITHM = Algorithm(_run, _inputs, per_row=True)

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from dvl_jax.parallel.mesh import AXES
 
 PARAM_SHARE = 0.5  # suggest_mesh keeps params within this share of a device's memory (the rest: cache, activations)
 _WARNED: set[tuple[int, int]] = set()
+Carry = TypeVar("Carry", bound=tuple)  # a decoding loop's carry: a NamedTuple, the KV cache first
 
 
 def suggest_mesh(cfg: ModelConfig, num_devices: int | None = None, *, batch: int | None = None,
@@ -166,13 +167,15 @@ class Placement:
       return state
     return jax.lax.with_sharding_constraint(state, jax.tree.unflatten(self.tree, self.compute_params))
 
-  def pin_loop(self, cache: Any, *per_row: jax.Array) -> tuple:
-    """A decoding loop's carry `(cache, *per_row)` pinned: the cache to `cache`, arrays with a leading batch
-    axis to `rows`, scalars replicated. Its sharding then cannot drift between iterations."""
+  def pin_loop(self, carry: Carry) -> Carry:
+    """A decoding loop's carry (a NamedTuple: the KV cache, then arrays) pinned: the cache to `.cache`, arrays
+    with a leading batch axis to `rows`, scalars replicated. Its sharding then cannot drift between iterations."""
     if self.mesh is None:
-      return cache, *per_row
+      return carry
     constrain = jax.lax.with_sharding_constraint
-    return constrain(cache, self.cache), *(constrain(x, self.rows if x.ndim else self.replicated) for x in per_row)
+    cache, *per_row = carry
+    return type(carry)(constrain(cache, self.cache),
+                       *(constrain(x, self.rows if x.ndim else self.replicated) for x in per_row))
 
   def constrain_patches(self, pixel_values: jax.Array) -> jax.Array:
     """Image patch rows over `data`, so the vision tower's per-patch work is split like the batch."""

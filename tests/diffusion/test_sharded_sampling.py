@@ -14,10 +14,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B, tiny_config
-from dvl_jax.diffusion import sampler
+from dvl_jax.diffusion import sampler, sampling_mesh
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.models.qwen25vl.model import Qwen25VL
-from dvl_jax.parallel import sampling_mesh
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
 from dvl_jax.diffusion.sampling_mesh import Placement, suggest_mesh
