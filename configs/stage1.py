@@ -1,15 +1,16 @@
-"""Stage 1, connector alignment (spec §7.2): next-token CE, only the projector (PatchMerger) trains,
-lr 1e-3, cosine with 3% warmup, global batch 128, square images, no block-aligned EOS (AR objective)."""
+"""Stage 1, connector alignment (spec §7.2): stage 2's recipe (configs/stage2.py) except next-token CE
+with only the projector (PatchMerger) training at lr 1e-3, global batch 128 without micro-batches, and
+no block-aligned EOS (AR objective)."""
 
-from dvl_jax.train.run_config import default_config
+import os
+
+from dvl_jax.train.run_config import load_config
 
 
 def get_config():
-  c = default_config()
+  c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage2.py"))
   c.stage = "stage1"
-  c.optimizer.learning_rate = 1e-3
-  c.optimizer.vision_learning_rate = None
-  c.data.batch_size = 128
-  c.data.micro_batches = 1
+  c.optimizer.learning_rate, c.optimizer.vision_learning_rate = 1e-3, None
+  c.data.batch_size, c.data.micro_batches = 128, 1
   c.data.block_aligned_eos = False
   return c

@@ -49,13 +49,14 @@ log = logging.getLogger(__name__)
 class DataConfig:
   """Data options of a run; token ids and the block size come from the model config.
 
-  `batch_size` is global (all processes). `buckets=None` picks `num_buckets` lengths (multiples of
+  These defaults are the run config's too: its `data` section is generated from this class
+  (`dvl_jax/train/run_config.py`). `buckets=None` picks `num_buckets` lengths (multiples of
   `length_multiple` and of the block size) minimising padding on the data. `square_pad` and
   `block_aligned_eos` are the training settings of spec §2.1 / §4.5 (turn EOS padding off for AR
   training). min/max pixels belong to the `Processor`.
   """
 
-  batch_size: int = 8
+  batch_size: int = 256      # global, all processes
   max_length: int = 8192
   buckets: tuple[int, ...] | None = None
   num_buckets: int = 4
@@ -65,10 +66,10 @@ class DataConfig:
   group_by_modality: bool = True
   shuffle: bool = True
   seed: int = 0
-  num_threads: int = 2
+  num_threads: int = 16      # grain reader threads
   prefetch: int = 4
-  worker_count: int = 0
-  micro_batches: int | None = None
+  worker_count: int = 0      # grain worker processes (0: threads of this process)
+  micro_batches: int | None = None  # A: batch leaves [A, batch_size / A, ...]; None: [batch_size, ...]
 
 
 def batch_shards(mesh: Mesh) -> tuple[int, list[int]]:

@@ -31,6 +31,7 @@ from dvl_jax.parallel import distributed
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.train.metrics_writer import MetricsWriter, local_metrics_dir
 from dvl_jax.train.optimizer import OptimizerConfig
+from dvl_jax.train.run_config import check_keys, from_section
 from dvl_jax.train.state import stage
 from dvl_jax.train.step import TrainStep
 
@@ -67,20 +68,16 @@ def run_mesh(text: str) -> Mesh:
   return make_mesh(shape, jax.devices()[:math.prod(shape)])
 
 
-def _data_config(c: ml_collections.ConfigDict, seed: int) -> DataConfig:
-  return DataConfig(batch_size=c.batch_size, micro_batches=c.micro_batches, max_length=c.max_length,
-                    num_buckets=c.num_buckets, length_multiple=c.length_multiple, square_pad=c.square_pad,
-                    block_aligned_eos=c.block_aligned_eos, seed=seed, num_threads=c.num_threads,
-                    prefetch=c.prefetch, worker_count=c.worker_count)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict[str, float]:
   """Runs (or resumes) a training run; returns the last logged metrics.
 
+  `config` has the keys of `run_config.default_config()`; one it lacks (a typo) fails before anything runs.
+
   `stop_after` ends this invocation after that many steps (with a checkpoint), e.g. to fit a time
   slot; `resume=True` continues it later.
   """
+  check_keys(config)
   distributed.initialize()
   if not config.init_checkpoint:
     raise ValueError("config.init_checkpoint is empty: point it at a `dvl convert` output")
@@ -91,15 +88,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = Fal
                remat_policy=config.remat_policy, attention_backend=config.attention_backend)
   processor = Processor.from_pretrained(config.init_checkpoint, min_pixels=config.data.min_pixels,
                                         max_pixels=config.data.max_pixels)
-  pipeline = DataPipeline.from_json(config.data.json, processor, _data_config(config.data, config.seed), mesh,
+  # The train step scans a micro-batch axis: no micro-batches is one.
+  data_config = from_section(DataConfig, config.data, seed=config.seed,
+                             micro_batches=config.data.micro_batches or 1)
+  pipeline = DataPipeline.from_json(config.data.json, processor, data_config, mesh,
                                     image_folder=config.data.image_folder or os.path.dirname(config.data.json))
   total = config.total_steps or config.epochs * pipeline.plan.batches_per_epoch
-  opt = config.optimizer
-  trainer = TrainStep(model, stage(config.stage),
-                      OptimizerConfig(learning_rate=opt.learning_rate, vision_learning_rate=opt.vision_learning_rate,
-                                      projector_learning_rate=opt.projector_learning_rate,
-                                      warmup_ratio=opt.warmup_ratio, weight_decay=opt.weight_decay,
-                                      clip_norm=opt.clip_norm or None), total, mesh,
+  trainer = TrainStep(model, stage(config.stage), from_section(OptimizerConfig, config.optimizer), total, mesh,
                       loss_chunk_size=config.loss_chunk_size)
   checkpoints = TrainCheckpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                  async_save=config.async_checkpointing)

@@ -24,8 +24,9 @@ Path = tuple[Any, ...]
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Defaults are the DiffusionVL-QwenVL recipe (spec §7.1); `vision_learning_rate=None` and
-  `projector_learning_rate=None` mean the LM's `learning_rate`."""
+  """Defaults are the DiffusionVL-QwenVL recipe (spec §7.1) and the run config's (its `optimizer`
+  section is generated from this class); `vision_learning_rate=None` and `projector_learning_rate=None`
+  mean the LM's `learning_rate`; `clip_norm` None or 0 turns clipping off."""
 
   learning_rate: float = 1e-5
   vision_learning_rate: float | None = 2e-6

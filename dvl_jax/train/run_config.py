@@ -1,24 +1,37 @@
 """The options of a training run as one `ml_collections.ConfigDict` (files in `configs/` start from here),
-and `--config.key=value` overrides with the type of the default."""
+and `--config.key=value` overrides with the type of the default.
+
+Each setting has its default in one place: the `data` and `optimizer` sections are generated from the
+dataclasses they fill (`DataConfig`, `OptimizerConfig`), which own those defaults, and `from_section`
+turns a section back into its dataclass; the run's own settings have theirs in `default_config`. The
+spec's recipes are set on top in `configs/stage1.py` and `configs/stage2.py`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
-from typing import Sequence
+import typing
+from typing import Any, Iterable, Sequence, TypeVar
 
 import ml_collections
 from ml_collections import config_dict
 
+from dvl_jax.data.pipeline import DataConfig
 from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
+from dvl_jax.train.optimizer import OptimizerConfig
+
+T = TypeVar("T")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Stage 2 of DiffusionVL-QwenVL (spec §7.1): BD3-LM, everything trainable, global batch 256."""
+  """Every setting at its default; also the schema: a key it lacks is a typo (`check_keys`)."""
   c = ml_collections.ConfigDict()
   c.stage = "stage2"                 # stage1 (AR, projector only) | stage2 (BD3-LM, all) | ar (AR, all)
   c.init_checkpoint = ""             # a `dvl convert` output (or a previous run's workdir/model); required
   c.mesh = "1,-1,1"                  # data,fsdp,tensor device counts; -1 = the remaining devices
-  c.seed = 0
+  c.seed = 0                         # model noise and the data order
   c.total_steps = 0                  # 0 = `epochs` passes over the data
   c.epochs = 1
   c.compute_dtype = "bfloat16"       # activations; params and optimizer state stay float32
@@ -31,32 +44,48 @@ def default_config() -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.tensorboard = True
   c.save_model = True                # write workdir/model (loadable by dvl.load / dvl export) at the end
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-5
-  c.optimizer.vision_learning_rate = config_dict.placeholder(float)  # None = learning_rate
-  c.optimizer.vision_learning_rate = 2e-6
-  c.optimizer.projector_learning_rate = config_dict.placeholder(float)  # None = learning_rate
-  c.optimizer.warmup_ratio = 0.03
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.clip_norm = 1.0
-
-  c.data = ml_collections.ConfigDict()
+  c.optimizer = dataclass_section(OptimizerConfig)
+  c.data = dataclass_section(DataConfig, skip=("seed",))  # the run's `seed` orders the data
   c.data.json = ""                   # LLaVA-format .json / .jsonl
   c.data.image_folder = ""           # image paths in the JSON are relative to it ("" = the JSON's folder)
-  c.data.batch_size = 256            # global, all processes
-  c.data.micro_batches = 8           # gradient accumulation: batch_size / micro_batches rows per forward
-  c.data.max_length = 8192
-  c.data.num_buckets = 4
-  c.data.length_multiple = 64
-  c.data.square_pad = True
-  c.data.block_aligned_eos = True
-  c.data.min_pixels = MIN_PIXELS
+  c.data.min_pixels = MIN_PIXELS     # the Processor's image size bounds
   c.data.max_pixels = MAX_PIXELS
-  c.data.num_threads = 16
-  c.data.prefetch = 4
-  c.data.worker_count = 0
   return c
+
+
+def dataclass_section(cls: type, *, skip: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The fields of dataclass `cls` at their defaults. A field that may be None is a placeholder of its
+  type, so it can be set to None and back and an override still knows how to parse it."""
+  hints = typing.get_type_hints(cls)
+  section = ml_collections.ConfigDict()
+  for field in dataclasses.fields(cls):
+    if field.name in skip:
+      continue
+    kinds = typing.get_args(hints[field.name])
+    if type(None) in kinds:
+      (kind,) = (k for k in kinds if k is not type(None))
+      section[field.name] = config_dict.placeholder(typing.get_origin(kind) or kind)
+    section[field.name] = field.default
+  return section
+
+
+def from_section(cls: type[T], section: ml_collections.ConfigDict, **fixed: Any) -> T:
+  """`cls` from the section's keys that are its fields (others, like `data.json`, are not its
+  business), with `fixed` on top."""
+  names = {field.name for field in dataclasses.fields(cls)}
+  return cls(**{**{k: v for k, v in section.items() if k in names}, **fixed})
+
+
+def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
+               path: tuple[str, ...] = ()) -> None:
+  """Raises a one-line error for the first key of `config` that `default_config()` lacks (a config file
+  may add keys to a ConfigDict silently; nothing would read them)."""
+  schema = default_config() if schema is None else schema
+  for key, value in config.items():
+    if key not in schema:
+      raise _unknown_key((*path, key), len(path), schema.keys())
+    if isinstance(value, ml_collections.ConfigDict):
+      check_keys(value, schema[key], (*path, key))
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -73,25 +102,44 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
-  """`a.b=value`, converted to the type of the current value (bool: true/false/1/0)."""
+  """`a.b=value`, converted to the type of the current value (bool: true/false/1/0; tuple: comma-separated
+  ints; `none` where the field may be None)."""
   key, sep, text = item.partition("=")
   if not sep:
     raise ValueError(f"override {item!r} must look like key=value")
-  *parents, name = key.split(".")
+  *parents, name = parts = key.split(".")
   node = config
-  for part in parents:
-    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-  if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-    raise KeyError(f"unknown config key {key!r}")
+  for depth, part in enumerate(parents):
+    if not isinstance(node.get(part), ml_collections.ConfigDict):
+      raise _unknown_key(parts, depth, node.keys())
+    node = node[part]
+  if name not in node:
+    raise _unknown_key(parts, len(parents), node.keys())
   current = node[name]
   kind = type(current) if current is not None else node.get_type(name)
+  nullable = isinstance(dict(node.items(preserve_field_references=True))[name], config_dict.FieldReference)
   try:
-    if kind is bool:
+    if nullable and text.lower() == "none":
+      value = None
+    elif kind is bool:
       if text.lower() not in ("true", "false", "1", "0"):
         raise ValueError
       value = text.lower() in ("true", "1")
+    elif kind is tuple:
+      value = tuple(int(x) for x in text.split(","))
     else:
       value = kind(text)
   except ValueError:
-    raise ValueError(f"config key {key!r} needs a {kind.__name__}, got {text!r}") from None
+    form = " of comma-separated ints" if kind is tuple else ""
+    raise ValueError(f"config key {key!r} needs a {kind.__name__}{form}, got {text!r}") from None
   node[name] = value
+
+
+def _unknown_key(path: Sequence[str], depth: int, known: Iterable[str]) -> ValueError:
+  """Names the key whose part `path[depth]` is not among `known` and the fix: the closest known part,
+  or the list of them."""
+  parents, name = path[:depth], path[depth]
+  close = difflib.get_close_matches(name, [k for k in known if k != name], n=1)
+  fix = (f"did you mean {'.'.join([*parents, close[0], *path[depth + 1:]])!r}?" if close
+         else f"known keys{' of ' + '.'.join(parents) if parents else ''}: {', '.join(sorted(known))}")
+  return ValueError(f"unknown config key {'.'.join(path)!r} ({fix})")

@@ -122,7 +122,9 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_from_the_previous_one(se
 def test_a_non_finite_step_stops_the_run_and_names_the_last_good_checkpoint(setup):
   root, ckpt, data = setup
   workdir = str(root / "diverged")
-  config = _config(ckpt, data, optimizer__learning_rate=1e30, optimizer__warmup_ratio=0.0, checkpoint_every=1)
+  # micro_batches=None (the default) steps on whole batches as one micro-batch
+  config = _config(ckpt, data, optimizer__learning_rate=1e30, optimizer__warmup_ratio=0.0, checkpoint_every=1,
+                   data__micro_batches=None)
   with pytest.raises(TrainingDiverged, match=r"step 2: .*NaN/Inf.*last good checkpoint: step 1"):
     train(config, workdir, progress=False)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
