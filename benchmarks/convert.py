@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 from checkpoints_convert import orbax_stream
 from dvl_jax.models import key_map  # noqa: E402
 from checkpoints_convert.safetensors_writer import PlannedTensor, write_checkpoint  # noqa: E402
-from dvl_jax.core.config import VisionConfig, tiny_config  # noqa: E402
+from dvl_jax.core.config import VisionConfig  # noqa: E402
+from dvl_jax.testing.tiny import tiny_config  # noqa: E402
 from dvl_jax.models.families import abstract_model  # noqa: E402
 
 GB = 1 << 30

@@ -29,6 +29,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,11 +38,11 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dvl_jax.core.config import tiny_config  # noqa: E402
+from dvl_jax.testing.tiny import tiny_config  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
 from dvl_jax.models.interface import path_names  # noqa: E402
-from dvl_jax.models.qwen25vl.model import Qwen25VL  # noqa: E402
+from dvl_jax.models.families import build_model  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.parallel.rules import shard_model  # noqa: E402
 from dvl_jax.diffusion.sampling_mesh import suggest_mesh  # noqa: E402
@@ -57,7 +58,7 @@ SETTINGS = {
 }
 
 
-def bench_model(small: bool, lm_head_scale: float) -> Qwen25VL:
+def bench_model(small: bool, lm_head_scale: float) -> Any:
   cfg = tiny_config()
   vocab = 4096 if small else 32768
   hidden = 256 if small else 512
@@ -65,7 +66,7 @@ def bench_model(small: bool, lm_head_scale: float) -> Qwen25VL:
                              num_layers=4 if small else 8, num_heads=8, num_kv_heads=2, rope_theta=1e6,
                              mrope_section=(4, 6, 6) if small else (8, 12, 12))  # sums to head_dim / 2
   cfg = cfg.replace(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat")
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  model = build_model(cfg, nnx.Rngs(0))
   kernel = model.lm_head.kernel[...] * lm_head_scale
   model.lm_head.kernel[...] = kernel.at[:, cfg.eos_token_id].set(0.0)  # logit 0, far below the max: no EOS
   return model
@@ -79,7 +80,7 @@ def peak_bytes(lowered: jax.stages.Lowered) -> tuple[float, int]:
   return seconds, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def placed(model: Qwen25VL, choice: str, batch: int) -> tuple[str, Qwen25VL]:
+def placed(model: Any, choice: str, batch: int) -> tuple[str, Any]:
   """(label, the model with its params on the mesh `choice`: "1" (one device), "auto" or "data,fsdp,tensor")."""
   if choice == "1":
     return "1", model
@@ -99,7 +100,7 @@ def mib_per_device(tree: object) -> float:
   return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == device) / 2**20
 
 
-def bench(model: Qwen25VL, mesh: str, batch: int, args: argparse.Namespace) -> list[tuple]:
+def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> list[tuple]:
   """One table row per setting for `batch` prompts (the same on every mesh) on `model`'s devices."""
   rng = np.random.default_rng(batch)
   bs = model.config.block_size

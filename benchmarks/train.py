@@ -30,12 +30,12 @@ from dvl_jax.data import synthetic  # noqa: E402
 from dvl_jax.data.pipeline import DataConfig, DataPipeline  # noqa: E402
 from dvl_jax.data.processor import Processor  # noqa: E402
 from dvl_jax.data.word_tokenizer import word_tokenizer  # noqa: E402
-from dvl_jax.models.qwen25vl.model import Qwen25VL  # noqa: E402
+from dvl_jax.models.families import build_model  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
-from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402
-from dvl_jax.train.state import stage  # noqa: E402
+from dvl_jax.training.optimizer import OptimizerConfig  # noqa: E402
+from dvl_jax.training.state import stage  # noqa: E402
 from dvl_jax.parallel.rules import shard_model
-from dvl_jax.train.step import TrainStep  # noqa: E402
+from dvl_jax.training.step import TrainStep  # noqa: E402
 
 SIZES = {  # (text hidden, layers, heads, kv heads, mlp, vocab), (vision hidden, depth, heads, mlp)
     "small": ((512, 8, 8, 2, 1536, 1024), (256, 8, 4, 768)),
@@ -98,7 +98,7 @@ def main() -> None:
     data = DataConfig(batch_size=args.batch, micro_batches=1, max_length=256, num_buckets=1, length_multiple=8,
                       block_aligned_eos=name == "stage2", num_threads=2)
     batches = iter(DataPipeline(rows, processor, data, mesh))
-    model = shard_model(Qwen25VL(cfg, rngs=nnx.Rngs(0)), mesh)
+    model = shard_model(build_model(cfg, nnx.Rngs(0)), mesh)
     trainer = TrainStep(model, stage(name), OptimizerConfig(), total_steps=1000, mesh=mesh,
                         loss_chunk_size=args.loss_chunk)
     state = trainer.init(model)

@@ -41,9 +41,9 @@ from dvl_jax.data.sharded_layout import sharded_vision_layout  # noqa: E402
 from dvl_jax.models.families import abstract_model  # noqa: E402
 from dvl_jax.parallel.mesh import make_mesh  # noqa: E402
 from dvl_jax.parallel.rules import abstract_arrays  # noqa: E402
-from dvl_jax.train.optimizer import OptimizerConfig  # noqa: E402
-from dvl_jax.train.state import stage  # noqa: E402
-from dvl_jax.train.step import TrainStep  # noqa: E402
+from dvl_jax.training.optimizer import OptimizerConfig  # noqa: E402
+from dvl_jax.training.state import stage  # noqa: E402
+from dvl_jax.training.step import TrainStep  # noqa: E402
 
 
 def abstract_batch(cfg, shards: int, rows: int, length: int, image_px: int) -> dict:

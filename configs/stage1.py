@@ -4,7 +4,7 @@ no block-aligned EOS (AR objective)."""
 
 import os
 
-from dvl_jax.train.run_config import load_config
+from dvl_jax.training.run_config import load_config
 
 
 def get_config():

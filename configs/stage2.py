@@ -3,7 +3,7 @@ lr 1e-5 (vision tower 2e-6), cosine with 3% warmup, weight decay 0, clip 1.0, gl
 micro-batches, 8192 tokens, bf16 compute with fp32 master weights, full remat, a checkpoint every 800
 steps, one epoch. The recipe is spelled out here, not left to the defaults."""
 
-from dvl_jax.train.run_config import default_config
+from dvl_jax.training.run_config import default_config
 
 
 def get_config():

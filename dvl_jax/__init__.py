@@ -37,16 +37,13 @@ as each block of an answer is final (streaming, same tokens). `dvl.make_mesh` bu
 the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the architecture.
 
 Demo and test helpers (the notebooks use them): `dvl.synthetic`, the shapes VQA data set;
-`dvl.word_tokenizer`, a small tokenizer over its words; `dvl.tiny_checkpoint`, tiny random Hugging Face
-checkpoints; `dvl.train_demo`, the `dvl demo` recipe (model, run configs, evaluation).
+`dvl.word_tokenizer`, a small tokenizer over its words; `dvl.testing`, tiny random models and
+checkpoints (JAX and Hugging Face); `dvl.train_demo`, the `dvl demo` recipe (model, run configs, evaluation).
 
-Names resolve on first use, so `import dvl_jax` stays cheap and needs no converter deps. `dvl.train` is the
-function even though `dvl_jax.train` is also a subpackage: import from that one with `from dvl_jax.train...`.
+Names resolve on first use, so `import dvl_jax` stays cheap and needs no converter deps.
 """
 
 import importlib
-import sys
-import types
 
 _EXPORTS = {  # name -> the module that defines it
     "convert": "checkpoints_convert",
@@ -70,12 +67,12 @@ _EXPORTS = {  # name -> the module that defines it
     "clean_answer": "dvl_jax.diffusion.sampling_config",
     "bd3_loss": "dvl_jax.diffusion.loss",
     "ar_loss": "dvl_jax.diffusion.loss",
-    "train": "dvl_jax.train.loop",
+    "train": "dvl_jax.training.loop",
     "word_tokenizer": "dvl_jax.data.word_tokenizer",
 }
 _MODULES = {  # name -> a module exported whole
     "synthetic": "dvl_jax.data.synthetic",
-    "tiny_checkpoint": "dvl_jax.testing.tiny_checkpoint",
+    "testing": "dvl_jax.testing",
     "train_demo": "dvl_jax.demos.train_demo",
 }
 
@@ -96,14 +93,3 @@ def __getattr__(name: str):
 def __dir__():
   return __all__
 
-
-class _Package(types.ModuleType):
-  """Importing a subpackage binds it to its parent's attribute of the same name, which would turn
-  `dvl.train` into the `dvl_jax.train` subpackage; an exported name keeps its public value instead."""
-
-  def __setattr__(self, name: str, value: object) -> None:
-    if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
-      super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

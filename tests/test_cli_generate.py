@@ -18,7 +18,7 @@ import dvl_jax as dvl
 from dvl_jax import cli
 from dvl_jax.cli import bench as bench_cli
 from dvl_jax.checkpoints import saving
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 from tests.data.helpers import make_processor, noise_image
 
 PIXELS = 56 * 56  # 4 image tokens per image
@@ -55,7 +55,7 @@ def files(tmp_path_factory):
   processor = make_processor()
   # A random model whose lm_head never picks a special token: its answers are visible words that run to
   # --gen-length, i.e. over two blocks, whatever the tokenizer's word ids (streaming needs >= 2 pieces).
-  model = Qwen25VL(processor.config, rngs=nnx.Rngs(0))
+  model = tiny_model(processor.config)
   kernel = model.lm_head.kernel
   special = [i for i, token in processor.tokenizer.added_tokens_decoder.items() if token.special]
   kernel.set_value(kernel.get_value().at[:, special].set(0.0))  # logit 0, below the max of the random others

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B, ModelConfig, tiny_config
+from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B, ModelConfig
+from dvl_jax.testing.tiny import tiny_config
 
 HUB_3B = {  # the published Qwen2.5-VL-3B-Instruct layout: text fields at the top, no text_config
     "model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,

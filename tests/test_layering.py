@@ -42,14 +42,14 @@ def test_the_package_top_level_holds_folders_only():
 
 
 @pytest.mark.parametrize("folder,forbidden", [
-    ("core", ("dvl_jax.attention", "dvl_jax.data", "dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.train",
+    ("core", ("dvl_jax.attention", "dvl_jax.data", "dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.training",
               "dvl_jax.parallel", "dvl_jax.checkpoints", "dvl_jax.cli", "dvl_jax.demos")),
-    ("data", ("dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.train")),
+    ("data", ("dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.training")),
     ("parallel", ("dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.data")),
-    ("attention", ("dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.data", "dvl_jax.train")),
-    ("diffusion", ("dvl_jax.data", "dvl_jax.train", "dvl_jax.cli", "dvl_jax.models.qwen", "dvl_jax.models.decoder",
+    ("attention", ("dvl_jax.models", "dvl_jax.diffusion", "dvl_jax.data", "dvl_jax.training")),
+    ("diffusion", ("dvl_jax.data", "dvl_jax.training", "dvl_jax.cli", "dvl_jax.models.qwen", "dvl_jax.models.decoder",
                    "dvl_jax.models.rope")),
-    ("train", ("dvl_jax.models.qwen", "dvl_jax.cli")),
+    ("training", ("dvl_jax.models.qwen", "dvl_jax.cli")),
     ("demos", ("dvl_jax.cli",)),
     ("checkpoints", ("dvl_jax.models.qwen", "dvl_jax.cli")),
 ])

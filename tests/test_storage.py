@@ -15,7 +15,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from dvl_jax.core import storage
-from dvl_jax.core.config import ModelConfig, tiny_config
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data import synthetic
 from dvl_jax.data.pipeline import DataConfig, DataPipeline
 from dvl_jax.data.processor import Processor

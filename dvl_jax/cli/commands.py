@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train (stage 1 / stage 2 / AR) from a config file; resumable",
                          description="Extra `--config.KEY=VALUE` arguments override config fields, e.g. "
                          "--config.init_checkpoint=ckpt --config.data.json=train.json --config.mesh=1,-1,4 "
-                         "(all fields: dvl_jax/train/run_config.py).")
+                         "(all fields: dvl_jax/training/run_config.py).")
   train.add_argument("--config", required=True,
                      help="Python config file with get_config(), e.g. configs/stage2.py (required)")
   train.add_argument("--workdir", required=True,
@@ -99,8 +99,8 @@ def _run(args: argparse.Namespace) -> int:
   elif args.command == "bench":
     return bench_cli.run(args)
   elif args.command == "train":
-    from dvl_jax.train.loop import train
-    from dvl_jax.train.run_config import load_config
+    from dvl_jax.training.loop import train
+    from dvl_jax.training.run_config import load_config
 
     config = load_config(args.config, [o[len("--config."):] for o in args.config_overrides])
     metrics = train(config, args.workdir, resume=args.resume, stop_after=args.stop_after,

@@ -176,16 +176,3 @@ QWEN25_VL_7B = ModelConfig(
 )
 
 PRESETS = {"qwen2.5-vl-3b": QWEN25_VL_3B, "qwen2.5-vl-7b": QWEN25_VL_7B}
-
-
-def tiny_config(**overrides: Any) -> ModelConfig:
-  """A few-layer model with a tiny vocabulary for tests and demos (mask id inside the vocab)."""
-  vision = VisionConfig(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
-                        fullatt_block_indexes=(1, 3))
-  text = TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                    num_kv_heads=2, rope_theta=10_000.0, tie_word_embeddings=False, mrope_section=(2, 3, 3),
-                    max_position_embeddings=4096)
-  base = ModelConfig(vision=vision, text=text, image_token_id=250, video_token_id=251,
-                     vision_start_token_id=248, vision_end_token_id=249, bos_token_id=1, eos_token_id=2,
-                     pad_token_id=0, mask_token_id=255)
-  return base.replace(**overrides)

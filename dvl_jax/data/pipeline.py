@@ -50,7 +50,7 @@ class DataConfig:
   """Data options of a run; token ids and the block size come from the model config.
 
   These defaults are the run config's too: its `data` section is generated from this class
-  (`dvl_jax/train/run_config.py`). `buckets=None` picks `num_buckets` lengths (multiples of
+  (`dvl_jax/training/run_config.py`). `buckets=None` picks `num_buckets` lengths (multiples of
   `length_multiple` and of the block size) minimising padding on the data. `square_pad` and
   `block_aligned_eos` are the training settings of spec §2.1 / §4.5 (turn EOS padding off for AR
   training). min/max pixels belong to the `Processor`.

@@ -40,8 +40,8 @@ def run(workdir: str | None = None, seed: int = 0) -> dict[str, float]:
   import torch
 
   import dvl_jax as dvl
-  from dvl_jax.core.config import tiny_config
-  from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
+  from dvl_jax.testing.tiny import tiny_config
+  from dvl_jax.testing.tiny import save_hf_checkpoint
 
   jax.config.update("jax_default_matmul_precision", "highest")
   cfg = tiny_config()

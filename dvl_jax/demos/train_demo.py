@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 
-from dvl_jax.checkpoints import saving
 from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig
 from dvl_jax.data import synthetic
 from dvl_jax.data.chat_template import generation_prompt
@@ -70,20 +69,16 @@ def demo_model_config(vocab_size: int) -> ModelConfig:
 
 def init_checkpoint(dst: str, cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> str:
   """A randomly initialised model in the converted-checkpoint layout, with its tokenizer."""
-  from flax import nnx
+  from dvl_jax.testing import save_tiny_checkpoint
 
-  from dvl_jax.models.families import build_model
-
-  saving.save(build_model(cfg, nnx.Rngs(seed)), dst)
-  tokenizer.save_pretrained(dst)
-  return dst
+  return save_tiny_checkpoint(dst, cfg, seed=seed, tokenizer=tokenizer)
 
 
 def run_config(stage: str, init: str, data_json: str, *, steps: int, learning_rate: float, size: DemoSize,
                seed: int = 0, log_every: int = 20) -> Any:
   """The `dvl train` config of one demo run: float32, no remat, 56-px images, the ViT and the projector at
   `size.vision_learning_rate`; stage 2 aligns each answer's EOS padding to the block size."""
-  from dvl_jax.train.run_config import default_config
+  from dvl_jax.training.run_config import default_config
 
   c = default_config()
   c.stage, c.init_checkpoint, c.total_steps, c.seed = stage, init, steps, seed
@@ -100,7 +95,7 @@ def run_config(stage: str, init: str, data_json: str, *, steps: int, learning_ra
 
 
 def _train(workdir: str, config: Any, progress: bool) -> str:
-  from dvl_jax.train.loop import train
+  from dvl_jax.training.loop import train
 
   train(config, workdir, progress=progress)
   return os.path.join(workdir, "model")

@@ -11,7 +11,7 @@ from flax import nnx
 
 from dvl_jax.attention import dispatch
 from dvl_jax.attention.reference import attend_dense
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion.loss import bd3_loss
 from dvl_jax.core.vision_layout import vision_layout
 from dvl_jax.testing.tiny import tiny_model

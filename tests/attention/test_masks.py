@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dvl_jax.attention import masks
 from dvl_jax.attention.reference import attend_dense
@@ -43,3 +44,14 @@ def test_padding_is_never_attended_and_padded_rows_stay_finite():
   v2 = v.at[1, 4:].set(100.0)
   out2 = attend_dense(q, k, v2, AttentionSpec.self_attention(seg, kind="full"))
   np.testing.assert_allclose(np.asarray(out2[1, :4]), np.asarray(out[1, :4]), atol=1e-6)
+
+
+def test_block_kinds_without_a_block_size_raise_instead_of_becoming_another_mask():
+  valid = jnp.ones((1, 8), jnp.int32)
+  for kind in masks.BLOCK_KINDS:
+    with pytest.raises(ValueError, match="needs block_size"):
+      AttentionSpec.self_attention(valid, kind=kind)
+  block = AttentionSpec.self_attention(valid, kind="block_causal", block_size=4).dense()[0]
+  causal = AttentionSpec.self_attention(valid, kind="causal").dense()[0]
+  np.testing.assert_array_equal(np.asarray(block), np.arange(8)[None, :] // 4 <= np.arange(8)[:, None] // 4)
+  assert not np.array_equal(np.asarray(block), np.asarray(causal))

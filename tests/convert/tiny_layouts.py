@@ -14,10 +14,11 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from checkpoints_convert import orbax_stream
-from dvl_jax.core.config import ModelConfig, tiny_config
+from dvl_jax.core.config import ModelConfig
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.checkpoints.loading import load
 from dvl_jax.models.families import abstract_model
-from dvl_jax.testing.tiny_checkpoint import build_hf_model
+from dvl_jax.testing.tiny import build_hf_model
 
 SIDE_FILES = {
     "tokenizer.json": '{"version": "1.0"}',

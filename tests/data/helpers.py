@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data import synthetic
 from dvl_jax.data.processor import Processor
 from dvl_jax.data.word_tokenizer import word_tokenizer

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data.buckets import BatchPlan, choose_buckets
 from dvl_jax.data.sharded_layout import sharded_vision_layout
 from dvl_jax.core.vision_layout import vision_layout

@@ -60,8 +60,9 @@ def test_two_processes_place_their_shards_of_the_global_batch():
 
 
 if __name__ == "__main__":  # one of the two processes
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from tests.user_process import FAST_COMPILE
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data import synthetic
 from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS, PREPROCESSOR_CONFIG, SOURCE_CONFIG, Processor
 from dvl_jax.data.word_tokenizer import word_tokenizer
@@ -136,7 +136,7 @@ def test_bad_bounds_are_one_line_errors(ckpt_dir, files, error):
 def test_a_converted_checkpoint_keeps_its_bounds(tmp_path):
   """`dvl convert` keeps DiffusionVL's config as hf_config.json (and copies preprocessor_config.json)."""
   from checkpoints_convert import to_orbax
-  from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
+  from dvl_jax.testing.tiny import save_hf_checkpoint
 
   assert SOURCE_CONFIG == to_orbax.HF_CONFIG_COPY
   cfg = tiny_config()

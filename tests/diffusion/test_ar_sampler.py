@@ -10,10 +10,10 @@ import torch
 from flax import nnx
 
 import dvl_jax as dvl
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
+from dvl_jax.testing.tiny import converted_checkpoint
 
 CFG = tiny_config()
 GEN = 12
@@ -23,9 +23,8 @@ MROPE = SamplingConfig(gen_length=GEN, algorithm="autoregressive", positions="mr
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
   root = tmp_path_factory.mktemp("ar")
-  hf = save_hf_checkpoint(str(root / "hf"), CFG, seed=11)
-  dvl.convert(str(root / "hf"), str(root / "dvl"), progress=False)
-  return hf, dvl.load(str(root / "dvl"))
+  hf, converted = converted_checkpoint(str(root), CFG, seed=11)
+  return hf, dvl.load(converted)
 
 
 def words(n, seed):

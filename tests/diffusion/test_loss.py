@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dvl_jax as dvl
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
 from dvl_jax.diffusion.noise import block_times
 from dvl_jax.core.vision_layout import vision_layout

@@ -17,35 +17,21 @@ import pytest
 from flax import nnx
 
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.core.vision_layout import vision_layout
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 
 CFG = tiny_config()
 BS, MASK, EOS = CFG.block_size, CFG.mask_token_id, CFG.eos_token_id
 ORACLE_LEN = 64  # every oracle pass runs over this many positions (later ones are masked out)
 
 
-def random_model(seed: int = 0) -> Qwen25VL:
-  """Weights with a visible spread and a sharp lm_head, so confidences cover (0, 1) (dynamic/threshold)."""
-  model = Qwen25VL(CFG, rngs=nnx.Rngs(seed))
-  graphdef, state = nnx.split(model)
-  leaves, tree = jax.tree.flatten_with_path(state)
-  rng = np.random.default_rng(seed)
-  new = []
-  for path, x in leaves:
-    name = jax.tree_util.keystr(path)
-    std = 0.2 if "scale" in name else 0.9 if "lm_head" in name else 0.3
-    mean = np.float32(1.0 if "scale" in name else 0.0)
-    new.append(jnp.asarray(mean + std * rng.standard_normal(x.shape, np.float32)))
-  return nnx.merge(graphdef, jax.tree.unflatten(tree, new))
-
-
 @pytest.fixture(scope="module")
 def model():
-  return random_model(0)
+  """Weights with a visible spread and a sharp lm_head, so confidences cover (0, 1) (dynamic/threshold)."""
+  return tiny_model(CFG, spread=True)
 
 
 def words(n: int, seed: int) -> list[int]:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.testing.tiny import tiny_model

@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B, tiny_config
+from dvl_jax.core.config import QWEN25_VL_3B, QWEN25_VL_7B
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import sampler, sampling_mesh
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
 from dvl_jax.diffusion.sampling_mesh import Placement, suggest_mesh
@@ -37,13 +38,12 @@ PROMPTS = Prompts.from_lists([[int(t) for t in np.random.default_rng(n).integers
 
 
 @functools.cache
-def model(shape: tuple[int, int, int] | None = None) -> Qwen25VL:
+def model(shape: tuple[int, int, int] | None = None):
   """The test model on one device (None) or with its params placed on a mesh by the logical rules.
 
   The lm_head is scaled so confidences spread over (0, 1) and dynamic / threshold decoding fix
   several tokens in some passes (the default init gives every token ~1/vocab)."""
-  m = Qwen25VL(CFG, rngs=nnx.Rngs(0))
-  m.lm_head.kernel[...] = m.lm_head.kernel[...] * 40.0
+  m = tiny_model(CFG, logit_scale=40.0)
   if shape is not None:
     m = shard_model(m, make_mesh(shape))
   return m

@@ -5,12 +5,11 @@ import functools
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.models.qwen25vl.model import Qwen25VL
+from dvl_jax.testing.tiny import tiny_model
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
 
@@ -23,11 +22,10 @@ SETTINGS = {"fused": SamplingConfig(gen_length=GEN, steps=4),
 
 
 @functools.cache
-def model() -> Qwen25VL:
+def model():
   """Confidences spread over (0, 1) (scaled lm_head); EOS swapped with a token row 1 decodes mid-output, so
   that row stops early while the others run on."""
-  m = Qwen25VL(CFG, rngs=nnx.Rngs(0))
-  m.lm_head.kernel[...] = m.lm_head.kernel[...] * 40.0
+  m = tiny_model(CFG, logit_scale=40.0)
   token = int(sampler.generate(m, PROMPTS, SETTINGS["fused"]).tokens[1, 9])
   kernel = m.lm_head.kernel[...]
   m.lm_head.kernel[...] = kernel.at[:, [CFG.eos_token_id, token]].set(kernel[:, [token, CFG.eos_token_id]])

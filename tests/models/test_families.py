@@ -20,33 +20,30 @@ import transformers
 from flax import nnx
 
 import dvl_jax as dvl
-from dvl_jax.core.config import tiny_config
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
-from dvl_jax.models import families
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
-from dvl_jax.testing.tiny_checkpoint import save_hf_checkpoint
-from dvl_jax.train.optimizer import OptimizerConfig
-from dvl_jax.train.state import stage
-from dvl_jax.train.step import TrainStep
+from dvl_jax.testing.tiny import converted_checkpoint, tiny_model, tiny_text_config
+from dvl_jax.training.optimizer import OptimizerConfig
+from dvl_jax.training.state import stage
+from dvl_jax.training.step import TrainStep
 from tests.data.helpers import make_processor, qa_row
-from tests.train.helpers import pipeline
+from tests.training.helpers import pipeline
 
-TEXT = tiny_config(family="qwen2", vision=None)
+TEXT = tiny_text_config()
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   root = tmp_path_factory.mktemp("qwen2")
-  hf = save_hf_checkpoint(str(root / "hf"), TEXT, seed=3)
-  dvl.convert(str(root / "hf"), str(root / "dvl"), progress=False)
-  return hf, dvl.load(str(root / "dvl")), root
+  hf, converted = converted_checkpoint(str(root), TEXT, seed=3)
+  return hf, dvl.load(converted), root
 
 
 def _same_decoder_vlm(text_model):
   """A Qwen2.5-VL model whose decoder and lm_head are the text model's (its vision tower unused)."""
-  vlm = families.build_model(tiny_config(), nnx.Rngs(0))
+  vlm = tiny_model()
   nnx.update(vlm, nnx.state(text_model))
   return vlm
 
@@ -157,7 +154,7 @@ def test_sharded_train_step_equals_the_single_device_step():
   opt = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0, eps=1e-16)
 
   def run(mesh):
-    model = families.build_model(cfg, nnx.Rngs(0))
+    model = tiny_model(cfg)
     model = model if mesh is None else shard_model(model, mesh)
     trainer = TrainStep(model, stage("stage2"), opt, total_steps=4, mesh=mesh)
     state = trainer.init(model)
@@ -173,4 +170,4 @@ def test_sharded_train_step_equals_the_single_device_step():
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), single, sharded)
   with pytest.raises(ValueError, match="no parameter to train"):  # stage 1 trains the projector: there is none
-    TrainStep(families.build_model(cfg, nnx.Rngs(0)), stage("stage1"), opt, total_steps=4)
+    TrainStep(tiny_model(cfg), stage("stage1"), opt, total_steps=4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dvl_jax as dvl
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.testing.tiny import converted_checkpoint
 
 LOGITS_TOL = 1e-4

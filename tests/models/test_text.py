@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dvl_jax.core.config import tiny_config
-from dvl_jax.models.rope import get_rope_index, text_rope
+from dvl_jax.testing.tiny import tiny_config
+from dvl_jax.models.qwen25vl.rope import get_rope_index
+from dvl_jax.models.rope import text_rope
 from dvl_jax.testing.tiny import tiny_model
-from dvl_jax.testing.tiny_checkpoint import build_hf_model
+from dvl_jax.testing.tiny import build_hf_model
 
 
 def test_mrope_with_equal_rows_is_flat_rope():
@@ -85,3 +86,18 @@ def test_kv_prefix_reproduces_full_causal_pass():
                        kv_seg=jnp.ones((1, 10), jnp.int32), kind="causal")
   tail, _ = model.decode(emb[:, 6:], pos[:, 6:], spec, cache=prefix)
   np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 6:]), atol=1e-5, rtol=0)
+
+
+def test_the_model_call_takes_the_block_size_for_block_causal_from_the_config():
+  """`mask_kind="block_causal"` used to fall back silently to plain causal attention (block size 1)."""
+  from dvl_jax.attention.spec import AttentionSpec
+
+  model = tiny_model(tiny_config(block_size=4))
+  ids = jnp.asarray(np.random.default_rng(3).integers(3, 200, (1, 8)))
+  block = np.asarray(model(ids, positions="flat", mask_kind="block_causal"))
+  causal = np.asarray(model(ids, positions="flat", mask_kind="causal"))
+  spec = AttentionSpec.self_attention(jnp.ones((1, 8), jnp.int32), kind="block_causal", block_size=4)
+  hidden, _ = model.decode(model.embed(ids), jnp.arange(8)[None], spec)
+  np.testing.assert_allclose(block, np.asarray(model.logits(hidden)), atol=1e-6)
+  assert np.abs(block[:, :3] - causal[:, :3]).max() > 1e-3  # a block's first tokens now see the whole block
+  np.testing.assert_allclose(block[:, 3], causal[:, 3], atol=1e-5)  # a block's last token saw it anyway

@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data.sharded_layout import sharded_vision_layout
 from dvl_jax.models.qwen25vl.vision import VisionTower
 from dvl_jax.core.vision_layout import num_patches, tokens_per_image, vision_layout

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dvl_jax.core.config import tiny_config
+from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.core.vision_layout import vision_layout
 from dvl_jax.models.families import abstract_model
 from dvl_jax.testing.tiny import tiny_model

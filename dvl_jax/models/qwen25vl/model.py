@@ -20,7 +20,7 @@ from dvl_jax.core.vision_layout import VisionLayout, vision_layout
 from dvl_jax.models.decoder_lm import DecoderLM
 from dvl_jax.models.interface import ParamGroup
 from dvl_jax.models.qwen25vl.vision import VisionTower
-from dvl_jax.models.rope import get_rope_index
+from dvl_jax.models.qwen25vl.rope import get_rope_index
 
 
 class Qwen25VL(DecoderLM):
@@ -61,7 +61,7 @@ class Qwen25VL(DecoderLM):
   def _mrope_positions(self, input_ids: Any, image_grid_thw: Any, attention_mask: Any) -> jax.Array:
     if isinstance(input_ids, jax.core.Tracer) or isinstance(attention_mask, jax.core.Tracer):
       raise ValueError("positions='mrope' needs concrete input_ids; under jit pass the array from "
-                       "dvl_jax.models.rope.get_rope_index(...)")
+                       "dvl_jax.models.qwen25vl.rope.get_rope_index(...)")
     pos, _ = get_rope_index(np.asarray(input_ids), None if image_grid_thw is None else np.asarray(image_grid_thw),
                             np.asarray(attention_mask), image_token_id=self.config.image_token_id,
                             vision_start_token_id=self.config.vision_start_token_id,

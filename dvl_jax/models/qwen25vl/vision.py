@@ -19,7 +19,8 @@ from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.core.config import ModelConfig, VisionConfig
 from dvl_jax.models.layers import Dense, RMSNorm, SwiGLU, dtypes, run_stack, stack_modules
-from dvl_jax.models.rope import apply_rope, vision_rope
+from dvl_jax.models.qwen25vl.rope import vision_rope
+from dvl_jax.models.rope import apply_rope
 from dvl_jax.core.vision_layout import VisionLayout
 from dvl_jax.parallel.rules import constrain
 

@@ -19,10 +19,10 @@ def _train_two_steps() -> tuple[dict[str, np.ndarray], list[float]]:
 
   from dvl_jax.parallel.mesh import make_mesh
   from dvl_jax.parallel.rules import shard_model
-  from dvl_jax.train.optimizer import OptimizerConfig
-  from dvl_jax.train.state import stage
-  from dvl_jax.train.step import TrainStep
-  from tests.train.helpers import pipeline, synthetic_rows, tiny_model
+  from dvl_jax.training.optimizer import OptimizerConfig
+  from dvl_jax.training.state import stage
+  from dvl_jax.training.step import TrainStep
+  from tests.training.helpers import pipeline, synthetic_rows, tiny_model
 
   mesh = make_mesh(MESH)
   model = shard_model(tiny_model(), mesh)
@@ -56,8 +56,9 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 if __name__ == "__main__":  # one of the two processes
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from tests.user_process import FAST_COMPILE
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.config.update("jax_default_matmul_precision", "highest")

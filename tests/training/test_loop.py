@@ -14,10 +14,10 @@ import pytest
 from dvl_jax import cli
 from dvl_jax.data import synthetic
 from dvl_jax.checkpoints.loading import load
-from dvl_jax.train.loop import TrainingDiverged, mesh_shape, train
-from dvl_jax.train.run_config import default_config
+from dvl_jax.training.loop import TrainingDiverged, mesh_shape, train
+from dvl_jax.training.run_config import default_config
 from dvl_jax.demos.train_demo import init_checkpoint
-from tests.train.helpers import PROC
+from tests.training.helpers import PROC
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,9 +108,9 @@ def _killed_run(ckpt, data, workdir):
 def test_a_run_killed_during_a_checkpoint_write_resumes_from_the_previous_one(setup, uninterrupted):
   root, ckpt, data = setup
   workdir = str(root / "killed")
-  code = (f"import sys; sys.path.insert(0, {REPO!r}); from tests.train.test_loop import _killed_run; "
+  code = (f"import sys; sys.path.insert(0, {REPO!r}); from tests.training.test_loop import _killed_run; "
           f"_killed_run({ckpt!r}, {data!r}, {workdir!r})")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "USE_TORCH": "0"}
+  env = {**os.environ, "USE_TORCH": "0"}  # conftest's XLA_FLAGS: 8 devices, as in this process
   proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   entries = os.listdir(os.path.join(workdir, "checkpoints"))

@@ -10,8 +10,8 @@ import pytest
 
 from dvl_jax import cli
 from dvl_jax.data.pipeline import DataConfig
-from dvl_jax.train.optimizer import OptimizerConfig
-from dvl_jax.train.run_config import apply_override, check_keys, default_config, from_section, load_config
+from dvl_jax.training.optimizer import OptimizerConfig
+from dvl_jax.training.run_config import apply_override, check_keys, default_config, from_section, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig}
@@ -89,7 +89,7 @@ def test_a_key_a_config_file_adds_stops_dvl_train_with_one_line(tmp_path, capsys
   with pytest.raises(ValueError, match=r"^unknown config key 'data.batchsize' \(did you mean 'data.batch_size'\?\)$"):
     check_keys(c)
   path = tmp_path / "typo.py"
-  path.write_text("from dvl_jax.train.run_config import default_config\n\n\ndef get_config():\n"
+  path.write_text("from dvl_jax.training.run_config import default_config\n\n\ndef get_config():\n"
                   "  c = default_config()\n  c.checkpoint_evry = 5\n  return c\n")
   stage2 = os.path.join(REPO, "configs", "stage2.py")
   for argv in (["--config", str(path)], ["--config", stage2, "--config.data.foo=1"]):

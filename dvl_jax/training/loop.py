@@ -29,11 +29,11 @@ from dvl_jax.data.processor import Processor
 from dvl_jax.checkpoints.loading import load
 from dvl_jax.parallel import distributed
 from dvl_jax.parallel.mesh import make_mesh
-from dvl_jax.train.metrics_writer import MetricsWriter, local_metrics_dir
-from dvl_jax.train.optimizer import OptimizerConfig
-from dvl_jax.train.run_config import check_keys, from_section
-from dvl_jax.train.state import stage
-from dvl_jax.train.step import TrainStep
+from dvl_jax.training.metrics_writer import MetricsWriter, local_metrics_dir
+from dvl_jax.training.optimizer import OptimizerConfig
+from dvl_jax.training.run_config import check_keys, from_section
+from dvl_jax.training.state import stage
+from dvl_jax.training.step import TrainStep
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dvl_jax.diffusion.loss import ar_loss, bd3_loss
 from dvl_jax.parallel.rules import RULES
-from dvl_jax.train.optimizer import OptimizerConfig, make_optimizer
-from dvl_jax.train.state import Stage, TrainState, split_model
+from dvl_jax.training.optimizer import OptimizerConfig, make_optimizer
+from dvl_jax.training.state import Stage, TrainState, split_model
 
 Batch = dict[str, Any]
 ROW_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values")

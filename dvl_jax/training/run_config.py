@@ -20,7 +20,7 @@ from ml_collections import config_dict
 
 from dvl_jax.data.pipeline import DataConfig
 from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
-from dvl_jax.train.optimizer import OptimizerConfig
+from dvl_jax.training.optimizer import OptimizerConfig
 
 T = TypeVar("T")
 

@@ -12,10 +12,10 @@ import pytest
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import partition_spec, shard_model
 from dvl_jax.models.interface import path_names
-from dvl_jax.train.optimizer import OptimizerConfig
-from dvl_jax.train.state import stage
-from dvl_jax.train.step import TrainStep
-from tests.train.helpers import pipeline, synthetic_rows, tiny_model
+from dvl_jax.training.optimizer import OptimizerConfig
+from dvl_jax.training.state import stage
+from dvl_jax.training.step import TrainStep
+from tests.training.helpers import pipeline, synthetic_rows, tiny_model
 
 ROWS = synthetic_rows(32)
 OPT = OptimizerConfig(learning_rate=1e-3, vision_learning_rate=2e-4, warmup_ratio=0.0, eps=1e-16)
