@@ -8,10 +8,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def user_env() -> dict[str, str]:
+def user_env(fast_compile: bool = True) -> dict[str, str]:
   """This process's environment with conftest's 8 fake CPU devices dropped from `XLA_FLAGS` (they are for the
-  sharding tests; a user's CPU process has one device), and the repo root on `PYTHONPATH`."""
+  sharding tests; a user's CPU process has one device), and the repo root on `PYTHONPATH`. `fast_compile=False`
+  keeps XLA's default (optimised) code, for a process that runs more than it compiles (the demo's training)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = FAST_COMPILE
+  if fast_compile:
+    env["XLA_FLAGS"] = FAST_COMPILE
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   return env
