@@ -1,0 +1,46 @@
+"""The demo's generated task (`dvl_jax.data.synthetic`): shapes in a 2x2 grid, exact-match scored.
+
+`--data SEED[:COUNT]` picks the split: examples 0 .. COUNT-1 of generator seed SEED (default "2000:200",
+the split `dvl demo` holds out with its default seed; it trains on seed 1000). The prompt is the question
+alone, as the demo trains (no post-prompt); an answer is right when, after the spec §9.2 clean-up, it is
+the reference character for character. Metrics: `exact_match` and the accuracy per question kind
+(`acc/color`, ..., `acc/describe`: the long answers, where block diffusion decodes several tokens per forward).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from dvl_jax.data import synthetic
+from dvl_jax.evaluation.metrics import exact_answer, grouped_means, mean
+from dvl_jax.evaluation.task import Sample, Task
+
+DEFAULT_SPLIT = "2000:200"
+
+
+def split(data: str | None) -> tuple[int, int]:
+  """"SEED[:COUNT]" -> (seed, count)."""
+  seed, _, count = (data or DEFAULT_SPLIT).partition(":")
+  try:
+    return int(seed), int(count or DEFAULT_SPLIT.partition(":")[2])
+  except ValueError:
+    raise ValueError(f"synthetic --data is SEED[:COUNT] (default {DEFAULT_SPLIT}), got {data!r}") from None
+
+
+def load(data: str | None) -> Iterator[Sample]:
+  seed, count = split(data)
+  for index in range(count):
+    ex = synthetic.example(seed, index)
+    yield Sample(f"synthetic-{seed}-{index}", ex.question, (ex.image,), (ex.answer,), metadata={"kind": ex.kind})
+
+
+def prompt(sample: Sample) -> str:
+  return sample.question
+
+
+def aggregate(samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
+  return {"exact_match": mean(scores), **grouped_means(samples, scores, "kind")}
+
+
+TASK = Task("synthetic", load, prompt, exact_answer, aggregate, "exact_match",
+            f"SEED[:COUNT] of the generator (default {DEFAULT_SPLIT})")
