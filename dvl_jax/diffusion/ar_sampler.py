@@ -53,92 +53,112 @@ def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tup
 
 # ---- the decoding loop ---------------------------------------------------------------------------
 
+class Rows(NamedTuple):
+  """Per row, what decoding reads and never changes (the serving engine keeps one per slot)."""
+
+  lengths: jax.Array  # [B] prompt lengths
+  gen: jax.Array  # [B] tokens to generate
+  next_position: jax.Array  # [B] position of the first generated token
+  keys: jax.Array  # [B] PRNG keys
+
+
 @dataclasses.dataclass(frozen=True)
 class _Context:
-  """What every step of one sampling call reads and none changes."""
+  """What every step of a decoding loop reads and none changes."""
 
   model: DiffusionLM
   config: SamplingConfig  # static
   placement: Placement
   stream: bool  # report pieces as they are produced (`streaming.emit`)
   max_len: int  # M, the cache's slots
-  lengths: jax.Array  # [B] prompt lengths
-  next_position: jax.Array  # [B] position of the first generated token
-  mrope: bool  # positions are [3, B, n], else [B, n]
-  keys: jax.Array  # [B] PRNG keys
+  rows: Rows
+
+  @property
+  def mrope(self) -> bool:
+    """Positions are `[3, B, n]`, else `[B, n]`."""
+    return self.config.positions == "mrope"
 
 
 class _Carry(NamedTuple):
   cache: KV
   tokens: jax.Array  # [B, G] generated tokens, the pad id after a row's end
-  t: jax.Array  # [] tokens produced (the one being fed back is `t - 1`)
+  t: jax.Array  # [B] tokens produced by the row (the one being fed back is `t - 1`)
   done: jax.Array  # [B] (dead padding rows start done)
   nfe: jax.Array  # [B] forwards of the row, prefill included
+  forwards: jax.Array  # [] decoding forwards of the batch after the prefill
 
 
-def _run(model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt, keys: jax.Array,
-         inputs: tuple[jax.Array, jax.Array], *, placement: Placement, stream: bool) -> tuple[Outputs, KV]:
-  """The embedded prompt -> tokens `[B, G]` and statistics; the cache goes through. `inputs`: `_inputs`."""
-  positions, next_position = inputs
-  positions = jnp.moveaxis(positions, 0, -2)  # the model's [B, W] or [3, B, W]
-  ctx = _Context(model, config, placement, stream, cache[0].shape[2], prompt.lengths, next_position,
-                 positions.ndim == 3, keys)
-  init = prefill(ctx, cache, prompt, positions)
-  with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
-    c = jax.lax.while_loop(lambda c: (c.t < config.gen_length) & jnp.any(~c.done), functools.partial(step, ctx), init)
-  produced = jnp.arange(config.gen_length)[None, :] < c.nfe[:, None]
-  out = {"tokens": c.tokens, "decoded": c.nfe, "nfe": c.nfe, "forwards": c.t,
-         "steps": jnp.where(produced, jnp.arange(config.gen_length), -1)}
-  return out, c.cache
+def rows(model: DiffusionLM, config: SamplingConfig, prompt: Prompt, gen: jax.Array, keys: jax.Array,
+         inputs: tuple[jax.Array, jax.Array]) -> Rows:
+  """The per-row constants of a prompt, gen lengths `[B]`, keys `[B]` and `_inputs`."""
+  return Rows(prompt.lengths, gen, inputs[1], keys)
 
 
-def prefill(ctx: _Context, cache: KV, prompt: Prompt, positions: jax.Array) -> _Carry:
+def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple[jax.Array, jax.Array]) -> _Carry:
   """One causal pass over the prompt writes its K/V and gives each row its first token (logits only at the
   prompt's last position): the loop's first carry."""
-  cfg, gen = ctx.model.config, ctx.config.gen_length
+  cfg, gen, lengths = ctx.model.config, ctx.rows.gen, ctx.rows.lengths
+  positions = jnp.moveaxis(inputs[0], 0, -2)  # the model's [B, W] or [3, B, W]
   b, w = prompt.ids.shape
-  spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < ctx.lengths[:, None], kind="causal")
+  spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < lengths[:, None], kind="causal")
   hidden, kv = ctx.model.decode(prompt.embeds, positions, spec, return_kv=True)
   cache = kv_cache.write_prefix(cache, kv, ctx.placement.cache)
-  last = jnp.take_along_axis(hidden, (ctx.lengths - 1)[:, None, None], axis=1)
-  first, _ = sampler_common.propose(ctx.config, ctx.model.logits(last), ctx.keys, jnp.zeros((b,), jnp.int32))
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+  first, _ = sampler_common.propose(ctx.config, ctx.model.logits(last), ctx.rows.keys, jnp.zeros((b,), jnp.int32))
   first = first[:, 0]
-  tokens = jnp.full((b, gen), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
-  report(ctx, (ctx.lengths > 0) & ((first == cfg.eos_token_id) | (gen == 1)), jnp.int32(0), tokens)
-  done = (first == cfg.eos_token_id) | (ctx.lengths == 0)
-  return ctx.placement.pin_loop(_Carry(cache, tokens, jnp.int32(1), done, jnp.ones((b,), jnp.int32)))
+  tokens = jnp.full((b, ctx.config.gen_length), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
+  ends = (first == cfg.eos_token_id) | (gen == 1)
+  report(ctx, (lengths > 0) & ends, jnp.zeros((b,), jnp.int32), tokens)
+  return ctx.placement.pin_loop(_Carry(cache, tokens, jnp.ones((b,), jnp.int32), ends | (lengths == 0),
+                                       jnp.ones((b,), jnp.int32), jnp.zeros((), jnp.int32)))
+
+
+def chunk(ctx: _Context, c: _Carry, max_forwards: int | None) -> _Carry:
+  """Decoding forwards until every row is done, or at most `max_forwards` of them (the serving engine)."""
+  return sampler_common.loop(functools.partial(step, ctx), c, max_forwards)
+
+
+def outputs(ctx: _Context, c: _Carry, width: int) -> Outputs:
+  """tokens `[B, width]` (the pad id after a row's end) and statistics."""
+  produced = jnp.arange(width)[None, :] < c.nfe[:, None]
+  return {"tokens": c.tokens[:, :width], "decoded": c.nfe, "nfe": c.nfe, "forwards": c.forwards + 1,
+          "steps": jnp.where(produced, jnp.arange(width), -1)}
 
 
 def step(ctx: _Context, c: _Carry) -> _Carry:
   """Every active row feeds back its last token (slot `P + t - 1`, position `next_position + t - 1`): its K/V
   go to the cache and its hidden state gives the row's next token."""
-  cfg = ctx.model.config
+  cfg, r = ctx.model.config, ctx.rows
   b = c.tokens.shape[0]
   active = ~c.done
-  slot = ctx.lengths + c.t - 1
-  pos = (ctx.next_position + c.t - 1)[:, None]
+  slot = r.lengths + c.t - 1
+  pos = (r.next_position + c.t - 1)[:, None]
   if ctx.mrope:
     pos = jnp.broadcast_to(pos[None], (3, b, 1))
-  x = ctx.model.embed(jax.lax.dynamic_slice_in_dim(c.tokens, c.t - 1, 1, axis=1))
+  x = ctx.model.embed(jnp.take_along_axis(c.tokens, (c.t - 1)[:, None], axis=1))
   spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, ctx.max_len, kind="causal")
   hidden, kv = ctx.model.decode(x, pos, spec, kv_cache.pinned(c.cache, ctx.placement.cache), return_kv=True)
   cache = kv_cache.write(c.cache, kv, slot, active, ctx.placement.cache)
-  token, _ = sampler_common.propose(ctx.config, ctx.model.logits(hidden), ctx.keys, c.nfe)
-  new = jnp.where(active, token[:, 0], cfg.pad_token_id)
-  tokens = jax.lax.dynamic_update_slice_in_dim(c.tokens, new[:, None], c.t, axis=1)
-  ends = ((c.t + 1) % ctx.config.block_size == 0) | (new == cfg.eos_token_id) | (c.t + 1 == ctx.config.gen_length)
+  token, _ = sampler_common.propose(ctx.config, ctx.model.logits(hidden), r.keys, c.nfe)
+  new = token[:, 0]
+  tokens = _put(c.tokens, jnp.where(active, c.t, ctx.config.gen_length)[:, None], new[:, None])
+  ends = ((c.t + 1) % ctx.config.block_size == 0) | (new == cfg.eos_token_id) | (c.t + 1 == r.gen)
   report(ctx, active & ends, c.t, tokens)
-  return ctx.placement.pin_loop(_Carry(cache, tokens, c.t + 1, c.done | (active & (new == cfg.eos_token_id)),
-                                       c.nfe + active))
+  stops = active & ((new == cfg.eos_token_id) | (c.t + 1 == r.gen))
+  return ctx.placement.pin_loop(_Carry(cache, tokens, c.t + active, c.done | stops, c.nfe + active,
+                                       c.forwards + 1))
+
+
+_put = jax.vmap(lambda a, i, x: a.at[i].set(x, mode="drop"))  # `a` `[B, G]` written at `[B, n]` (`G`: dropped)
 
 
 def report(ctx: _Context, rows: jax.Array, t: jax.Array, tokens: jax.Array) -> None:
-  """Streaming only: the `rows` `[B]` end their piece (of `block_size` tokens) at token `t`."""
+  """Streaming only: the `rows` `[B]` end their piece (of `block_size` tokens) at token `t` `[B]`."""
   if ctx.stream:
-    bs, gen, b = ctx.config.block_size, ctx.config.gen_length, tokens.shape[0]
-    window = (t // bs) * bs + jnp.arange(bs)
-    streaming.emit(rows, jnp.broadcast_to(t // bs, (b,)), tokens[:, jnp.minimum(window, gen - 1)],
-                   jnp.broadcast_to(window <= t, (b, bs)), ctx.placement)
+    bs, gen = ctx.config.block_size, ctx.config.gen_length
+    window = (t // bs * bs)[:, None] + jnp.arange(bs)
+    streaming.emit(rows, t // bs, jnp.take_along_axis(tokens, jnp.minimum(window, gen - 1), axis=1),
+                   window <= t[:, None], ctx.placement)
 
 
-ALGORITHM = Algorithm(_run, _inputs, per_row=True)
+ALGORITHM = Algorithm(_Context, rows, start, chunk, outputs, _inputs)

@@ -50,6 +50,11 @@ def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: ja
   return pinned(tuple(jax.vmap(row, in_axes=(0, 0, None))(c, x, slots) for c, x in zip(cache, kv)), sharding)
 
 
+def put_row(cache: KV, row: KV, index: jax.Array) -> KV:
+  """A one-row cache `[layers, 1, max_len, ...]` written over row `index` `[]` (a serving slot)."""
+  return tuple(jax.lax.dynamic_update_slice_in_dim(c, r.astype(c.dtype), index, axis=1) for c, r in zip(cache, row))
+
+
 def pinned(kv: KV, sharding: jax.sharding.Sharding | None) -> KV:
   """`kv` (a cache or new K/V, `[layers, B, n, kv_heads, head_dim]`) constrained to `sharding` if given."""
   return kv if sharding is None else jax.lax.with_sharding_constraint(kv, sharding)

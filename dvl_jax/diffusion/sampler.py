@@ -29,10 +29,12 @@ to the cache and themselves only (exactly its commit pass: same K/V) while the c
 the cache, the previous block and itself (exactly its first denoising pass). The last block needs
 no commit at all. Same tokens as `reference`, one forward fewer per decoded block.
 
-Code: `_run` makes a frozen `_Context` (what no step changes) and runs a `lax.while_loop` over a `_Carry`
-whose body, `reference_step` or `fused_step`, is one forward of the batch (`block_pass` / `fused_pass`)
-followed by one `denoise` decision and the `block_state` that moves each row on. What the AR sampler
-shares (arguments, shardings, jit, prompt embedding, `generate`) is in `dvl_jax.diffusion.sampler_common`.
+Code: a frozen `_Context` holds what no step changes (static options and the per-row `Rows`); `start` prefills
+and makes the first `_Carry`; `chunk` runs a `lax.while_loop` over it (to the end, or a bounded number of
+forwards: the serving engine keeps one carry over its slots between calls) whose body, `reference_step` or
+`fused_step`, is one forward of the batch (`block_pass` / `fused_pass`) followed by one `denoise` decision and
+the `block_state` that moves each row on; `outputs` reads the tokens. What the AR sampler shares (arguments,
+shardings, jit, prompt embedding, the loop's assembly, `generate`) is in `dvl_jax.diffusion.sampler_common`.
 """
 
 from __future__ import annotations
@@ -67,51 +69,82 @@ def generate(model: DiffusionLM, inputs: Any, config: SamplingConfig = SamplingC
   A model whose params are sharded over a `('data', 'fsdp', 'tensor')` mesh samples on that mesh
   (`dvl_jax.diffusion.sampling_mesh`); pick its shape with `suggest_mesh` before `dvl.load(ckpt, mesh=...)`.
   """
-  return sampler_common.generate(_algorithm(config), model, inputs, config, rng=rng, cache=cache,
+  return sampler_common.generate(algorithm_of(config), model, inputs, config, rng=rng, cache=cache,
                                  tokenizer=tokenizer, on_block=on_block)
 
 
 def lower(model: DiffusionLM, inputs: Any, config: SamplingConfig = SamplingConfig()) -> jax.stages.Lowered:
   """The lowered sampler for these shapes (compile time, memory analysis and HLO in benchmarks and tests)."""
-  return sampler_common.lower(_algorithm(config), model, inputs, config)
+  return sampler_common.lower(algorithm_of(config), model, inputs, config)
 
 
-def _algorithm(config: SamplingConfig) -> Algorithm:
+def algorithm_of(config: SamplingConfig) -> Algorithm:
+  """The decoding algorithm `config` asks for (block diffusion or AR)."""
   return ar_sampler.ALGORITHM if config.algorithm == "autoregressive" else ALGORITHM
 
 
-def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tuple[np.ndarray, np.float32]:
-  """(the schedule `[bs + 1]`, the threshold `[]`): arrays, so `steps` and the threshold need no compile.
+def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Each row's (schedule `[B, bs + 1]`, threshold `[B]`): arrays, so that the strategy, `steps` and the threshold
+  need no compile and may differ per row (the serving engine's slots).
 
-  `num_transfer(bs, steps)` is indexed by `min(step, bs)`: a block never needs more than `bs` denoising
-  passes, so entry `i` is the spec's entry `min(i, steps)`."""
-  sched = remask.num_transfer(config.block_size, config.steps)
-  schedule = np.array([sched[min(i, config.steps)] for i in range(config.block_size + 1)], np.int32)
-  return schedule, np.float32(config.confidence_threshold)
+  Every strategy is `low_confidence_dynamic` over these: `low_confidence_static` is it with an infinite
+  threshold (no position is ever above it), `threshold` with a schedule of ones (the most confident position is
+  above the threshold whenever any is). `num_transfer(bs, steps)` is indexed by `min(step, bs)`: a block never
+  needs more than `bs` denoising passes, so entry `i` is the spec's entry `min(i, steps)`."""
+  bs = config.block_size
+  if config.remasking_strategy == "threshold":
+    schedule = np.ones(bs + 1, np.int32)
+  else:
+    sched = remask.num_transfer(bs, config.steps)
+    schedule = np.array([sched[min(i, config.steps)] for i in range(bs + 1)], np.int32)
+  static = config.remasking_strategy == "low_confidence_static"
+  threshold = np.float32(np.inf if static else config.confidence_threshold)
+  b = prompts.ids.shape[0]
+  return np.tile(schedule, (b, 1)), np.full((b,), threshold, np.float32)
 
 
 # ---- the decoding loop ---------------------------------------------------------------------------
 
+class Rows(NamedTuple):
+  """Per row, what decoding reads and never changes (the serving engine keeps one per slot)."""
+
+  lengths: jax.Array  # [B] prompt lengths P
+  end: jax.Array  # [B] P + G
+  keys: jax.Array  # [B] PRNG keys
+  schedule: jax.Array  # [B, bs + 1] tokens to unmask at denoising pass `min(step, bs)`
+  threshold: jax.Array  # [B] confidence threshold
+  tail: jax.Array  # [B, bs, H] the prompt's embeddings (images spliced) over the first block to denoise
+
+
 @dataclasses.dataclass(frozen=True)
 class _Context:
-  """What every step of one sampling call reads and none changes."""
+  """What every step of a decoding loop reads and none changes."""
 
   model: DiffusionLM
-  config: SamplingConfig  # static: its `steps` / `confidence_threshold` are not used (`schedule`, `threshold`)
+  config: SamplingConfig  # static: strategy, `steps` and threshold reach the loop as `rows` arrays
   placement: Placement
   stream: bool  # report every block as it becomes final (`streaming.emit`)
   max_len: int  # M, the cache's slots
-  prompt: Prompt  # ids [B, W], lengths [B], embeds [B, W, H]
-  limit: jax.Array  # [B] end of the decoded slots: P + G rounded up to a block, or P + G in one block
-  first_blk: jax.Array  # [B] the first block to denoise (whole prompt blocks before it are prefilled)
-  last_blk: jax.Array  # [B]
-  keys: jax.Array  # [B] PRNG keys
-  schedule: jax.Array  # [bs + 1] tokens to unmask at denoising pass `min(step, bs)`
-  threshold: jax.Array  # [] confidence threshold
+  rows: Rows
 
   @property
   def bs(self) -> int:
     return self.config.block_size
+
+  @property
+  def limit(self) -> jax.Array:
+    """`[B]` end of the decoded slots: P + G rounded up to a block, or P + G in one block (spec §6.1)."""
+    end = self.rows.end
+    return jnp.where(end <= self.bs, end, -(-end // self.bs) * self.bs)
+
+  @property
+  def first_blk(self) -> jax.Array:
+    """`[B]` the first block to denoise (the whole prompt blocks before it are prefilled)."""
+    return self.rows.lengths // self.bs
+
+  @property
+  def last_blk(self) -> jax.Array:
+    return (self.limit - 1) // self.bs
 
 
 class _Carry(NamedTuple):
@@ -123,51 +156,50 @@ class _Carry(NamedTuple):
   step: jax.Array  # [B] denoising passes done in it
   pending: jax.Array  # [B] a finished block awaits its commit (reference: `blk`; fused: `blk - 1`)
   done: jax.Array  # [B] (dead padding rows start done)
-  nfe: jax.Array  # [B] decoding forwards of the row
+  nfe: jax.Array  # [B] decoding forwards of the row (the prefill not counted: it keys the row's sampling)
   forwards: jax.Array  # [] decoding forwards of the batch
 
 
-def _run(model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt, keys: jax.Array,
-         inputs: tuple[jax.Array, jax.Array], *, placement: Placement, stream: bool) -> tuple[Outputs, KV]:
-  """The embedded prompt -> tokens `[B, G]` and statistics; the cache goes through. `inputs`: `_inputs`."""
-  ctx = _context(model, config, cache, prompt, keys, *inputs, placement=placement, stream=stream)
+def rows(model: DiffusionLM, config: SamplingConfig, prompt: Prompt, gen: jax.Array, keys: jax.Array,
+         inputs: tuple[jax.Array, jax.Array]) -> Rows:
+  """The per-row constants of an embedded prompt, gen lengths `[B]`, keys `[B]` and `_inputs`."""
+  bs, w = config.block_size, prompt.ids.shape[1]
+  window = jnp.clip(_window(prompt.lengths // bs * bs, bs), 0, w - 1)
+  tail = jnp.take_along_axis(prompt.embeds, window[..., None], axis=1)
+  return Rows(prompt.lengths, prompt.lengths + gen, keys, *inputs, tail)
+
+
+def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple) -> _Carry:
+  """The prefill, then every row at its first block: the prompt ids, the mask id elsewhere, slots
+  `[P, limit)` to decode."""
   prefilled = ctx.first_blk > 0
-  cache = jax.lax.cond(jnp.any(prefilled), functools.partial(prefill, ctx), lambda c: c, cache)
-  step = fused_step if config.mode == "fused" else reference_step
-  init = _start(ctx, cache)
-  with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
-    c = jax.lax.while_loop(lambda c: jnp.any(~c.done), functools.partial(step, ctx), init)
-  out_slots = prompt.lengths[:, None] + jnp.arange(config.gen_length)
-  out = {
-      "tokens": _at(c.ids, out_slots),
-      "decoded": jnp.sum(~_at(c.masked, out_slots), axis=1),
-      "steps": _at(c.decoded_at, out_slots),
-      "nfe": c.nfe + prefilled,
-      "forwards": c.forwards + jnp.any(prefilled),
-  }
-  return out, c.cache
-
-
-def _context(model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt, keys: jax.Array,
-             schedule: jax.Array, threshold: jax.Array, *, placement: Placement, stream: bool) -> _Context:
-  bs, end = config.block_size, prompt.lengths + config.gen_length
-  limit = jnp.where(end <= bs, end, -(-end // bs) * bs)  # spec §6.1
-  return _Context(model, config, placement, stream, cache[0].shape[2], prompt, limit, prompt.lengths // bs,
-                  (limit - 1) // bs, keys, schedule, threshold)
-
-
-def _start(ctx: _Context, cache: KV) -> _Carry:
-  """Every row at its first block: the prompt ids, the mask id elsewhere, slots `[P, limit)` to decode."""
+  cache = jax.lax.cond(jnp.any(prefilled), lambda c: kv_cache.write_prefix(c, prefill(ctx, prompt), ctx.placement.cache),
+                       lambda c: c, cache)
   mask_id = ctx.model.config.mask_token_id
-  b, w = ctx.prompt.ids.shape
-  plen, slots = ctx.prompt.lengths[:, None], jnp.arange(ctx.max_len)[None, :]
-  ids = jnp.full((b, ctx.max_len), mask_id, jnp.int32).at[:, :w].set(ctx.prompt.ids)
+  b, w = prompt.ids.shape
+  plen, slots = prompt.lengths[:, None], jnp.arange(ctx.max_len)[None, :]
+  ids = jnp.full((b, ctx.max_len), mask_id, jnp.int32).at[:, :w].set(prompt.ids)
   ids = jnp.where(slots < plen, ids, mask_id)
   masked = (slots >= plen) & (slots < ctx.limit[:, None])
   zeros = jnp.zeros((b,), jnp.int32)
   return ctx.placement.pin_loop(_Carry(cache, ids, masked, jnp.full((b, ctx.max_len), -1, jnp.int32), ctx.first_blk,
-                                       zeros, zeros.astype(bool), ctx.prompt.lengths == 0, zeros,
-                                       jnp.zeros((), jnp.int32)))
+                                       zeros, zeros.astype(bool), prompt.lengths == 0, zeros, jnp.zeros((), jnp.int32)))
+
+
+def chunk(ctx: _Context, c: _Carry, max_forwards: int | None) -> _Carry:
+  """Decoding forwards until every row is done, or at most `max_forwards` of them (the serving engine)."""
+  step = fused_step if ctx.config.mode == "fused" else reference_step
+  return sampler_common.loop(functools.partial(step, ctx), c, max_forwards)
+
+
+def outputs(ctx: _Context, c: _Carry, width: int) -> Outputs:
+  """tokens `[B, width]` from each row's prompt end (the mask id where never decoded) and statistics."""
+  out = jnp.minimum(_window(ctx.rows.lengths, width), ctx.max_len - 1)
+  generated = jnp.arange(width)[None, :] < (ctx.rows.end - ctx.rows.lengths)[:, None]
+  prefilled = ctx.first_blk > 0
+  return {"tokens": _at(c.ids, out), "decoded": jnp.sum(~_at(c.masked, out) & generated, axis=1),
+          "steps": jnp.where(generated, _at(c.decoded_at, out), -1), "nfe": c.nfe + prefilled,
+          "forwards": c.forwards + jnp.any(prefilled)}
 
 
 def _window(start: jax.Array, n: int) -> jax.Array:
@@ -183,25 +215,25 @@ def _at(a: jax.Array, window: jax.Array) -> jax.Array:
 _put = jax.vmap(lambda a, i, x: a.at[i].set(x))  # `a` `[B, M]` written at `[B, n]`: row-sharded arrays update locally
 
 
-def prefill(ctx: _Context, cache: KV) -> KV:
-  """One block-causal pass over each row's whole prompt blocks writes their K/V (spec §6.2)."""
-  b, w = ctx.prompt.ids.shape
+def prefill(ctx: _Context, prompt: Prompt) -> KV:
+  """One block-causal pass over each row's whole prompt blocks: their K/V `[layers, B, W, ...]` (spec §6.2)."""
+  b, w = prompt.ids.shape
   valid = jnp.arange(w)[None, :] < (ctx.first_blk * ctx.bs)[:, None]
   spec = AttentionSpec.self_attention(valid, kind="block_causal", block_size=ctx.bs)
-  _, kv = ctx.model.decode(ctx.prompt.embeds, jnp.broadcast_to(jnp.arange(w), (b, w)), spec, return_kv=True)
-  return kv_cache.write_prefix(cache, kv, ctx.placement.cache)
+  return ctx.model.decode(prompt.embeds, jnp.broadcast_to(jnp.arange(w), (b, w)), spec, return_kv=True)[1]
 
 
 def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, cache_end: jax.Array, cache: KV,
             return_kv: bool) -> tuple[jax.Array, KV | None]:
   """The slots `window` `[B, n]` (their `valid` ones) against the cache slots `< cache_end` `[B]`, block-causal
-  -> hidden states `[B, n, H]` (and their K/V). Prompt slots take the prompt's embeddings (images spliced),
-  the others those of `ids` `[B, M]`."""
-  m, w = ctx.max_len, ctx.prompt.ids.shape[1]
+  -> hidden states `[B, n, H]` (and their K/V). Prompt slots take the prompt's embeddings (images spliced; only
+  those of the first denoised block are ever valid in a window), the others those of `ids` `[B, M]`."""
+  m, bs = ctx.max_len, ctx.bs
   safe = jnp.clip(window, 0, m - 1)
   tok_emb = ctx.model.embed(_at(ids, safe))
-  from_prompt = jnp.take_along_axis(ctx.prompt.embeds, jnp.clip(window, 0, w - 1)[..., None], axis=1)
-  x = jnp.where((window < ctx.prompt.lengths[:, None])[..., None], from_prompt, tok_emb)
+  in_tail = jnp.clip(window - (ctx.first_blk * bs)[:, None], 0, bs - 1)
+  from_prompt = jnp.take_along_axis(ctx.rows.tail, in_tail[..., None], axis=1)
+  x = jnp.where((window < ctx.rows.lengths[:, None])[..., None], from_prompt, tok_emb)
   spec = kv_cache.window_spec(window, valid, cache_end, m, kind="block_causal", block_size=ctx.bs)
   return ctx.model.decode(x, safe, spec, kv_cache.pinned(cache, ctx.placement.cache), return_kv=return_kv)
 
@@ -218,10 +250,11 @@ def denoise(ctx: _Context, c: _Carry, hidden: jax.Array, rows_on: jax.Array
   """One denoising decision (spec §6.4-§6.5) for the current block of the `rows_on` `[B]` rows from its hidden
   states `[B, bs, H]` -> the carry's new (ids, masked, decoded_at)."""
   window = _window(c.blk * ctx.bs, ctx.bs)
-  x0, p0 = sampler_common.propose(ctx.config, ctx.model.logits(hidden), ctx.keys, c.nfe)
+  x0, p0 = sampler_common.propose(ctx.config, ctx.model.logits(hidden), ctx.rows.keys, c.nfe)
   masked = _at(c.masked, window)
-  pick = remask.select(p0, masked & rows_on[:, None], ctx.schedule[jnp.minimum(c.step, ctx.bs)],
-                       strategy=ctx.config.remasking_strategy, threshold=ctx.threshold)
+  scheduled = _at(ctx.rows.schedule, jnp.minimum(c.step, ctx.bs)[:, None])[:, 0]
+  pick = remask.select(p0, masked & rows_on[:, None], scheduled, strategy="low_confidence_dynamic",
+                       threshold=ctx.rows.threshold[:, None])
   return (_put(c.ids, window, jnp.where(pick, x0, _at(c.ids, window))),
           _put(c.masked, window, masked & ~pick),
           _put(c.decoded_at, window, jnp.where(pick, c.nfe[:, None], _at(c.decoded_at, window))))
@@ -231,7 +264,7 @@ def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array
   """(no mask left in block `blk` `[B]`, the row stops after it: EOS in its generated part or its last block)."""
   window = _window(blk * ctx.bs, ctx.bs)
   clean = ~jnp.any(_at(masked, window), axis=1)
-  generated = window >= ctx.prompt.lengths[:, None]
+  generated = window >= ctx.rows.lengths[:, None]
   eos = jnp.any((_at(ids, window) == ctx.model.config.eos_token_id) & generated, axis=1)
   return clean, eos | (blk == ctx.last_blk)
 
@@ -240,8 +273,7 @@ def report(ctx: _Context, rows: jax.Array, blk: jax.Array, ids: jax.Array) -> No
   """Streaming only: block `blk` of the `rows` `[B]` has no mask left (its generated slots are final)."""
   if ctx.stream:
     window = _window(blk * ctx.bs, ctx.bs)
-    plen = ctx.prompt.lengths[:, None]
-    generated = (window >= plen) & (window < plen + ctx.config.gen_length)
+    generated = (window >= ctx.rows.lengths[:, None]) & (window < ctx.rows.end[:, None])
     streaming.emit(rows, blk - ctx.first_blk, _at(ids, window), generated, ctx.placement)
 
 
@@ -293,4 +325,4 @@ def fused_pass(ctx: _Context, c: _Carry, commit: jax.Array, cache: KV) -> tuple[
   return hidden[:, bs:], kv_cache.write(cache, previous, start - bs, commit, ctx.placement.cache)
 
 
-ALGORITHM = Algorithm(_run, _inputs, per_row=False)
+ALGORITHM = Algorithm(_Context, rows, start, chunk, outputs, _inputs)

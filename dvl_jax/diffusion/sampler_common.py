@@ -48,25 +48,34 @@ class Prompt(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """One decoding algorithm (hashable: the jitted programs are cached per algorithm).
+  """One decoding algorithm as pieces that run inside jit (hashable: the jitted programs are cached per
+  algorithm). `generate` runs them in one program; the serving engine runs `start` per admitted request and
+  `chunk` over a carry it keeps across calls.
 
-  `run(model, config, cache, prompt, keys, inputs, *, placement, stream) -> (Outputs, cache)`: the decoding
-    loop, inside jit; `stream`: report pieces as they are final (`streaming.emit`).
-  `inputs(model, prompts, config)`: its own arguments, a tuple of NumPy arrays made on the host.
-  `per_row`: those have a leading batch axis (padded with dead rows, sharded over `data`), else all rows
-    share them (replicated).
+  `context(model, config, placement, stream, max_len, rows)`: the frozen context every step reads; `stream`:
+    report pieces as they are final (`streaming.emit`).
+  `rows(model, config, prompt, gen, keys, inputs) -> NamedTuple`: the per-row constants (arrays `[B, ...]`)
+    from the embedded prompt, gen lengths `[B]`, PRNG keys `[B]` and `inputs`.
+  `start(ctx, cache, prompt, inputs) -> carry`: the prefill and the loop's first carry (a NamedTuple: the KV
+    cache, then arrays `[B, ...]` per row and scalars; `done` `[B]` among them).
+  `chunk(ctx, carry, max_forwards) -> carry`: the decoding loop, to the end (None) or at most that many forwards.
+  `outputs(ctx, carry, width) -> Outputs`: tokens `[B, width]` from each row's prompt end, and statistics.
+  `inputs(model, prompts, config)`: its own arguments, a tuple of NumPy arrays `[B, ...]` made on the host
+    (padded with dead rows, sharded over `data`).
   """
 
-  run: Callable[..., tuple[Outputs, KV]]
+  context: Callable[..., Any]
+  rows: Callable[..., tuple]
+  start: Callable[..., tuple]
+  chunk: Callable[..., tuple]
+  outputs: Callable[..., Outputs]
   inputs: Callable[[DiffusionLM, Prompts, SamplingConfig], tuple]
-  per_row: bool
 
   def shardings(self, place: Placement) -> dict[str, Any]:
     """The jitted program's explicit shardings on a mesh (`jit_sampler`)."""
     rows, rep = place.rows, place.replicated
     outputs = {"tokens": rows, "decoded": rows, "steps": rows, "nfe": rows, "forwards": rep}
-    return {"in_shardings": (place.param_shardings, place.cache, PromptArrays(rows, rows, rep, rep), rows,
-                             rows if self.per_row else rep),
+    return {"in_shardings": (place.param_shardings, place.cache, PromptArrays(rows, rows, rep, rep), rows, rows),
             "out_shardings": (outputs, place.cache)}
 
 
@@ -96,6 +105,15 @@ def propose(config: SamplingConfig, logits: jax.Array, keys: jax.Array, count: j
                         top_k=config.top_k, top_p=config.top_p)
 
 
+def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | None) -> Any:
+  """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while a row is not done, and at
+  most `max_forwards` times if given (the serving engine returns to the host between chunks)."""
+  stop = None if max_forwards is None else carry.forwards + max_forwards
+  going = lambda c: jnp.any(~c.done) if stop is None else jnp.any(~c.done) & (c.forwards < stop)
+  with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
+    return jax.lax.while_loop(going, step, carry)
+
+
 def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: SamplingConfig,
                rng: jax.Array | None, cache: KV | None, stream: bool = False) -> tuple[Any, tuple, int]:
   """(the jitted program for the model's placement, its arguments, the number of real rows)."""
@@ -107,33 +125,51 @@ def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Sa
   cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
   prompt = PromptArrays(place.pad_rows(prompts.ids, fill=cfg.pad_token_id), place.pad_rows(prompts.lengths),
                         prompts.pixel_values, prompts.vision)
-  own = algorithm.inputs(model, prompts, config)
-  if algorithm.per_row:
-    own = tuple(place.pad_rows(a) for a in own)
-  args = (graphdef, _compile_key(config), state, cache, prompt, place.pad_keys(remask.row_keys(rng, b)), own)
+  own = tuple(place.pad_rows(a) for a in algorithm.inputs(model, prompts, config))
+  args = (graphdef, compile_key(config), state, cache, prompt, place.pad_keys(remask.row_keys(rng, b)), own)
   return jit_sampler(_program(algorithm, stream), place, algorithm.shardings), args, b
 
 
-def _compile_key(config: SamplingConfig) -> SamplingConfig:
-  """The static config: `steps` and `confidence_threshold` reach a loop as arrays (its `inputs`), if at all, so
-  sweeping them reuses one compile."""
-  return dataclasses.replace(config, steps=1, confidence_threshold=0.5)
+def compile_key(config: SamplingConfig) -> SamplingConfig:
+  """The static config: the remasking strategy, `steps` and `confidence_threshold` reach a loop as arrays (its
+  `inputs`), if at all, so sweeping them reuses one compile."""
+  return dataclasses.replace(config, steps=1, confidence_threshold=0.5, remasking_strategy="low_confidence_static")
 
 
 @functools.cache
 def _program(algorithm: Algorithm, stream: bool) -> Callable[..., tuple[Outputs, KV]]:
   """What `jit_sampler` compiles: one object per (algorithm, stream), since it caches by it."""
-  return functools.partial(_sample, run=algorithm.run, stream=stream)
+  return functools.partial(_sample, algorithm=algorithm, stream=stream)
 
 
 def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt: PromptArrays, keys: jax.Array,
-            inputs: tuple, *, run: Callable[..., tuple[Outputs, KV]], placement: Placement, stream: bool
-            ) -> tuple[Outputs, KV]:
-  """Inside jit: the model on its compute shardings and the prompt embedded, then the algorithm's loop."""
+            inputs: tuple, *, algorithm: Algorithm, placement: Placement, stream: bool) -> tuple[Outputs, KV]:
+  """Inside jit: the algorithm's prefill and whole loop over the embedded prompt, every row `gen_length` tokens."""
   TRACES[config.algorithm + ("_streaming" if stream else "")] += 1
-  model = nnx.merge(graphdef, placement.constrain_params(state))
+  model = merged(graphdef, state, placement)
+  gen = jnp.full(keys.shape, config.gen_length, jnp.int32)
+  ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, keys, inputs,
+                     placement=placement, stream=stream)
+  carry = algorithm.chunk(ctx, carry, None)
+  return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
+
+
+def merged(graphdef: Any, state: Any, placement: Placement) -> DiffusionLM:
+  """Inside jit: the model on its compute shardings."""
+  return nnx.merge(graphdef, placement.constrain_params(state))
+
+
+def embed(model: DiffusionLM, prompt: PromptArrays, placement: Placement) -> Prompt:
+  """Inside jit: the prompt embedded, image features spliced."""
   features = None
   if prompt.pixel_values is not None:
     features = model.image_features(placement.constrain_patches(prompt.pixel_values), prompt.vision)
-  embedded = Prompt(prompt.ids, prompt.lengths.astype(jnp.int32), model.embed(prompt.ids, features))
-  return run(model, config, cache, embedded, keys, inputs, placement=placement, stream=stream)
+  return Prompt(prompt.ids, prompt.lengths.astype(jnp.int32), model.embed(prompt.ids, features))
+
+
+def begin(algorithm: Algorithm, model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt,
+          gen: jax.Array, keys: jax.Array, inputs: tuple, *, placement: Placement, stream: bool) -> tuple[Any, tuple]:
+  """Inside jit: (the context of these rows, their first carry after the prefill) on a cache of `max_len` slots."""
+  rows = algorithm.rows(model, config, prompt, gen, keys, inputs)
+  ctx = algorithm.context(model, config, placement, stream, cache[0].shape[2], rows)
+  return ctx, algorithm.start(ctx, cache, prompt, inputs)

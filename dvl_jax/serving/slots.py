@@ -1,0 +1,87 @@
+"""The serving engine's device side: a fixed number of slots, each a row of one donated KV cache, and the
+jitted programs over them (JetStream's prefill / insert / generate).
+
+The slots' state is the sampler's own loop state over `S` rows: the algorithm's per-row constants (`rows`) and
+its loop carry (the KV cache `[layers, S, max_len, kv_heads, head_dim]` first). An idle slot is a dead row
+(prompt length 0, done from the start), as the sampler pads a batch. Three programs, each traced once per
+shape and counted in `TRACES`:
+
+* `empty`: every slot idle (once per engine);
+* `insert`: the sampler's own prefill and first carry for one request, on a one-row cache, written over one
+  slot; the other slots keep their state (once per prompt-length bucket);
+* `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (`chunk`),
+  then each slot's tokens so far; rows are independent, so a request decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, NamedTuple
+
+import jax
+
+from dvl_jax.diffusion import kv_cache
+from dvl_jax.diffusion.sampler_common import Algorithm, PromptArrays, begin, embed, merged
+from dvl_jax.diffusion.sampling_config import SamplingConfig
+from dvl_jax.diffusion.sampling_mesh import Placement
+
+TRACES: collections.Counter = collections.Counter()  # traces per program: a recompile shows up here
+_ONE_DEVICE = Placement()
+
+
+class Slots(NamedTuple):
+  """All slots' decoding state (donated through every program)."""
+
+  rows: tuple  # the algorithm's per-row constants, each `[S, ...]`
+  carry: tuple  # its loop carry: the KV cache, then `[S, ...]` arrays and scalars
+
+
+class Prefill(NamedTuple):
+  """One request as the programs take it (host arrays, one row)."""
+
+  prompt: PromptArrays  # ids [1, W] bucketed, lengths [1], optional image
+  gen: Any  # [1] tokens to generate
+  keys: jax.Array  # [1] PRNG key
+  inputs: tuple  # the algorithm's own `inputs`, `[1, ...]`
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def empty(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, state: Any, cache: kv_cache.KV,
+          idle: Prefill) -> Slots:
+  """`idle`: a prefill over `S` rows with prompt lengths 0 (dead rows)."""
+  TRACES["empty"] += 1
+  model = merged(graphdef, state, _ONE_DEVICE)
+  ctx, carry = begin(algorithm, model, config, cache, embed(model, idle.prompt, _ONE_DEVICE), idle.gen, idle.keys,
+                     idle.inputs, placement=_ONE_DEVICE, stream=False)
+  return Slots(ctx.rows, carry)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
+def insert(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, state: Any, slots: Slots, index: jax.Array,
+           request: Prefill) -> Slots:
+  """The request prefilled into slot `index` `[]`: its rows and carry written over that slot's."""
+  TRACES["insert"] += 1
+  model = merged(graphdef, state, _ONE_DEVICE)
+  cache, *per_row = slots.carry
+  one = kv_cache.init(model.config, 1, cache[0].shape[2])
+  ctx, carry = begin(algorithm, model, config, one, embed(model, request.prompt, _ONE_DEVICE), request.gen,
+                     request.keys, request.inputs, placement=_ONE_DEVICE, stream=False)
+  put = lambda all_rows, row: all_rows if all_rows.ndim == 0 else all_rows.at[index].set(row[0])
+  new_rows = jax.tree.map(put, slots.rows, ctx.rows)
+  new_carry = type(carry)(kv_cache.put_row(cache, carry[0], index), *jax.tree.map(put, tuple(per_row), tuple(carry[1:])))
+  return Slots(new_rows, new_carry)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
+def generate(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, max_forwards: int, state: Any,
+             slots: Slots) -> tuple[Slots, dict[str, jax.Array]]:
+  """At most `max_forwards` decoding forwards over all slots -> the slots and, per slot, tokens `[S, G]`,
+  `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`."""
+  TRACES["generate"] += 1
+  model = merged(graphdef, state, _ONE_DEVICE)
+  ctx = algorithm.context(model, config, _ONE_DEVICE, False, slots.carry[0][0].shape[2], slots.rows)
+  carry = algorithm.chunk(ctx, slots.carry, max_forwards)
+  out = algorithm.outputs(ctx, carry, config.gen_length)
+  return Slots(slots.rows, carry), {**out, "done": carry.done}
+

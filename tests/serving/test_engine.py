@@ -1,0 +1,103 @@
+"""The serving engine: a request's tokens equal `dvl.generate` run on it alone, whatever shares the slots and
+whenever it arrives; its pieces rebuild its output; nothing recompiles after warm-up; bad requests raise."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from dvl_jax.diffusion import sampler
+from dvl_jax.diffusion.sampling_config import SamplingConfig
+from dvl_jax.serving import slots
+from dvl_jax.serving.engine import Engine
+from dvl_jax.serving.request import Request
+from dvl_jax.testing.tiny import tiny_config, tiny_model
+
+EOS = 249  # a token the tiny model decodes often, so some requests stop early (free their slot) and others run on
+CFG = tiny_config(eos_token_id=EOS)
+BUCKET = 8
+ENGINES = {"fused": SamplingConfig(length_bucket=BUCKET),
+           "reference": SamplingConfig(length_bucket=BUCKET, mode="reference"),
+           "autoregressive": SamplingConfig(length_bucket=BUCKET, algorithm="autoregressive")}
+SETTINGS = [{}, {"steps": 2}, {"steps": 4}, {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.6},
+            {"remasking_strategy": "threshold", "confidence_threshold": 0.7}]
+
+
+@functools.cache
+def model():
+  """Confidences spread over (0, 1), so the strategies decide differently."""
+  return tiny_model(CFG, logit_scale=40.0)
+
+
+def requests(n, seed, lengths=(1, 16), gens=(6, 14)):
+  rng = np.random.default_rng(seed)
+  return [Request([int(t) for t in rng.integers(3, 200, rng.integers(*lengths, endpoint=True))],
+                  max_tokens=int(rng.choice(gens)), seed=i, **SETTINGS[i % len(SETTINGS)]) for i in range(n)]
+
+
+def interleaved(engine, batches, steps_between=2):
+  """Submits each batch after `steps_between` steps -> ({id: request}, {id: output}, {id: pieces})."""
+  sent, outputs, pieces = {}, {}, {}
+  for batch in batches:
+    sent.update({engine.submit(r): r for r in batch})
+    for _ in range(steps_between):
+      result = engine.step()
+      outputs.update(result.finished)
+      for rid, p in result.pieces:
+        pieces.setdefault(rid, []).append(p)
+  while engine.busy or engine.waiting:
+    result = engine.step()
+    outputs.update(result.finished)
+    for rid, p in result.pieces:
+      pieces.setdefault(rid, []).append(p)
+  return sent, outputs, pieces
+
+
+@pytest.mark.parametrize("setting", list(ENGINES))
+def test_greedy_tokens_equal_generate_alone_with_interleaved_arrivals(setting):
+  engine = Engine(model(), ENGINES[setting], slots=3, max_prompt=16, max_tokens=14, chunk=3)
+  sent, outputs, pieces = interleaved(engine, [requests(4, 0), requests(3, 1), requests(2, 2)])
+  assert sorted(outputs) == sorted(sent)
+  rest = CFG.pad_token_id if setting == "autoregressive" else CFG.mask_token_id
+  stopped = 0
+  for rid, request in sent.items():
+    out = outputs[rid]
+    want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
+                            rng=jax.random.key(request.seed))
+    np.testing.assert_array_equal(out.tokens, want.tokens)
+    np.testing.assert_array_equal(out.steps_per_token, want.steps_per_token)
+    np.testing.assert_array_equal(out.nfe, want.nfe)
+    streamed = np.concatenate(pieces[rid])
+    assert out.lengths[0] <= len(streamed)  # through EOS (block diffusion: the rest of its block too)
+    np.testing.assert_array_equal(streamed, out.tokens[0, :len(streamed)])
+    assert (out.tokens[0, len(streamed):] == rest).all()
+    stopped += out.lengths[0] < request.max_tokens
+  assert 0 < stopped < len(sent)  # some stopped at EOS, some ran to max_tokens
+
+
+def test_nothing_recompiles_after_warm_up():
+  engine = Engine(model(), ENGINES["fused"], slots=4, max_prompt=24, max_tokens=12, chunk=4)
+  engine.run([Request([5] * n, max_tokens=4) for n in (3, 12, 20)])  # one prompt per length bucket
+  before = dict(slots.TRACES)
+  batches = [requests(8, seed, lengths=(1, 24), gens=(3, 12)) for seed in range(5)]
+  sent, outputs, _ = interleaved(engine, batches, steps_between=3)
+  assert len(outputs) == len(sent) == 40
+  assert dict(slots.TRACES) == before
+  for rid, request in sent.items():
+    assert outputs[rid].tokens.shape == (1, request.max_tokens)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (Request([5] * 3, max_tokens=13), "max_tokens"),
+    (Request([5] * 17, max_tokens=4), "max_prompt"),
+    (Request([], max_tokens=4), "prompt lengths"),
+    (Request([5] * 3, max_tokens=4, steps=0), "steps"),
+    (Request([5] * 3, max_tokens=4, remasking_strategy="top"), "remasking_strategy"),
+])
+def test_a_bad_request_raises_and_changes_nothing(request_, message):
+  engine = Engine(model(), ENGINES["fused"], slots=2, max_prompt=16, max_tokens=12, chunk=3)
+  with pytest.raises(ValueError, match=message):
+    engine.submit(request_)
+  assert engine.waiting == 0
+  assert len(engine.run([Request([5] * 3, max_tokens=4)])) == 1
