@@ -90,6 +90,19 @@ class Engine:
     self._waiting.append(rid)
     return rid
 
+  def cancel(self, rid: int) -> bool:
+    """Drops request `rid`, waiting or decoding (its slot is free for the next step) -> whether it was there."""
+    if rid not in self._requests:
+      return False
+    if rid in self._slot_of:
+      slot = self._slot_of.pop(rid)
+      self._slots = programs.release(self._slots, np.int32(slot))
+      self._free.append(slot)
+    else:
+      self._waiting.remove(rid)
+    del self._requests[rid]
+    return True
+
   def step(self) -> Result:
     """Admits waiting requests into free slots, runs one chunk of decoding and hands out what became final."""
     admitted = []

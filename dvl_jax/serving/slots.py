@@ -9,6 +9,7 @@ shape and counted in `TRACES`:
 * `empty`: every slot idle (once per engine);
 * `insert`: the sampler's own prefill and first carry for one request, on a one-row cache, written over one
   slot; the other slots keep their state (once per prompt-length bucket);
+* `release`: a slot's row marked done (a cancelled request);
 * `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (`chunk`),
   then each slot's tokens so far; rows are independent, so a request decodes as it would alone.
 """
@@ -71,6 +72,13 @@ def insert(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, state: A
   new_rows = jax.tree.map(put, slots.rows, ctx.rows)
   new_carry = type(carry)(kv_cache.put_row(cache, carry[0], index), *jax.tree.map(put, tuple(per_row), tuple(carry[1:])))
   return Slots(new_rows, new_carry)
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def release(slots: Slots, index: jax.Array) -> Slots:
+  """Slot `index` `[]` stops decoding (a cancelled request): its row is done, the others keep their state."""
+  TRACES["release"] += 1
+  return Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dvl_jax.diffusion import sampler
-from dvl_jax.diffusion.sampling_config import SamplingConfig
+from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.serving import slots
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.request import Request
@@ -76,16 +76,55 @@ def test_greedy_tokens_equal_generate_alone_with_interleaved_arrivals(setting):
   assert 0 < stopped < len(sent)  # some stopped at EOS, some ran to max_tokens
 
 
+def test_an_image_request_equals_generate_alone_among_text_requests():
+  grid = np.array([[1, 4, 8]])
+  image = [CFG.vision_start_token_id] + [CFG.image_token_id] * 8 + [CFG.vision_end_token_id]
+  pixels = np.random.default_rng(3).normal(size=(32, CFG.vision.patch_dim)).astype(np.float32)
+  request = Request([5, 9, 11] + image + [7, 8], max_tokens=14, steps=4, pixel_values=pixels, image_grid_thw=grid)
+  engine = Engine(model(), ENGINES["fused"], slots=3, max_prompt=16, max_tokens=14, chunk=3)
+  text = requests(3, 3)
+  outputs = engine.run([text[0], request, *text[1:]])
+  want = sampler.generate(model(), Prompts.from_lists([list(request.prompt)], pixel_values=pixels, image_grid_thw=grid),
+                          request.config(engine.config))
+  np.testing.assert_array_equal(outputs[1].tokens, want.tokens)
+  np.testing.assert_array_equal(outputs[1].nfe, want.nfe)
+
+
+def test_sampled_tokens_equal_generate_alone_with_the_request_seed():
+  config = SamplingConfig(length_bucket=16, temperature=0.9, top_k=40, top_p=0.95)
+  engine = Engine(model(), config, slots=3, max_prompt=16, max_tokens=10, chunk=2)
+  sent = [Request(r.prompt, max_tokens=10, steps=r.steps, seed=r.seed % 3) for r in requests(6, 4, lengths=(9, 16))]
+  outputs = engine.run(sent)
+  for rid, request in enumerate(sent):
+    want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
+                            rng=jax.random.key(request.seed))
+    np.testing.assert_array_equal(outputs[rid].tokens, want.tokens)
+
+
 def test_nothing_recompiles_after_warm_up():
   engine = Engine(model(), ENGINES["fused"], slots=4, max_prompt=24, max_tokens=12, chunk=4)
   engine.run([Request([5] * n, max_tokens=4) for n in (3, 12, 20)])  # one prompt per length bucket
   before = dict(slots.TRACES)
-  batches = [requests(8, seed, lengths=(1, 24), gens=(3, 12)) for seed in range(5)]
+  batches = [requests(12, seed, lengths=(1, 24), gens=(3, 12)) for seed in range(8)]
   sent, outputs, _ = interleaved(engine, batches, steps_between=3)
-  assert len(outputs) == len(sent) == 40
+  assert len(outputs) == len(sent) == 96
   assert dict(slots.TRACES) == before
   for rid, request in sent.items():
     assert outputs[rid].tokens.shape == (1, request.max_tokens)
+
+
+def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
+  engine = Engine(model(), ENGINES["fused"], slots=3, max_prompt=16, max_tokens=14, chunk=3)
+  sent = [Request(r.prompt, max_tokens=14) for r in requests(5, 5)]  # one token per forward: none ends in a step
+  alone = engine.run(sent)
+  ids = [engine.submit(r) for r in sent]  # three decode, two wait
+  assert not engine.step().finished
+  assert engine.cancel(ids[1]) and engine.cancel(ids[4]) and not engine.cancel(ids[4])
+  assert engine.busy == 2 and engine.waiting == 1
+  outputs = engine.run()
+  assert sorted(outputs) == [ids[0], ids[2], ids[3]]
+  for i in (0, 2, 3):
+    np.testing.assert_array_equal(outputs[ids[i]].tokens, alone[i].tokens)
 
 
 @pytest.mark.parametrize("request_, message", [
