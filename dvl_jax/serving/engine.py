@@ -6,7 +6,8 @@ forwards over all slots, and hands out each request's newly final blocks and its
 slot takes the next waiting request at the next step. The device programs are `dvl_jax.diffusion`'s own
 sampler pieces (`dvl_jax.serving.slots`), so a request's tokens are those of `dvl.generate` on it alone under
 `request.config(engine.config)`, whatever shares the slots and whenever it arrives. After warm-up (one
-`insert` compile per prompt-length bucket, one `generate`) nothing recompiles.
+`insert` compile per prompt-length bucket, one `generate`) nothing recompiles. A model whose params are on a
+mesh (`dvl.load(ckpt, mesh=...)`) serves on it: slots sharded over `data` like a sampled batch, same tokens.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class Engine:
 
   `config`: what every request shares (algorithm, mode, temperature / top-k / top-p, block size, positions,
   `length_bucket`); its `max_len` is the cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded
-  up to a block). `max_prompt`: the longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may ask (default `config.gen_length`).
-  `chunk`: decoding forwards per `step` (the latency of admitting a request and of handing out blocks).
+  up to a block). `max_prompt`: the longest prompt (it bounds the buckets, hence the compiles). `max_tokens`:
+  the longest gen length a request may ask (default `config.gen_length`). `slots`: a multiple of the mesh's
+  `data` axis. `chunk`: decoding forwards per `step` (the latency of admitting a request and of handing out blocks).
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
@@ -54,15 +56,16 @@ class Engine:
     config = config.resolve(model.config)
     if slots < 1 or chunk < 1:
       raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
-    self.graphdef, self.state = nnx.split(model)
-    if Placement.of(model.config, self.state).mesh is not None:
-      raise ValueError("the serving engine runs on one device for now; load the model without a mesh")
+    graphdef, self.state = nnx.split(model)
+    placement = Placement.of(model.config, self.state)
+    if placement.batch(slots) != slots:
+      raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis ({placement.mesh.shape['data']})")
     self.model, self.chunk, self.max_prompt = model, chunk, max_prompt
     max_tokens = max_tokens or config.gen_length
     max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, config.block_size)
     self.config = dataclasses.replace(config, gen_length=max_tokens, max_len=max_len)
     self.algorithm = algorithm_of(self.config)
-    self._static = compile_key(self.config)
+    self._static = programs.Static(self.algorithm, graphdef, compile_key(self.config), placement)
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, _Active] = {}
     self._slot_of: dict[int, int] = {}  # request id -> slot
@@ -70,8 +73,8 @@ class Engine:
     self._ids = itertools.count()
     idle = self._prefill(Request([model.config.pad_token_id], max_tokens=1), rows=slots)
     idle = idle._replace(prompt=idle.prompt._replace(lengths=np.zeros(slots, np.int32)))  # dead rows
-    self._slots = programs.empty(self.algorithm, self.graphdef, self._static, self.state,
-                                 kv_cache.init(model.config, slots, max_len), idle)
+    self._slots = programs.empty(self._static, self.state, kv_cache.init(model.config, slots, max_len, placement.cache),
+                                 idle)
 
   @property
   def busy(self) -> int:
@@ -96,7 +99,7 @@ class Engine:
       return False
     if rid in self._slot_of:
       slot = self._slot_of.pop(rid)
-      self._slots = programs.release(self._slots, np.int32(slot))
+      self._slots = programs.release(self._static, self._slots, np.int32(slot))
       self._free.append(slot)
     else:
       self._waiting.remove(rid)
@@ -108,14 +111,12 @@ class Engine:
     admitted = []
     while self._free and self._waiting:
       rid, slot = self._waiting.popleft(), self._free.pop(0)
-      self._slots = programs.insert(self.algorithm, self.graphdef, self._static, self.state, self._slots,
-                                    np.int32(slot), self._requests[rid].prefill)
+      self._slots = programs.insert(self._static, self.state, self._slots, np.int32(slot), self._requests[rid].prefill)
       self._slot_of[rid] = slot
       admitted.append(rid)
     if not self._slot_of:
       return Result(admitted, [], [])
-    self._slots, view = programs.generate(self.algorithm, self.graphdef, self._static, self.chunk, self.state,
-                                          self._slots)
+    self._slots, view = programs.generate(self._static, self.chunk, self.state, self._slots)
     return Result(admitted, *self._hand_out(jax.device_get(view)))
 
   def run(self, requests: Iterable[Request] = ()) -> dict[int, GenerateOutput]:

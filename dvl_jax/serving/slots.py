@@ -17,6 +17,7 @@ shape and counted in `TRACES`:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -28,7 +29,17 @@ from dvl_jax.diffusion.sampling_config import SamplingConfig
 from dvl_jax.diffusion.sampling_mesh import Placement
 
 TRACES: collections.Counter = collections.Counter()  # traces per program: a recompile shows up here
-_ONE_DEVICE = Placement()
+_ONE_ROW = Placement()  # an admitted request's own prefill: unconstrained (the partitioner follows the params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """What the programs compile for (hashable: a static argument)."""
+
+  algorithm: Algorithm
+  graphdef: Any
+  config: SamplingConfig  # `sampler_common.compile_key`'d; `gen_length` is the widest request
+  placement: Placement  # the params' mesh; slots (rows) are sharded over `data`, as a sampled batch is
 
 
 class Slots(NamedTuple):
@@ -47,49 +58,56 @@ class Prefill(NamedTuple):
   inputs: tuple  # the algorithm's own `inputs`, `[1, ...]`
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def empty(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, state: Any, cache: kv_cache.KV,
-          idle: Prefill) -> Slots:
+def _pinned(placement: Placement, slots: Slots) -> Slots:
+  """Every program returns the slots on the same shardings, so the next one never recompiles for them."""
+  rows = slots.rows
+  if placement.mesh is not None:
+    rows = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, placement.rows), rows)
+  return Slots(rows, placement.pin_loop(slots.carry))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def empty(static: Static, state: Any, cache: kv_cache.KV, idle: Prefill) -> Slots:
   """`idle`: a prefill over `S` rows with prompt lengths 0 (dead rows)."""
   TRACES["empty"] += 1
-  model = merged(graphdef, state, _ONE_DEVICE)
-  ctx, carry = begin(algorithm, model, config, cache, embed(model, idle.prompt, _ONE_DEVICE), idle.gen, idle.keys,
-                     idle.inputs, placement=_ONE_DEVICE, stream=False)
-  return Slots(ctx.rows, carry)
+  place = static.placement
+  model = merged(static.graphdef, state, place)
+  ctx, carry = begin(static.algorithm, model, static.config, cache, embed(model, idle.prompt, place), idle.gen,
+                     idle.keys, idle.inputs, placement=place, stream=False)
+  return _pinned(place, Slots(ctx.rows, carry))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
-def insert(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, state: Any, slots: Slots, index: jax.Array,
-           request: Prefill) -> Slots:
-  """The request prefilled into slot `index` `[]`: its rows and carry written over that slot's."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("slots",))
+def insert(static: Static, state: Any, slots: Slots, index: jax.Array, request: Prefill) -> Slots:
+  """The request prefilled into slot `index` `[]` (one row: not split over the mesh's `data`): its rows and carry
+  written over that slot's."""
   TRACES["insert"] += 1
-  model = merged(graphdef, state, _ONE_DEVICE)
+  model = merged(static.graphdef, state, static.placement)
   cache, *per_row = slots.carry
   one = kv_cache.init(model.config, 1, cache[0].shape[2])
-  ctx, carry = begin(algorithm, model, config, one, embed(model, request.prompt, _ONE_DEVICE), request.gen,
-                     request.keys, request.inputs, placement=_ONE_DEVICE, stream=False)
+  ctx, carry = begin(static.algorithm, model, static.config, one, embed(model, request.prompt, _ONE_ROW), request.gen,
+                     request.keys, request.inputs, placement=_ONE_ROW, stream=False)
   put = lambda all_rows, row: all_rows if all_rows.ndim == 0 else all_rows.at[index].set(row[0])
   new_rows = jax.tree.map(put, slots.rows, ctx.rows)
   new_carry = type(carry)(kv_cache.put_row(cache, carry[0], index), *jax.tree.map(put, tuple(per_row), tuple(carry[1:])))
-  return Slots(new_rows, new_carry)
+  return _pinned(static.placement, Slots(new_rows, new_carry))
 
 
-@functools.partial(jax.jit, donate_argnames=("slots",))
-def release(slots: Slots, index: jax.Array) -> Slots:
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("slots",))
+def release(static: Static, slots: Slots, index: jax.Array) -> Slots:
   """Slot `index` `[]` stops decoding (a cancelled request): its row is done, the others keep their state."""
   TRACES["release"] += 1
-  return Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True)))
+  return _pinned(static.placement, Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True))))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames=("slots",))
-def generate(algorithm: Algorithm, graphdef: Any, config: SamplingConfig, max_forwards: int, state: Any,
-             slots: Slots) -> tuple[Slots, dict[str, jax.Array]]:
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("slots",))
+def generate(static: Static, max_forwards: int, state: Any, slots: Slots) -> tuple[Slots, dict[str, jax.Array]]:
   """At most `max_forwards` decoding forwards over all slots -> the slots and, per slot, tokens `[S, G]`,
   `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`."""
   TRACES["generate"] += 1
-  model = merged(graphdef, state, _ONE_DEVICE)
-  ctx = algorithm.context(model, config, _ONE_DEVICE, False, slots.carry[0][0].shape[2], slots.rows)
-  carry = algorithm.chunk(ctx, slots.carry, max_forwards)
-  out = algorithm.outputs(ctx, carry, config.gen_length)
-  return Slots(slots.rows, carry), {**out, "done": carry.done}
-
+  place = static.placement
+  model = merged(static.graphdef, state, place)
+  ctx = static.algorithm.context(model, static.config, place, False, slots.carry[0][0].shape[2], slots.rows)
+  carry = static.algorithm.chunk(ctx, slots.carry, max_forwards)
+  out = static.algorithm.outputs(ctx, carry, static.config.gen_length)
+  return _pinned(place, Slots(slots.rows, carry)), {**out, "done": carry.done}

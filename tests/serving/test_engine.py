@@ -9,6 +9,8 @@ import pytest
 
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
+from dvl_jax.parallel.mesh import make_mesh
+from dvl_jax.parallel.rules import shard_model
 from dvl_jax.serving import slots
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.request import Request
@@ -99,6 +101,20 @@ def test_sampled_tokens_equal_generate_alone_with_the_request_seed():
     want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
                             rng=jax.random.key(request.seed))
     np.testing.assert_array_equal(outputs[rid].tokens, want.tokens)
+
+
+def test_on_a_mesh_the_tokens_equal_one_device():
+  sharded = shard_model(model(), make_mesh((4, 1, 2)))
+  sent = requests(6, 6)
+  engine = Engine(sharded, ENGINES["fused"], slots=4, max_prompt=16, max_tokens=14, chunk=3)
+  engine.run(sent)
+  before = dict(slots.TRACES)
+  outputs = engine.run(sent)  # the slots come back on the shardings they went in with: no recompile
+  assert dict(slots.TRACES) == before
+  want = Engine(model(), ENGINES["fused"], slots=4, max_prompt=16, max_tokens=14, chunk=3).run(sent)
+  for rid in want:
+    np.testing.assert_array_equal(outputs[rid + len(sent)].tokens, want[rid].tokens)
+    np.testing.assert_array_equal(outputs[rid + len(sent)].nfe, want[rid].nfe)
 
 
 def test_nothing_recompiles_after_warm_up():
