@@ -1,10 +1,12 @@
 """What the block-diffusion and AR samplers share: everything around their decoding loops.
 
-A sampler is an `Algorithm`: a decoding loop over an embedded prompt, and the few host-side inputs it takes
-beyond the common ones. The rest exists once, here: prompts bucketed and padded to the mesh's rows, the KV
-cache checked or made, one PRNG key per row, the shardings of every argument, one jitted program per
-(algorithm, placement, streaming or not) that counts its traces and embeds the prompt (image features
-spliced) before the loop, `lower`, and `generate` (streaming, `GenerateOutput`).
+A sampler is an `Algorithm`: the pieces of a decoding loop over an embedded prompt (per-row constants, prefill
+and first carry, a bounded or whole loop, outputs), and the few host-side inputs it takes beyond the common
+ones; `generate` runs the pieces in one program, the serving engine (`dvl_jax.serving`) over slots it keeps.
+The rest exists once, here: prompts bucketed and padded to the mesh's rows, the KV cache checked or made, one
+PRNG key per row, the shardings of every argument, one jitted program per (algorithm, placement, streaming or
+not) that counts its traces and embeds the prompt (image features spliced) before the loop, `lower`, and
+`generate` (streaming, `GenerateOutput`).
 """
 
 from __future__ import annotations
