@@ -36,6 +36,11 @@ as each block of an answer is final (streaming, same tokens). `dvl.make_mesh` bu
 `dvl.load(..., mesh=...)`; `dvl.suggest_mesh` picks its shape for sampling (`generate` runs on the mesh
 the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the architecture.
 
+Serving and evaluation (libraries; their `dvl serve` / `dvl eval` commands are to come): `dvl.Engine(model,
+dvl.SamplingConfig(...), slots=8)` batches `dvl.Request`s continuously over the slots of one KV cache, each
+request's tokens those of `dvl.generate` on it alone; `dvl.get_task(name)` is a benchmark task (loader, prompt,
+scorer as lmms-eval scores it: mmmu_val, mme, ai2d, mmstar, chartqa, realworldqa, synthetic, easy_vqa).
+
 Demo and test helpers (the notebooks use them): `dvl.synthetic`, the shapes VQA data set;
 `dvl.word_tokenizer`, a small tokenizer over its words; `dvl.testing`, tiny random models and
 checkpoints (JAX and Hugging Face); `dvl.train_demo`, the `dvl demo` recipe (model, run configs, evaluation).
@@ -69,6 +74,9 @@ _EXPORTS = {  # name -> the module that defines it
     "ar_loss": "dvl_jax.diffusion.loss",
     "train": "dvl_jax.training.loop",
     "word_tokenizer": "dvl_jax.data.word_tokenizer",
+    "Engine": "dvl_jax.serving.engine",
+    "Request": "dvl_jax.serving.request",
+    "get_task": "dvl_jax.evaluation.registry",
 }
 _MODULES = {  # name -> a module exported whole
     "synthetic": "dvl_jax.data.synthetic",

@@ -51,6 +51,7 @@ def test_the_package_top_level_holds_folders_only():
                    "dvl_jax.models.rope")),
     ("training", ("dvl_jax.models.qwen", "dvl_jax.cli")),
     ("demos", ("dvl_jax.cli",)),
+    ("serving", ("dvl_jax.data", "dvl_jax.training", "dvl_jax.cli", "dvl_jax.models.qwen", "dvl_jax.models.decoder")),
     ("evaluation", ("dvl_jax.models", "dvl_jax.training", "dvl_jax.cli", "dvl_jax.parallel", "dvl_jax.attention")),
     ("checkpoints", ("dvl_jax.models.qwen", "dvl_jax.cli")),
 ])
