@@ -1,7 +1,7 @@
-"""The `dvl` command: convert, export, generate, train, the demo and the benchmarks.
+"""The `dvl` command: convert, export, generate, eval, train, the demo and the benchmarks.
 
 User mistakes (missing files, wrong layouts, bad options) end with a one-line error and exit code 2;
-`--debug` shows the traceback instead. `generate` and `bench` live in their own modules; this one
+`--debug` shows the traceback instead. `generate`, `eval` and `bench` live in their own modules; this one
 registers and dispatches.
 """
 
@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from dvl_jax.cli import bench as bench_cli
+from dvl_jax.cli import eval as eval_cli
 from dvl_jax.cli import generate as generate_cli
 
 
@@ -34,7 +35,7 @@ def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: st
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="dvl", description="DiffusionVL in JAX: convert, export, generate, train, demo, bench.")
+  parser = _Parser(prog="dvl", description="DiffusionVL in JAX: convert, export, generate, eval, train, demo, bench.")
   parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default: off)")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                       src="dvl checkpoint directory (from `dvl convert` or training)",
                       dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
   generate_cli.add_parser(sub)
+  eval_cli.add_parser(sub)
 
   train = sub.add_parser("train", help="train (stage 1 / stage 2 / AR) from a config file; resumable",
                          description="Extra `--config.KEY=VALUE` arguments override config fields, e.g. "
@@ -98,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     return generate_cli.run(args)
   elif args.command == "bench":
     return bench_cli.run(args)
+  elif args.command == "eval":
+    return eval_cli.run(args)
   elif args.command == "train":
     from dvl_jax.training.loop import train
     from dvl_jax.training.run_config import load_config
