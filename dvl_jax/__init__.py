@@ -36,10 +36,11 @@ as each block of an answer is final (streaming, same tokens). `dvl.make_mesh` bu
 `dvl.load(..., mesh=...)`; `dvl.suggest_mesh` picks its shape for sampling (`generate` runs on the mesh
 the params are on). `dvl.ModelConfig` / `TextConfig` / `VisionConfig` describe the architecture.
 
-Serving and evaluation (libraries; their `dvl serve` / `dvl eval` commands are to come): `dvl.Engine(model,
+Serving and evaluation: `dvl.Engine(model,
 dvl.SamplingConfig(...), slots=8)` batches `dvl.Request`s continuously over the slots of one KV cache, each
 request's tokens those of `dvl.generate` on it alone; `dvl.get_task(name)` is a benchmark task (loader, prompt,
-scorer as lmms-eval scores it: mmmu_val, mme, ai2d, mmstar, chartqa, realworldqa, synthetic, easy_vqa).
+scorer as lmms-eval scores it: mmmu_val, mme, ai2d, mmstar, chartqa, realworldqa, synthetic, easy_vqa), and
+`dvl.evaluate(model, processor, task)` scores it with AR and block-diffusion decoders (`dvl eval`).
 
 Demo and test helpers (the notebooks use them): `dvl.synthetic`, the shapes VQA data set;
 `dvl.word_tokenizer`, a small tokenizer over its words; `dvl.testing`, tiny random models and
@@ -77,6 +78,7 @@ _EXPORTS = {  # name -> the module that defines it
     "Engine": "dvl_jax.serving.engine",
     "Request": "dvl_jax.serving.request",
     "get_task": "dvl_jax.evaluation.registry",
+    "evaluate": "dvl_jax.evaluation.runner",
 }
 _MODULES = {  # name -> a module exported whole
     "synthetic": "dvl_jax.data.synthetic",

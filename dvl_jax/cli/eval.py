@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
   import dvl_jax as dvl
-  from dvl_jax.cli.generate import _check_checkpoint
+  from dvl_jax.cli.generate import check_checkpoint
   from dvl_jax.evaluation.registry import get_task
   from dvl_jax.evaluation.runner import decoder_config, evaluate
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--log-samples and --resume need --out")
   if not list(itertools.islice(task.load(args.data), 1)):
     raise ValueError(f"task {task.name} has no samples in {args.data or 'its default data'}")
-  _check_checkpoint(args.checkpoint)
+  check_checkpoint(args.checkpoint)
   processor = dvl.Processor.from_pretrained(args.checkpoint, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
   evaluate(dvl.load(args.checkpoint), processor, task, data=args.data, decoders=decoders, limit=args.limit,
            batch_size=args.batch_size, gen_length=args.gen_length, steps=args.steps, threshold=args.threshold,

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   requests = _requests(args)
-  _check_checkpoint(args.checkpoint)
+  check_checkpoint(args.checkpoint)
   processor = dvl.Processor.from_pretrained(args.checkpoint, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
   config = config.resolve(processor.config)
   batch_size = min(args.batch_size, len(requests))
@@ -190,7 +190,7 @@ def _read_jsonl(path: str) -> list[Request]:
   return requests
 
 
-def _check_checkpoint(path: str) -> None:
+def check_checkpoint(path: str) -> None:
   root = storage.as_path(path)
   if not root.is_dir():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
