@@ -10,7 +10,7 @@ import argparse
 import itertools
 from typing import Any
 
-from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
+from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
 
 DECODERS = "ar,static,dynamic,threshold"  # evaluation.runner.DECODERS, spelled out to keep `dvl --help` light
 
@@ -38,19 +38,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="write samples_DECODER.jsonl to --out as samples finish (default: off)")
   cmd.add_argument("--resume", action="store_true",
                    help="skip the samples already in --out's sample logs; implies --log-samples (default: start fresh)")
-  cmd.add_argument("--min-pixels", type=int, default=None,
-                   help="images are resized to at least this many pixels (default: the checkpoint's bound, "
-                   f"else {MIN_PIXELS})")
-  cmd.add_argument("--max-pixels", type=int, default=None,
-                   help="images are resized to at most this many pixels (default: the checkpoint's bound, "
-                   f"else {MAX_PIXELS})")
+  add_pixel_bounds(cmd)
   cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
   return cmd
 
 
 def run(args: argparse.Namespace) -> int:
   import dvl_jax as dvl
-  from dvl_jax.cli.generate import check_checkpoint
   from dvl_jax.evaluation.registry import get_task
   from dvl_jax.evaluation.runner import decoder_config, evaluate
 
@@ -70,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
   if not list(itertools.islice(task.load(args.data), 1)):
     raise ValueError(f"task {task.name} has no samples in {args.data or 'its default data'}")
   check_checkpoint(args.checkpoint)
-  processor = dvl.Processor.from_pretrained(args.checkpoint, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+  processor = load_processor(args)
   evaluate(dvl.load(args.checkpoint), processor, task, data=args.data, decoders=decoders, limit=args.limit,
            batch_size=args.batch_size, gen_length=args.gen_length, steps=args.steps, threshold=args.threshold,
            log_samples=args.log_samples or args.resume, out_dir=args.out, resume=args.resume,

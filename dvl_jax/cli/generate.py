@@ -20,12 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from dvl_jax.core import storage
-from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
+from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, MODES, POSITIONS, STRATEGIES, Prompts, SamplingConfig
-from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 
-TOKENIZER_FILE = "tokenizer.json"
 SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended from the dataclass
     "gen_length": "tokens to generate per request",
     "steps": "denoising passes per block for the low_confidence strategies",
@@ -80,12 +77,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast the weights to this dtype while loading, e.g. bfloat16 on a GPU/TPU (default: the "
                    "checkpoint's stored dtype)")
-  cmd.add_argument("--min-pixels", type=int, default=None,
-                   help="images are resized to at least this many pixels (default: the checkpoint's bound from "
-                   f"hf_config.json or preprocessor_config.json, else {MIN_PIXELS})")
-  cmd.add_argument("--max-pixels", type=int, default=None,
-                   help="images are resized to at most this many pixels (default: the checkpoint's bound, else "
-                   f"{MAX_PIXELS})")
+  add_pixel_bounds(cmd)
   cmd.add_argument("--clean-answer", action="store_true",
                    help="print each answer as DiffusionVL's evaluation scores it: up to its first line, stripped, "
                    "one trailing '.' dropped; text mode then prints it whole instead of streaming (default: the "
@@ -121,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   requests = _requests(args)
   check_checkpoint(args.checkpoint)
-  processor = dvl.Processor.from_pretrained(args.checkpoint, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+  processor = load_processor(args)
   config = config.resolve(processor.config)
   batch_size = min(args.batch_size, len(requests))
   progress = _progress(len(requests), args)
@@ -188,16 +180,6 @@ def _read_jsonl(path: str) -> list[Request]:
   if not requests:
     raise ValueError(f"{path} holds no requests")
   return requests
-
-
-def check_checkpoint(path: str) -> None:
-  root = storage.as_path(path)
-  if not root.is_dir():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  missing = [n for n in (CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILE) if not (root / n).exists()]
-  if missing:
-    raise FileNotFoundError(f"{path} is not a converted checkpoint (no {', '.join(missing)}); make one with "
-                            "`dvl convert` from Hugging Face / DiffusionVL weights")
 
 
 def _open_image(path: str) -> Any:

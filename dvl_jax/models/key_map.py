@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from dvl_jax.core.config import ModelConfig
+from dvl_jax.models import families
 
 ParamPath = tuple[str, ...]
 LM_HEAD = "lm_head.weight"  # dropped from a tied model's checkpoint (checked equal to the embedding)
@@ -88,8 +89,6 @@ class Layout:
 
 def family_key_map(cfg: ModelConfig) -> ModuleType:
   """The key map module of `cfg.family`."""
-  from dvl_jax.models import families  # the registry names this module's users; import it late
-
   return families.get(cfg.family).key_map
 
 
