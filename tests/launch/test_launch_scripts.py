@@ -141,14 +141,14 @@ def test_tpu_train_passes_paths_resume_overrides_and_libtpu_flags(stubs):
       "v5p-128", "--config", "configs/stage1.py", "--workdir", "gs://b/run", "--init-checkpoint",
       "gs://b/ckpt/diffusionvl-7b", "--data-json", "data/train.json", "--image-folder", "data/images",
       "--resume", "--env", "JAX_COMPILATION_CACHE_DIR=gs://b/cache", "--",
-      "--config.data.batch_size=256", "--config.optimizer.lr=1e-5")
+      "--config.data.batch_size=256", "--config.optimizer.learning_rate=1e-5")
   assert cmd[5:9] == ["run1", "--zone=us-east5-a", "--project=proj", "--worker=all"]
   words = _remote(cmd)
   assert _train_args(words) == [
       "--config", "configs/stage1.py", "--workdir", "gs://b/run", "--config.mesh=1,64,1",
       "--config.init_checkpoint=gs://b/ckpt/diffusionvl-7b", "--config.data.json=data/train.json",
       "--config.data.image_folder=data/images", "--resume", "--config.data.batch_size=256",
-      "--config.optimizer.lr=1e-5"]
+      "--config.optimizer.learning_rate=1e-5"]
   env = _env_of(words)
   assert env["JAX_COMPILATION_CACHE_DIR"] == "gs://b/cache"
   libtpu = env["LIBTPU_INIT_ARGS"].split()
