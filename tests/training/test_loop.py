@@ -13,6 +13,7 @@ import pytest
 
 from dvl_jax import cli
 from dvl_jax.data import synthetic
+from dvl_jax.data.processor import pixel_bounds
 from dvl_jax.checkpoints.loading import load
 from dvl_jax.training.loop import TrainingDiverged, mesh_shape, train
 from dvl_jax.training.run_config import default_config
@@ -88,6 +89,13 @@ def test_stop_and_resume_equals_the_uninterrupted_run(setup, uninterrupted):
     assert all(np.isfinite(r[key]) for r in records), key
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep-last-2
+
+
+def test_the_trained_model_sizes_images_as_its_training_did(setup, uninterrupted):
+  """The run trained at 56x56 pixels, not at the init checkpoint's bounds: its saved model says so."""
+  _, ckpt, _ = setup
+  assert pixel_bounds(ckpt) != (56 * 56, 56 * 56)
+  assert pixel_bounds(os.path.join(uninterrupted, "model")) == (56 * 56, 56 * 56)
 
 
 def _killed_run(ckpt, data, workdir):
