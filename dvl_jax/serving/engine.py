@@ -88,6 +88,11 @@ class Engine:
   def submit(self, request: Request) -> int:
     """Queues `request` (checked now: a bad one raises `ValueError` and changes nothing) -> its id."""
     prefill = self._prefill(request)
+    config = request.config(self.config)
+    for name in ("algorithm", "temperature", "top_p", "top_k"):  # not per request yet
+      if getattr(config, name) != getattr(self.config, name):
+        raise ValueError(f"this engine serves {name}={getattr(self.config, name)!r} only, got {name}="
+                         f"{getattr(config, name)!r}: make the engine's SamplingConfig match")
     rid = next(self._ids)
     self._requests[rid] = _Active(prefill, len(request.prompt), request.max_tokens)
     self._waiting.append(rid)

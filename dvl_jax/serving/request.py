@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from dvl_jax.diffusion.sampling_config import GenerateOutput, SamplingConfig
 
+SEEDS = 2 ** 32  # `jax.random.key` keeps 32 bits of a seed: larger ones would collide silently
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One prompt and its own settings.
+  """One prompt and its own decoding settings.
 
   `prompt`: token ids (images: the Hugging Face convention, image-token ids in the prompt with `pixel_values`
-  `[N, patch_dim]` and `image_grid_thw` `[n_images, 3]`). `max_tokens` is the gen length; the remasking
-  strategy, `steps` and `confidence_threshold` (block diffusion) and `seed` are per request. What a compile
-  depends on (algorithm, mode, temperature / top-k / top-p, block size) is the engine's `SamplingConfig`.
+  `[N, patch_dim]` and `image_grid_thw` `[n_images, 3]`). `max_tokens` is the gen length. `algorithm`
+  ("block_diffusion" or "autoregressive"), the remasking strategy, `steps` and `confidence_threshold` (block
+  diffusion), `temperature` / `top_p` / `top_k` (0: greedy) and `seed` are per request; what every request
+  shares (mode, block size, positions, length bucket) is the engine's `SamplingConfig`.
   """
 
   prompt: Sequence[int]
@@ -25,15 +29,27 @@ class Request:
   remasking_strategy: str = "low_confidence_static"
   steps: int = 8
   confidence_threshold: float = 0.85
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  algorithm: str = "block_diffusion"
   seed: int = 0
   pixel_values: Any = None
   image_grid_thw: Any = None
 
   def config(self, engine: SamplingConfig) -> SamplingConfig:
     """The `SamplingConfig` under which `dvl.generate` on this prompt alone (rng `jax.random.key(seed)`) gives
-    this request's tokens (validated)."""
+    this request's tokens (validated: a bad setting raises a one-line `ValueError`)."""
+    if not math.isfinite(self.temperature):
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
+    if not 0 <= self.seed < SEEDS:
+      raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
     return dataclasses.replace(engine, gen_length=self.max_tokens, remasking_strategy=self.remasking_strategy,
-                               steps=self.steps, confidence_threshold=self.confidence_threshold)
+                               steps=self.steps, confidence_threshold=self.confidence_threshold,
+                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                               algorithm=self.algorithm)
 
 
 class Result(NamedTuple):

@@ -32,10 +32,11 @@ def model():
   return tiny_model(CFG, logit_scale=40.0)
 
 
-def requests(n, seed, lengths=(1, 16), gens=(6, 14)):
+def requests(n, seed, lengths=(1, 16), gens=(6, 14), **common):
   rng = np.random.default_rng(seed)
   return [Request([int(t) for t in rng.integers(3, 200, rng.integers(*lengths, endpoint=True))],
-                  max_tokens=int(rng.choice(gens)), seed=i, **SETTINGS[i % len(SETTINGS)]) for i in range(n)]
+                  max_tokens=int(rng.choice(gens)), seed=i, **SETTINGS[i % len(SETTINGS)], **common)
+          for i in range(n)]
 
 
 def interleaved(engine, batches, steps_between=2):
@@ -59,7 +60,8 @@ def interleaved(engine, batches, steps_between=2):
 @pytest.mark.parametrize("setting", list(ENGINES))
 def test_greedy_tokens_equal_generate_alone_with_interleaved_arrivals(setting):
   engine = Engine(model(), ENGINES[setting], slots=3, max_prompt=16, max_tokens=14, chunk=3)
-  sent, outputs, pieces = interleaved(engine, [requests(4, 0), requests(3, 1), requests(2, 2)])
+  algorithm = engine.config.algorithm
+  sent, outputs, pieces = interleaved(engine, [requests(n, i, algorithm=algorithm) for i, n in enumerate((4, 3, 2))])
   assert sorted(outputs) == sorted(sent)
   rest = CFG.pad_token_id if setting == "autoregressive" else CFG.mask_token_id
   stopped = 0
@@ -95,7 +97,8 @@ def test_an_image_request_equals_generate_alone_among_text_requests():
 def test_sampled_tokens_equal_generate_alone_with_the_request_seed():
   config = SamplingConfig(length_bucket=16, temperature=0.9, top_k=40, top_p=0.95)
   engine = Engine(model(), config, slots=3, max_prompt=16, max_tokens=10, chunk=2)
-  sent = [Request(r.prompt, max_tokens=10, steps=r.steps, seed=r.seed % 3) for r in requests(6, 4, lengths=(9, 16))]
+  sent = [Request(r.prompt, max_tokens=10, steps=r.steps, seed=r.seed % 3, temperature=0.9, top_k=40, top_p=0.95)
+          for r in requests(6, 4, lengths=(9, 16))]
   outputs = engine.run(sent)
   for rid, request in enumerate(sent):
     want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
@@ -149,6 +152,11 @@ def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
     (Request([], max_tokens=4), "prompt lengths"),
     (Request([5] * 3, max_tokens=4, steps=0), "steps"),
     (Request([5] * 3, max_tokens=4, remasking_strategy="top"), "remasking_strategy"),
+    (Request([5] * 3, max_tokens=4, temperature=-1.0), "temperature"),
+    (Request([5] * 3, max_tokens=4, top_k=-2), "top_k"),
+    (Request([5] * 3, max_tokens=4, top_p=1.5), "top_p"),
+    (Request([5] * 3, max_tokens=4, seed=-1), "seed"),
+    (Request([5] * 3, max_tokens=4, algorithm="beam"), "algorithm"),
 ])
 def test_a_bad_request_raises_and_changes_nothing(request_, message):
   engine = Engine(model(), ENGINES["fused"], slots=2, max_prompt=16, max_tokens=12, chunk=3)
