@@ -1,117 +1,128 @@
-"""The in-process evaluator behind `dvl eval`: one task, several decoders of the same model, scores and speed.
+"""The evaluator behind `dvl eval`: one task, several decoders of the same model, scores and speed.
 
-Every decoder answers the same samples in batches of `batch_size` (the last batch is padded with repeats of
-its last sample, so one compile serves the whole run) after one untimed warm-up batch, so tokens/s measures
-decoding rather than compilation. Each finished sample is appended to `samples_{decoder}.jsonl` at once:
-a crash or Ctrl-C keeps it, and `resume=True` skips the logged samples and reuses their logged score, NFE,
-tokens and seconds, so the metrics and the speed of a resumed run cover every sample.
+An answerer turns samples into answers: `InProcess` runs `dvl.generate` in batches of `batch_size` (the last
+batch padded with repeats of its last sample, so one compile serves the whole run) after one untimed warm-up
+batch, so tokens/s measures decoding rather than compilation; `evaluation.client.Server` asks a `dvl serve`
+server. Each finished sample is appended to `samples_{decoder}.jsonl` at once: a crash or Ctrl-C keeps it, and
+a resumed run (`EvalSettings.resume`, under the logged settings) skips the logged samples and reuses their
+score, NFE, tokens and seconds, so the metrics and the speed of a resumed run cover every sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from dvl_jax.diffusion.sampler import generate
 from dvl_jax.diffusion.sampling_config import SamplingConfig
-from dvl_jax.evaluation.registry import get_task
+from dvl_jax.evaluation import pareto
+from dvl_jax.evaluation.settings import DECODERS, EvalSettings, decoder_config, samples_log
 from dvl_jax.evaluation.task import Sample, Task
 
-DECODERS: dict[str, dict[str, Any]] = {  # name -> SamplingConfig fields (block diffusion: block 8, spec §9)
-    "ar": dict(algorithm="autoregressive"),
-    "static": dict(remasking_strategy="low_confidence_static"),
-    "dynamic": dict(remasking_strategy="low_confidence_dynamic"),
-    "threshold": dict(remasking_strategy="threshold"),
-}
+__all__ = ["DECODERS", "RESULTS_FILE", "SPEED_FIELDS", "Answer", "InProcess", "decoder_config", "evaluate",
+           "results_table", "run", "samples_log", "speed"]
+
 RESULTS_FILE = "results.json"
 SPEED_FIELDS = ("tokens_per_forward", "nfe", "tokens_per_s", "s_per_answer")
 
 
-def decoder_config(name: str, *, gen_length: int = 128, steps: int = 8, threshold: float = 0.9) -> SamplingConfig:
-  """The `SamplingConfig` of a named decoder: greedy, spec §9's gen length, steps and block 8."""
-  if name not in DECODERS:
-    raise ValueError(f"unknown decoder {name!r}; known decoders: {', '.join(DECODERS)}")
-  return SamplingConfig(gen_length=gen_length, steps=steps, block_size=8, confidence_threshold=threshold,
-                        **DECODERS[name])
+class Answer(NamedTuple):
+  """One decoded answer: its text (up to EOS), the model forwards and tokens it took, and its share of the
+  wall time (the shares of a run add up to the run's decoding time)."""
+
+  text: str
+  nfe: int
+  tokens: int
+  seconds: float
 
 
-def samples_log(out_dir: str, decoder: str) -> str:
-  return os.path.join(out_dir, f"samples_{decoder}.jsonl")
+# (task, pending samples, decoder config, batch size) -> (sample, answer) as each finishes, in any order.
+Answerer = Callable[[Task, Sequence[Sample], SamplingConfig, int], Iterator[tuple[Sample, Answer]]]
 
 
-def evaluate(model: Any, processor: Any, task: Task | str, *, data: str | None = None,
-             decoders: Sequence[str] = tuple(DECODERS), limit: int | None = None, batch_size: int = 8,
-             gen_length: int = 128, steps: int = 8, threshold: float = 0.9, log_samples: bool = False,
-             out_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Scores `task` (the first `limit` samples) with each decoder; returns and writes (`out_dir`) the
-  results: `{"task", "metric", "decoders": {name: {"metrics", "speed", "config"}}}`, and prints the table."""
-  task = get_task(task) if isinstance(task, str) else task
-  configs = {name: decoder_config(name, gen_length=gen_length, steps=steps, threshold=threshold)
-             for name in decoders}
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if limit is not None and limit < 1:
-    raise ValueError(f"limit must be >= 1, got {limit}")
-  if (log_samples or resume) and out_dir is None:
-    raise ValueError("sample logs and resume need an output directory (out_dir)")
-  if resume and not log_samples:
-    raise ValueError("resume continues from the sample logs; turn on log_samples")
-  samples = list(itertools.islice(task.load(data), limit))
-  if not samples:
-    raise ValueError(f"task {task.name} has no samples in {data or 'its default data'}")
-  if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class InProcess:
+  """Answers with `dvl.generate` on `model` in this process, `batch_size` samples per call."""
+
+  model: Any
+  processor: Any
+
+  def __call__(self, task: Task, samples: Sequence[Sample], config: SamplingConfig,
+               batch_size: int) -> Iterator[tuple[Sample, Answer]]:
+    config = config.resolve(self.processor.config)
+    batch_size = min(batch_size, len(samples))
+    for start in range(0, len(samples), batch_size):
+      chunk = samples[start:start + batch_size]
+      padded = [*chunk, *chunk[-1:] * (batch_size - len(chunk))]
+      inputs = self.processor([task.chat_prompt(s) for s in padded], [list(s.images) for s in padded])
+      if start == 0:
+        generate(self.model, inputs, config, tokenizer=self.processor.tokenizer)  # compile outside the timing
+      tic = time.perf_counter()
+      out = generate(self.model, inputs, config, tokenizer=self.processor.tokenizer)
+      seconds = (time.perf_counter() - tic) / batch_size
+      for row, sample in enumerate(chunk):
+        yield sample, Answer(out.text[row], int(out.nfe[row]), int(out.lengths[row]), seconds)
+
+
+def evaluate(model: Any, processor: Any, task: Task | str, *, progress: bool = True, **settings: Any) -> dict[str, Any]:
+  """Scores `task` with each decoder of `model` in process; `settings` are `EvalSettings`' fields (data,
+  decoders, sweep, limit, batch_size, gen_length, steps, threshold, out_dir, log_samples, resume, model_id).
+  Returns and writes (`out_dir`) the results and prints the table (see `run`)."""
+  return run(InProcess(model, processor), EvalSettings(task, **settings), progress=progress)
+
+
+def run(answer: Answerer, settings: EvalSettings, samples: Sequence[Sample] | None = None, *,
+        progress: bool = True) -> dict[str, Any]:
+  """Scores the settings' samples (`samples`: already loaded by `settings.samples()`) with each decoder row.
+
+  Returns `{"task", "metric", "samples", "decoders": {row: {"metrics", "speed", "config"}}, "plot"}` and,
+  with `out_dir`, writes it to results.json next to the accuracy-vs-tokens/s plot (`pareto.PLOT_FILE`; "plot"
+  holds the points drawn there, read back from the figure)."""
+  samples = list(settings.samples() if samples is None else samples)
+  task = settings.task
+  if settings.log_samples:
+    settings.write_record()
   results: dict[str, Any] = {"task": task.name, "metric": task.metric, "samples": len(samples), "decoders": {}}
-  for name, config in configs.items():
-    log = samples_log(out_dir, name) if log_samples else None
-    rows = _run_decoder(model, processor, task, samples, config.resolve(processor.config), name=name,
-                        batch_size=batch_size, log=log, resume=resume, progress=progress)
+  for name, config in settings.configs.items():
+    log = samples_log(settings.out_dir, name) if settings.log_samples else None
+    rows = _run_decoder(answer, task, samples, config, name=name, settings=settings, log=log, progress=progress)
     results["decoders"][name] = {"metrics": task.aggregate(samples, [r["score"] for r in rows]),
                                  "speed": speed(rows), "config": dataclasses.asdict(config)}
-  if out_dir is not None:
-    with open(os.path.join(out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
+  if settings.out_dir is not None:
+    os.makedirs(settings.out_dir, exist_ok=True)
+    plot = os.path.join(settings.out_dir, pareto.PLOT_FILE)
+    results["plot"] = {"file": pareto.PLOT_FILE, "points": pareto.plot(results, plot)}
+    with open(os.path.join(settings.out_dir, RESULTS_FILE), "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
   print(results_table(results))
   return results
 
 
-def _run_decoder(model: Any, processor: Any, task: Task, samples: list[Sample], config: SamplingConfig, *,
-                 name: str, batch_size: int, log: str | None, resume: bool, progress: bool) -> list[dict[str, Any]]:
-  """One logged row per sample, in sample order: the logged ones (resume) and the newly generated ones."""
+def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: SamplingConfig, *, name: str,
+                 settings: EvalSettings, log: str | None, progress: bool) -> list[dict[str, Any]]:
+  """One logged row per sample, in sample order: the logged ones (resume) and the newly answered ones."""
   from tqdm import tqdm
 
-  done = _read_log(log) if resume and log and os.path.exists(log) else {}
+  done = _read_log(log) if settings.resume and os.path.exists(log) else {}
   pending = [s for s in samples if s.id not in done]
-  batch_size = min(batch_size, max(len(pending), 1))
   if log is not None:  # a fresh log, or the resumed one without a line a crash cut short
     with open(log, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(row) + "\n" for row in done.values())
   bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=name, unit="answer",
              file=sys.stderr, disable=not progress)
-  for start in range(0, len(pending), batch_size):
-    chunk = pending[start:start + batch_size]
-    padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-    prompts = [task.chat_prompt(s) for s in padded]
-    inputs = processor(prompts, [list(s.images) for s in padded])
-    if start == 0:
-      generate(model, inputs, config, tokenizer=processor.tokenizer)  # warm-up: compile outside the timing
-    tic = time.perf_counter()
-    out = generate(model, inputs, config, tokenizer=processor.tokenizer)
-    seconds = (time.perf_counter() - tic) / batch_size
-    for row, sample in enumerate(chunk):
-      judgement = task.score(sample, out.text[row])
-      done[sample.id] = {"id": sample.id, "prompt": prompts[row], "answer": out.text[row],
-                         "parsed": judgement.parsed, "score": judgement.score, "nfe": int(out.nfe[row]),
-                         "tokens": int(out.lengths[row]), "seconds": seconds}
-      if log is not None:
-        with open(log, "a", encoding="utf-8") as f:
-          f.write(json.dumps(done[sample.id]) + "\n")
-    bar.update(len(chunk))
+  for sample, a in (answer(task, pending, config, settings.batch_size) if pending else ()):
+    judgement = task.score(sample, a.text)
+    done[sample.id] = {"id": sample.id, "prompt": task.chat_prompt(sample), "answer": a.text,
+                       "parsed": judgement.parsed, "score": judgement.score, "nfe": a.nfe, "tokens": a.tokens,
+                       "seconds": a.seconds}
+    if log is not None:
+      with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(done[sample.id]) + "\n")
+    bar.update(1)
   bar.close()
   return [done[s.id] for s in samples]
 

@@ -13,28 +13,10 @@ from dvl_jax.cli.commands import main
 from dvl_jax.evaluation import get_task, runner
 
 LIMIT, GEN = 6, 16
-PIXELS = 56 * 56
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-  from dvl_jax.data import synthetic
-  from dvl_jax.demos.train_demo import VOCAB_SIZE, demo_model_config, init_checkpoint
-  from dvl_jax.data.word_tokenizer import word_tokenizer
-
-  cfg = demo_model_config(VOCAB_SIZE)
-  return init_checkpoint(str(tmp_path_factory.mktemp("ckpt")), cfg, word_tokenizer(synthetic.corpus(), cfg))
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-  import dvl_jax as dvl
-
-  return dvl.load(checkpoint), dvl.Processor.from_pretrained(checkpoint, min_pixels=PIXELS, max_pixels=PIXELS)
-
-
-def _evaluate(loaded, out_dir, **kw):
-  model, processor = loaded
+def _evaluate(eval_model, out_dir, **kw):
+  model, processor = eval_model
   return runner.evaluate(model, processor, "synthetic", limit=LIMIT, batch_size=4, gen_length=GEN,
                          out_dir=str(out_dir), log_samples=True, progress=False, **kw)
 
@@ -44,8 +26,8 @@ def _log(out_dir, decoder: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def test_every_decoder_is_scored_and_logged(loaded, tmp_path, capsys):
-  results = _evaluate(loaded, tmp_path)
+def test_every_decoder_is_scored_and_logged(eval_model, tmp_path, capsys):
+  results = _evaluate(eval_model, tmp_path)
   with open(tmp_path / runner.RESULTS_FILE, encoding="utf-8") as f:
     assert json.load(f) == json.loads(json.dumps(results))
   task = get_task("synthetic")
@@ -64,8 +46,8 @@ def test_every_decoder_is_scored_and_logged(loaded, tmp_path, capsys):
   assert all(f"| {name} |" in table for name in runner.DECODERS)
 
 
-def test_resume_skips_logged_samples(loaded, tmp_path, monkeypatch):
-  _evaluate(loaded, tmp_path, decoders=("static",))
+def test_resume_skips_logged_samples(eval_model, tmp_path, monkeypatch):
+  _evaluate(eval_model, tmp_path, decoders=("static",))
   rows = _log(tmp_path, "static")
   os.remove(tmp_path / runner.RESULTS_FILE)
   with open(runner.samples_log(str(tmp_path), "static"), "w", encoding="utf-8") as f:
@@ -74,7 +56,7 @@ def test_resume_skips_logged_samples(loaded, tmp_path, monkeypatch):
   generated, real = [], runner.generate
   monkeypatch.setattr(runner, "generate", lambda model, inputs, *a, **kw: generated.append(len(inputs["input_ids"]))
                       or real(model, inputs, *a, **kw))
-  results = _evaluate(loaded, tmp_path, decoders=("static",), resume=True)
+  results = _evaluate(eval_model, tmp_path, decoders=("static",), resume=True)
   assert generated == [4, 4]  # warm-up and one batch of the 4 samples not logged
   resumed = _log(tmp_path, "static")
   assert [row["id"] for row in resumed] == [row["id"] for row in rows]
@@ -83,11 +65,11 @@ def test_resume_skips_logged_samples(loaded, tmp_path, monkeypatch):
       sum(row["score"] for row in rows) / LIMIT)
 
 
-def test_cli_runs_writes_results_and_resumes(checkpoint, tmp_path, monkeypatch):
+def test_cli_runs_writes_results_and_resumes(eval_checkpoint, pixel_args, tmp_path, monkeypatch):
   out = tmp_path / "out"
-  argv = ["eval", "--checkpoint", checkpoint, "--task", "synthetic", "--limit", "4", "--batch-size", "4",
+  argv = ["eval", "--checkpoint", eval_checkpoint, "--task", "synthetic", "--limit", "4", "--batch-size", "4",
           "--decoders", "ar,threshold", "--gen-length", str(GEN), "--out", str(out), "--log-samples",
-          "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--no-progress"]
+          *pixel_args, "--no-progress"]
   assert main(argv) == 0
   with open(out / runner.RESULTS_FILE, encoding="utf-8") as f:
     first = json.load(f)
@@ -102,7 +84,10 @@ def test_cli_runs_writes_results_and_resumes(checkpoint, tmp_path, monkeypatch):
     (["--task", "nope"], "error: unknown task 'nope'"),
     (["--task", "synthetic", "--decoders", "ar,fast"], "unknown decoder 'fast'"),
     (["--task", "mmmu_val", "--data", "/nonexistent"], "/nonexistent"),
-    (["--task", "synthetic", "--limit", "0"], "--limit and --batch-size must be >= 1"),
+    (["--task", "synthetic", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["--task", "synthetic", "--sweep-threshold", "0.5,high"], "--sweep-threshold takes comma-separated numbers"),
+    (["--task", "synthetic", "--decoders", "ar", "--sweep-threshold", "0.5,1"], "in (0, 1), got 1.0"),
+    (["--task", "synthetic", "--resume"], "add --out DIR"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
   assert main(["eval", "--checkpoint", str(tmp_path), *args]) == 2
@@ -112,3 +97,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 def test_cli_decoders_match_the_runner():
   assert eval_cli.DECODERS.split(",") == list(runner.DECODERS)
+
+
+def test_cli_needs_a_checkpoint_or_a_server(capsys):
+  with pytest.raises(SystemExit) as exit:
+    main(["eval", "--task", "synthetic"])
+  assert exit.value.code == 2 and "one of the arguments --checkpoint --server is required" in capsys.readouterr().err
