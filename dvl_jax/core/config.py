@@ -117,7 +117,7 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     d = dict(d)
     vision = d.pop("vision", {})
-    vision = None if vision is None else _build(VisionConfig, vision)
+    vision = None if vision is None else _build(_vision_config_type(d.get("family", "qwen2_5_vl")), vision)
     text = _build(TextConfig, d.pop("text", {}))
     return _build(cls, d, vision=vision, text=text)
 
@@ -148,6 +148,13 @@ class ModelConfig:
 
     return families.get(self.family).hf_config.to_hf(self)
 
+
+
+def _vision_config_type(family: str) -> type:
+  """The family's `vision` dataclass (a SigLIP family has its own); the registry is asked late, as in from_hf."""
+  from dvl_jax.models import families
+
+  return families.get(family).vision_config_type
 
 
 def _build(cls, d: dict[str, Any], **extra: Any):

@@ -16,7 +16,7 @@ from typing import Any
 
 from flax import nnx
 
-from dvl_jax.core.config import ModelConfig
+from dvl_jax.core.config import ModelConfig, VisionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Family:
   model_class: str
   hf_model_types: tuple[str, ...]  # config.json `model_type` values this family reads
   description: str
+  vision_config: str = ""  # a class in the family's `vision_config` module; "" = core.config.VisionConfig
 
   def module(self, name: str) -> ModuleType:
     return importlib.import_module(f"{self.package}.{name}")
@@ -33,6 +34,11 @@ class Family:
   @property
   def model_type(self) -> type:
     return getattr(self.module("model"), self.model_class)
+
+  @property
+  def vision_config_type(self) -> type:
+    """The dataclass of `ModelConfig.vision` for this family (what `ModelConfig.from_dict` rebuilds)."""
+    return getattr(self.module("vision_config"), self.vision_config) if self.vision_config else VisionConfig
 
   @property
   def hf_config(self) -> ModuleType:
@@ -49,6 +55,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Qwen2.5-VL / DiffusionVL-QwenVL: Qwen ViT + PatchMerger + Qwen2.5 decoder"),
     Family("qwen2", "dvl_jax.models.qwen2", "Qwen2LM", ("qwen2",),
            "Qwen2 / Qwen2.5 text-only LM (a block-diffusion LM; no vision tower)"),
+    Family("diffusionvl_qwen", "dvl_jax.models.diffusionvl_qwen", "DiffusionVLQwen",
+           ("diffusionvl_qwen", "llava_qwen", "llava_onevision"),
+           "DiffusionVL-Qwen / LLaVA-OneVision: SigLIP + mlp2x_gelu + anyres packing + Qwen2.5 decoder",
+           vision_config="SiglipVisionConfig"),
 )}
 
 

@@ -29,6 +29,7 @@ class Transform(enum.Enum):
   IDENTITY = "identity"
   TRANSPOSE = "transpose"  # Linear weight [out, in] -> kernel [in, out]
   CONV3D_FLATTEN = "conv3d_flatten"  # Conv3d weight [out, C, t, p, p] -> kernel [C*t*p*p, out]
+  CONV2D_FLATTEN = "conv2d_flatten"  # Conv2d weight [out, C, p, p] -> kernel [C*p*p, out]
 
   def to_param(self, x: np.ndarray) -> np.ndarray:
     if self is Transform.IDENTITY:
@@ -44,6 +45,8 @@ class Transform(enum.Enum):
     if self is Transform.TRANSPOSE:
       return tuple(reversed(param_shape))
     v = cfg.vision
+    if self is Transform.CONV2D_FLATTEN:
+      return (param_shape[1], v.in_channels, v.patch_size, v.patch_size)
     return (param_shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
 
 

@@ -24,8 +24,8 @@ from flax import nnx
 from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig
 from dvl_jax.models.families import build_model
 
-__all__ = ["tiny_config", "tiny_text_config", "tiny_model", "save_tiny_checkpoint", "build_hf_model",
-           "save_hf_checkpoint", "converted_checkpoint"]
+__all__ = ["tiny_config", "tiny_text_config", "tiny_siglip_config", "tiny_model", "save_tiny_checkpoint",
+           "build_hf_model", "save_hf_checkpoint", "converted_checkpoint"]
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:
@@ -39,6 +39,16 @@ def tiny_config(**overrides: Any) -> ModelConfig:
                      vision_start_token_id=248, vision_end_token_id=249, bos_token_id=1, eos_token_id=2,
                      pad_token_id=0, mask_token_id=255)
   return base.replace(**overrides)
+
+
+def tiny_siglip_config(**overrides: Any) -> ModelConfig:
+  """`tiny_config`'s decoder as the `diffusionvl_qwen` family: a 2-layer SigLIP on 44-pixel crops (3x3 patches
+  of 14, the last 2 pixels dropped as 384 / 14 drops 6), anyres_max_4 over crop grids up to 3x3, flat positions."""
+  from dvl_jax.models.diffusionvl_qwen.vision_config import SiglipVisionConfig
+
+  vision = SiglipVisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
+                              image_size=44, grid_pinpoints=tuple((j, i) for i in range(1, 4) for j in range(1, 4)))
+  return tiny_config(family="diffusionvl_qwen", vision=vision, **overrides)
 
 
 def tiny_text_config(**overrides: Any) -> ModelConfig:
@@ -104,7 +114,8 @@ def converted_checkpoint(root: str, cfg: ModelConfig | None = None, *, seed: int
 
 # transformers' (config class, model class) of each family: the reference its parity tests compare with.
 HF_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
-              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "diffusionvl_qwen": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration")}
 
 
 def build_hf_model(cfg: ModelConfig | None = None, *, seed: int = 0) -> Any:
