@@ -97,7 +97,7 @@ def json_answer(files):
 def test_every_option_of_every_subcommand_has_help_with_its_default():
   parser = cli.commands._parser()
   subcommands = parser._subparsers._group_actions[0].choices
-  assert set(subcommands) == {"convert", "export", "generate", "train", "demo", "bench", "eval"}
+  assert set(subcommands) == {"convert", "export", "generate", "train", "demo", "bench", "eval", "serve"}
   for name, sub in [("", parser), *subcommands.items()]:
     code, out, _ = dvl_main(*([name] if name else []), "--help")
     assert code == 0

@@ -14,6 +14,7 @@ from typing import Sequence
 from dvl_jax.cli import bench as bench_cli
 from dvl_jax.cli import eval as eval_cli
 from dvl_jax.cli import generate as generate_cli
+from dvl_jax.cli import serve as serve_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                       dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
   generate_cli.add_parser(sub)
   eval_cli.add_parser(sub)
+  serve_cli.add_parser(sub)
 
   train = sub.add_parser("train", help="train (stage 1 / stage 2 / AR) from a config file; resumable",
                          description="Extra `--config.KEY=VALUE` arguments override config fields, e.g. "
@@ -102,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     return bench_cli.run(args)
   elif args.command == "eval":
     return eval_cli.run(args)
+  elif args.command == "serve":
+    return serve_cli.run(args)
   elif args.command == "train":
     from dvl_jax.training.loop import train
     from dvl_jax.training.run_config import load_config

@@ -1,0 +1,122 @@
+"""`dvl serve`: a converted checkpoint behind an OpenAI-compatible HTTP API, batched continuously by `dvl.Engine`.
+
+The engine compiles its programs before the port opens (a warm-up request), so the first client does not pay
+for it. SIGTERM / Ctrl-C stop accepting connections, let in-flight requests finish for up to --grace-period
+seconds, cancel the rest and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import socket
+from typing import Any
+
+from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
+from dvl_jax.cli.generate import _add_sampling_options, _mesh
+from dvl_jax.diffusion.sampling_config import SamplingConfig
+
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": 1024, "chunk": 16, "max_queue": 64,
+            "request_timeout": 600.0, "grace_period": 30.0, "max_body_bytes": 64 * 2 ** 20, "max_images": 8,
+            "max_image_bytes": 20 * 2 ** 20, "max_image_pixels": 4096 * 4096}
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+  d = DEFAULTS
+  cmd = sub.add_parser(
+      "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching",
+      description="POST /v1/chat/completions (text and image_url parts), POST /v1/completions (text or token ids), "
+      "GET /v1/models, /health and /metrics (Prometheus). Requests take OpenAI's fields plus dvl's algorithm, "
+      "remasking_strategy, steps, confidence_threshold, top_k and return_token_ids; the sampling options below are "
+      "their defaults.")
+  cmd.add_argument("--checkpoint", required=True,
+                   help="converted checkpoint directory (config.json, params/, tokenizer.json), as written by "
+                   "`dvl convert` or training (required)")
+  cmd.add_argument("--host", default=d["host"], help=f"address to bind; 0.0.0.0 exposes the server to the network "
+                   f"(default: {d['host']}, this machine only)")
+  cmd.add_argument("--port", type=int, default=d["port"], help=f"port to bind; 0 picks a free one, printed at start "
+                   f"(default: {d['port']})")
+  cmd.add_argument("--model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the checkpoint folder's name)")
+  cmd.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from the "
+                   "DVL_API_KEY environment variable (default: none, no authentication)")
+  engine = cmd.add_argument_group("engine")
+  engine.add_argument("--slots", type=int, default=d["slots"], help="requests decoded at once (rows of the KV "
+                      f"cache; a multiple of the mesh's data axis) (default: {d['slots']})")
+  engine.add_argument("--max-prompt", type=int, default=d["max_prompt"], help="longest prompt in tokens, image "
+                      f"tokens included; longer ones get a 400 (default: {d['max_prompt']})")
+  engine.add_argument("--chunk", type=int, default=d["chunk"], help="decoding forwards between two looks at the "
+                      f"queue (admission latency vs. host overhead) (default: {d['chunk']})")
+  engine.add_argument("--mesh", default=None, help="device mesh data,fsdp,tensor (e.g. 1,2,4), or auto: "
+                      "dvl.suggest_mesh for --slots (default: one device)")
+  engine.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="cast the weights to this dtype while loading (default: the checkpoint's stored dtype)")
+  add_pixel_bounds(engine)
+  limits = cmd.add_argument_group("limits and faults")
+  limits.add_argument("--max-queue", type=int, default=d["max_queue"], help="requests that may wait for a slot; "
+                      f"more get a 429 (default: {d['max_queue']})")
+  limits.add_argument("--request-timeout", type=float, default=d["request_timeout"], help="seconds a request may "
+                      f"take from arrival to its last token; then it is cancelled with a 504 (default: "
+                      f"{d['request_timeout']:g})")
+  limits.add_argument("--grace-period", type=float, default=d["grace_period"], help="seconds in-flight requests "
+                      f"get to finish after SIGTERM before they are cancelled (default: {d['grace_period']:g})")
+  limits.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"], help="largest request body; "
+                      f"larger ones get a 413 (default: {d['max_body_bytes']})")
+  limits.add_argument("--max-images", type=int, default=d["max_images"],
+                      help=f"images per chat request (default: {d['max_images']})")
+  limits.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"],
+                      help=f"an image's encoded size (default: {d['max_image_bytes']})")
+  limits.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"], help="an image's width x "
+                      f"height, checked before decoding (default: {d['max_image_pixels']})")
+  limits.add_argument("--allowed-local-media-path", default=None, help="a folder whose files requests may name as "
+                      "file:///... image URLs (default: none; only data: URLs, never network fetches)")
+  cmd.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's log level (default: info)")
+  _add_sampling_options(cmd.add_argument_group(
+      "decoding defaults (dvl.SamplingConfig)", "--gen-length is the longest answer a request may ask and its "
+      "default max_tokens; a request's own algorithm, remasking_strategy, steps, confidence_threshold, "
+      "temperature, top_p and top_k override these."))
+  return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+  import uvicorn
+
+  import dvl_jax as dvl
+  from dvl_jax.serving.http import MediaLimits, Settings, create_app
+
+  check_checkpoint(args.checkpoint)
+  for name in ("slots", "max_prompt", "chunk", "max_images", "max_body_bytes", "max_image_bytes", "max_image_pixels"):
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.max_queue < 0 or args.request_timeout <= 0 or args.grace_period < 0:
+    raise ValueError("--max-queue and --grace-period must be >= 0 and --request-timeout > 0")
+  if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+    raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+  processor = load_processor(args)
+  config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+  config = config.resolve(processor.config)
+  model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
+  engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk)
+  engine.run([dvl.Request([processor.config.pad_token_id], max_tokens=1)])  # compile before the port opens
+  name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+  settings = Settings(name, api_key=args.api_key or os.environ.get("DVL_API_KEY"), max_queue=args.max_queue,
+                      request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                      max_images=args.max_images, media=MediaLimits(args.max_image_bytes, args.max_image_pixels,
+                                                                    args.allowed_local_media_path))
+  app = create_app(engine, processor, settings, slots=args.slots)
+  sock = socket.create_server((args.host, args.port))
+  host, port = sock.getsockname()[:2]
+  server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=args.grace_period, log_level=args.log_level))
+  print(f"dvl serve: {name} on http://{host}:{port}/v1", flush=True)
+  # uvicorn re-raises the signal that stopped it once it is done; a no-op handler then lets the command exit 0.
+  previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    server.run(sockets=[sock])
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  return 0

@@ -1,0 +1,214 @@
+"""The FastAPI app of `dvl serve`: OpenAI's `/v1/chat/completions`, `/v1/completions` and `/v1/models` over one
+`Engine`, plus `/health` and `/metrics`.
+
+Handlers never touch the engine: they parse and check a body (one-line 4xx for anything wrong), build the
+prompt off the event loop, hand the request to the engine's `Worker` and wait for its events under the request's
+deadline; a client that disconnects, or a deadline that passes, cancels the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from dvl_jax.serving.engine import Engine
+from dvl_jax.serving.http.inputs import Inputs
+from dvl_jax.serving.http.media import MediaLimits
+from dvl_jax.serving.http.metrics import Metrics
+from dvl_jax.serving.http.responses import DONE, Answer, error_event
+from dvl_jax.serving.http.schema import ApiError, ChatRequest, CompletionRequest, Decoding, parse
+from dvl_jax.serving.http.worker import Event, Ticket, Worker
+
+log = logging.getLogger("dvl.serve")
+
+
+@dataclasses.dataclass
+class Settings:
+  """The server's limits (`dvl serve --help` gives each one's meaning and default); read at every request."""
+
+  model_name: str
+  api_key: str | None = None
+  max_queue: int = 64
+  request_timeout: float = 600.0
+  max_body_bytes: int = 64 * 2 ** 20
+  max_images: int = 8
+  media: MediaLimits = MediaLimits()
+
+
+class _Disconnected(Exception):
+  """The client went away: its request is cancelled and nothing is sent."""
+
+
+def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int) -> FastAPI:
+  """An app serving `engine` of `slots` slots (its worker thread runs while the app's lifespan does) with
+  `processor` (the checkpoint's `dvl.Processor`) building prompts."""
+  metrics = Metrics(slots)
+  worker = Worker(engine, metrics, settings.max_queue)
+  inputs = Inputs(processor, engine.config, settings.media, settings.max_images)
+  eos_id = processor.config.eos_token_id
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_: FastAPI):
+    worker.start()
+    yield
+    worker.stop()
+
+  app = FastAPI(title="dvl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+  app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
+
+  @app.exception_handler(ApiError)
+  async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(HTTPException)
+  async def _http_error(http: HttpRequest, e: HTTPException) -> JSONResponse:
+    message = f"{http.method} {http.url.path}: {e.detail}"
+    return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
+
+  @app.get("/health")
+  async def health() -> JSONResponse:
+    if worker.healthy:
+      return JSONResponse({"status": "ok", "slots_busy": engine.busy})
+    return JSONResponse({"status": "unavailable", "reason": worker.error or "shutting down"}, status_code=503)
+
+  @app.get("/metrics")
+  async def prometheus() -> Response:
+    return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+  @app.get("/v1/models")
+  async def models(http: HttpRequest) -> dict[str, Any]:
+    _authorize(http, settings)
+    return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "dvl"}]}
+
+  @app.post("/v1/chat/completions")
+  async def chat(http: HttpRequest) -> Response:
+    return await complete(http, ChatRequest, inputs.chat, "chat")
+
+  @app.post("/v1/completions")
+  async def completions(http: HttpRequest) -> Response:
+    return await complete(http, CompletionRequest, inputs.completion, "text")
+
+  async def complete(http: HttpRequest, kind: type[Decoding], build: Callable, name: str) -> Response:
+    _authorize(http, settings)
+    body = parse(kind, await _read_body(http, settings.max_body_bytes))
+    if body.model != settings.model_name:
+      raise ApiError(404, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
+                     "not_found_error")
+    try:
+      request = await run_in_threadpool(build, body)
+    except ValueError as e:
+      raise ApiError(400, _one_line(e)) from e
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout
+    answer = Answer(name, settings.model_name, inputs.decode, eos_id)
+    ticket = worker.submit(request)
+    if body.stream:
+      try:
+        await _next(worker, ticket, deadline, settings)  # accepted, or the engine's 400 before the stream starts
+      except BaseException:
+        worker.cancel(ticket)
+        raise
+      return StreamingResponse(_stream(worker, ticket, deadline, settings, answer, body, len(request.prompt)),
+                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    gone = asyncio.ensure_future(_disconnect(http))
+    try:
+      event = await _next(worker, ticket, deadline, settings, gone)
+      while event.kind != "finished":
+        event = await _next(worker, ticket, deadline, settings, gone)
+    except _Disconnected:
+      return Response(status_code=499)  # nobody reads it
+    finally:
+      gone.cancel()
+      worker.cancel(ticket)
+    return JSONResponse(answer.body(event.value, len(request.prompt), body.return_token_ids))
+
+  return app
+
+
+async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Settings, answer: Answer,
+                  body: Decoding, prompt_tokens: int):
+  """Server-Sent Events: one chunk per final block, the finish reason and usage, then `[DONE]`; a request that
+  times out ends with an error event. Starlette cancels this generator when the client disconnects."""
+  try:
+    first = True
+    while True:
+      try:
+        event = await _next(worker, ticket, deadline, settings)
+      except ApiError as e:
+        yield error_event(e.message, e.status)
+        break
+      if event.kind == "finished":
+        yield answer.last_chunk(event.value, prompt_tokens)
+        break
+      tokens, text = answer.add(event.value)
+      yield answer.chunk(tokens, text, body.return_token_ids, role=first)
+      first = False
+    yield DONE
+  finally:
+    worker.cancel(ticket)
+
+
+async def _next(worker: Worker, ticket: Ticket, deadline: float, settings: Settings,
+                gone: asyncio.Future | None = None) -> Event:
+  """The ticket's next event; a failure is raised, a passed deadline cancels the request (504)."""
+  get = asyncio.ensure_future(ticket.events.get())
+  try:
+    waits = {get} if gone is None else {get, gone}
+    timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+  finally:
+    if not get.done():
+      get.cancel()
+  if get in done:
+    event = get.result()
+    if event.kind == "failed":
+      raise event.value
+    return event
+  if gone is not None and gone in done:
+    worker.cancel(ticket, "cancelled")
+    raise _Disconnected()
+  worker.cancel(ticket, "timeout")
+  raise ApiError(504, f"the request did not finish within {settings.request_timeout:g} s (--request-timeout); "
+                 "ask for fewer max_tokens or retry later", "timeout_error")
+
+
+async def _disconnect(http: HttpRequest) -> None:
+  """Returns when the client closes the connection (after the body, the next ASGI message is the disconnect)."""
+  while (await http.receive())["type"] != "http.disconnect":
+    pass
+
+
+async def _read_body(http: HttpRequest, limit: int) -> bytes:
+  declared = http.headers.get("content-length", "")
+  too_big = ApiError(413, f"request body exceeds the server's limit of {limit} bytes (--max-body-bytes)")
+  if declared.isdigit() and int(declared) > limit:
+    raise too_big
+  chunks, size = [], 0
+  async for chunk in http.stream():
+    size += len(chunk)
+    if size > limit:
+      raise too_big
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
+def _authorize(http: HttpRequest, settings: Settings) -> None:
+  if settings.api_key is None:
+    return
+  scheme, _, token = http.headers.get("authorization", "").partition(" ")
+  if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+    raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+                   "given to dvl serve --api-key", "authentication_error")
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,168 @@
+"""The request bodies of `/v1/chat/completions` and `/v1/completions` (OpenAI's schema plus dvl's decoding
+fields), and how a body that does not fit becomes a one-line 4xx.
+
+Types are strict (`"10"` is not a number) and a field this server does not implement is refused by name rather
+than ignored: a client that sends `n=2`, `tools` or `stop` would otherwise get an answer to a different
+question than it asked. Values the engine checks (max_tokens, sampling ranges, prompt length) are left to it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+
+_TYPE_NAME = re.compile(r"^([A-Z]|str$|int$|float$|bool$|.*\[)")  # a union branch in an error's location
+
+
+class ApiError(Exception):
+  """A request the server answers with `status` and a one-line `message` (OpenAI's error body)."""
+
+  def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    super().__init__(message)
+    self.status, self.message, self.kind = status, message, kind
+
+  def body(self) -> dict[str, Any]:
+    return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+  include_usage: bool = False
+
+
+class Decoding(_Strict):
+  """What both endpoints share: the model, the answer's length, sampling and dvl's own decoding fields
+  (None: the server's default, `dvl serve --help`)."""
+
+  model: str
+  max_tokens: int | None = None
+  max_completion_tokens: int | None = None  # newer clients' name for max_tokens
+  temperature: float | None = None
+  top_p: float | None = None
+  top_k: int | None = None
+  seed: int | None = None
+  stream: bool = False
+  stream_options: StreamOptions | None = None
+  user: str | None = None  # an end-user id: no effect on the answer
+  # Standard fields accepted only at the value that changes nothing.
+  n: int = 1
+  stop: str | list[str] | None = None
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logprobs: bool | int | None = None
+  # dvl's decoding (extensions)
+  algorithm: str | None = None
+  remasking_strategy: str | None = None
+  steps: int | None = None
+  confidence_threshold: float | None = None
+  return_token_ids: bool = False
+
+  @pydantic.model_validator(mode="after")
+  def _refuse_what_changes_the_answer(self) -> "Decoding":
+    if self.n != 1:
+      raise ValueError(f"n={self.n}: this server returns one choice per request; send n=1 (or omit it) and "
+                       "repeat the request with different seeds")
+    if self.stop:
+      raise ValueError("stop sequences are not supported: an answer ends at EOS or max_tokens; omit stop")
+    if self.presence_penalty or self.frequency_penalty:
+      raise ValueError("presence / frequency penalties are not supported; omit them or send 0")
+    if self.logprobs:
+      raise ValueError("logprobs are not supported; omit logprobs (return_token_ids gives the tokens)")
+    if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+      raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+    return self
+
+  @property
+  def answer_tokens(self) -> int | None:
+    return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+class ImageUrl(_Strict):
+  url: str
+  detail: str | None = None  # OpenAI's resolution hint; the checkpoint's pixel bounds decide here
+
+
+class TextPart(_Strict):
+  type: Literal["text"]
+  text: str
+
+
+class ImagePart(_Strict):
+  type: Literal["image_url"]
+  image_url: ImageUrl
+
+
+class Message(_Strict):
+  role: Literal["system", "user", "assistant"]
+  content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+  name: str | None = None
+
+
+class ChatRequest(Decoding):
+  messages: list[Message]
+
+  @pydantic.model_validator(mode="after")
+  def _one_user_message(self) -> "ChatRequest":
+    if len(self.messages) != 1 or self.messages[0].role != "user":
+      roles = [m.role for m in self.messages]
+      raise ValueError(f"messages must be one user message (the checkpoint's chat format has its own system prompt "
+                       f"and answers one question), got roles {roles}")
+    return self
+
+  @property
+  def text(self) -> str:
+    """The text parts, joined with newlines: the question."""
+    content = self.messages[0].content
+    return content if isinstance(content, str) else "\n".join(p.text for p in content if isinstance(p, TextPart))
+
+  @property
+  def image_urls(self) -> list[str]:
+    content = self.messages[0].content
+    return [] if isinstance(content, str) else [p.image_url.url for p in content if isinstance(p, ImagePart)]
+
+
+class CompletionRequest(Decoding):
+  prompt: Any  # a string, or a list of token ids (checked below: a union's errors would be several lines)
+
+  @pydantic.field_validator("prompt")
+  @classmethod
+  def _one_prompt(cls, prompt: Any) -> str | list[int]:
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(type(t) is int for t in prompt)):  # noqa: E721 (bool is not a token)
+      return prompt
+    raise ValueError("prompt must be a string or a non-empty list of token ids (one prompt per request)")
+
+
+def parse(kind: type[Decoding], body: bytes) -> Decoding:
+  """`body` (JSON bytes) -> a validated request, or an `ApiError` 400 naming the first problem."""
+  try:
+    data = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ApiError(400, f"body is not valid JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise ApiError(400, f"body must be a JSON object, got {type(data).__name__}")
+  try:
+    return kind.model_validate(data)
+  except pydantic.ValidationError as e:
+    raise ApiError(400, _first_error(e)) from e
+
+
+def _first_error(error: pydantic.ValidationError) -> str:
+  """One line: where and what, for the most specific problem (a union's deepest branch), and how many more."""
+  errors = error.errors(include_url=False)
+  first = max(errors, key=lambda e: len(e["loc"]))
+  where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or not _TYPE_NAME.match(p))
+  if first["type"] == "extra_forbidden":
+    message = f"unsupported field {where!r}: this server does not implement it; remove it"
+  else:
+    message = f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}"
+  more = len({tuple(e["loc"][:1]) for e in errors}) - 1  # further problems (a union's branches are one)
+  return message + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")

@@ -1,0 +1,177 @@
+"""`dvl serve`'s API: greedy (and seeded) answers through both endpoints are `dvl.generate`'s on the same prompt
+alone, whatever shares the slots; the official `openai` client works unchanged; SSE sends one chunk per block
+and `[DONE]`; the API key guards /v1; /metrics counts; an answer stops at EOS."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import math
+import urllib.request
+
+import jax
+import numpy as np
+import openai
+from PIL import Image
+
+import dvl_jax as dvl
+from dvl_jax.serving.http.responses import Answer
+from tests.serving import http_server
+from tests.serving.http_server import GEN, KEY, MODEL
+
+served = http_server.served  # the session's server (a fixture)
+
+QUESTION = "What is this ?"
+
+
+def image_of(url):
+  return Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB")
+
+
+def alone(served, prompt, images=(), *, chat=True, seed=0, **config):
+  """`dvl.generate` on this one prompt, built as `dvl generate` builds it (chat) or as raw text / ids."""
+  if isinstance(prompt, list):
+    inputs = [prompt]
+  else:
+    inputs = served.processor([dvl.generation_prompt(prompt, len(images)) if chat else prompt], [list(images)])
+  return dvl.generate(served.model, inputs, dvl.SamplingConfig(**config), rng=jax.random.key(seed),
+                      tokenizer=served.processor.tokenizer)
+
+
+def chat_body(content, **fields):
+  return {"model": MODEL, "messages": [{"role": "user", "content": content}], "return_token_ids": True, **fields}
+
+
+def test_answers_through_both_endpoints_equal_dvl_generate_alone(served):
+  image = {"type": "image_url", "image_url": {"url": served.image}}
+  local = {"type": "image_url", "image_url": {"url": f"file://{served.media}/local.png"}}
+  check_concurrently(served, [  # (endpoint, body, the same request in process)
+      ("chat", chat_body([image, {"type": "text", "text": QUESTION}], max_tokens=16),
+       lambda: alone(served, QUESTION, [image_of(served.image)], gen_length=16)),
+      ("chat", chat_body([{"type": "text", "text": "What is"}, {"type": "text", "text": "this ?"}], max_tokens=16),
+       lambda: alone(served, "What is\nthis ?", gen_length=16)),
+      ("chat", chat_body([{"type": "text", "text": QUESTION}, local], max_tokens=16, steps=4),
+       lambda: alone(served, QUESTION, [Image.open(f"{served.media}/local.png").convert("RGB")], gen_length=16,
+                     steps=4)),
+      ("text", {"model": MODEL, "prompt": QUESTION, "max_tokens": 16, "return_token_ids": True},
+       lambda: alone(served, QUESTION, chat=False, gen_length=16)),
+      ("text", {"model": MODEL, "prompt": [5, 9, 11, 7], "max_tokens": 16, "return_token_ids": True,
+                "remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.6},
+       lambda: alone(served, [5, 9, 11, 7], gen_length=16, remasking_strategy="low_confidence_dynamic",
+                     confidence_threshold=0.6)),
+  ])
+
+
+def test_per_request_algorithm_and_sampling_equal_dvl_generate_alone(served):
+  check_concurrently(served, [
+      ("chat", chat_body(QUESTION, max_tokens=16, algorithm="autoregressive"),
+       lambda: alone(served, QUESTION, gen_length=16, algorithm="autoregressive")),
+      ("text", {"model": MODEL, "prompt": [5, 9, 11, 7], "max_tokens": 16, "return_token_ids": True,
+                "temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 3},
+       lambda: alone(served, [5, 9, 11, 7], seed=3, gen_length=16, temperature=0.9, top_k=20, top_p=0.95)),
+  ])
+
+
+def check_concurrently(served, cases):
+  """Sends every case at once (they share the slots), then compares each answer with its in-process twin."""
+  path = {"chat": "/v1/chat/completions", "text": "/v1/completions"}
+  with served.client() as client, concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    replies = list(pool.map(lambda case: client.post(path[case[0]], json=case[1]), cases))
+  for (kind, _, reference), reply in zip(cases, replies):
+    assert reply.status_code == 200, reply.text
+    want, choice, usage = reference(), reply.json()["choices"][0], reply.json()["usage"]
+    assert choice["token_ids"] == want.tokens[0, :want.lengths[0]].tolist()
+    assert (choice["message"]["content"] if kind == "chat" else choice["text"]) == want.text[0]
+    assert usage["completion_tokens"] == want.lengths[0] and usage["nfe"] == want.nfe[0]
+    assert usage["tokens_per_forward"] == float(want.tokens_per_forward[0])
+    assert choice["finish_reason"] == "length"  # this model never picks EOS
+
+
+def test_the_openai_client_works_unchanged(served):
+  client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY)
+  assert [m.id for m in client.models.list()] == [MODEL]
+  messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": served.image}},
+                                           {"type": "text", "text": QUESTION}]}]
+  want = alone(served, QUESTION, [image_of(served.image)], gen_length=16)
+  reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+  assert reply.choices[0].message.content == want.text[0]
+  assert reply.usage.completion_tokens == 16 and reply.usage.model_extra["nfe"] == want.nfe[0]
+  chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stream=True,
+                                               extra_body={"return_token_ids": True}))
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text[0]
+  streamed = [t for c in chunks[:-1] for t in c.choices[0].model_extra["token_ids"]]
+  assert streamed == want.tokens[0].tolist()
+  prompt = reply.usage.prompt_tokens
+  assert len(chunks) - 1 == len({(prompt + i) // 8 for i in range(16)})  # one chunk per block, then the end
+  assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+  assert chunks[-1].usage.completion_tokens == 16
+  text = alone(served, QUESTION, chat=False, gen_length=16).text[0]
+  assert client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16).choices[0].text == text
+  pieces = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, stream=True)
+  assert "".join(c.choices[0].text for c in pieces) == text
+  try:
+    client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=GEN + 1)
+    raise AssertionError("max_tokens over the engine's limit was accepted")
+  except openai.BadRequestError as e:
+    assert "max_tokens" in e.message
+
+
+
+def test_sse_sends_one_chunk_per_block_then_done(served):
+  prompt = [5, 9, 11, 7, 3]  # 5 tokens: the 16-token answer spans blocks 0, 1 and 2 (positions 5..20)
+  with served.client() as client, client.stream("POST", "/v1/completions", json={
+      "model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True, "return_token_ids": True}) as reply:
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in reply.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  assert [len(e["choices"][0].get("token_ids", [])) for e in events] == [3, 8, 5, 0]
+  want = alone(served, prompt, gen_length=16)
+  assert sum((e["choices"][0].get("token_ids", []) for e in events), []) == want.tokens[0].tolist()
+  assert events[-1]["usage"]["nfe"] == want.nfe[0] and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_api_key_guards_v1_only(served):
+  url = f"{served.url}/v1/models"
+  for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, headers=headers))
+      raise AssertionError(f"{headers} was let in")
+    except urllib.error.HTTPError as e:
+      assert e.code == 401 and "Authorization: Bearer" in json.load(e)["error"]["message"]
+  with served.client() as client:
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+  with urllib.request.urlopen(f"{served.url}/health") as reply:  # probes need no key
+    assert json.load(reply)["status"] == "ok"
+
+
+def test_metrics_count_requests_and_tokens(served):
+  served.wait_idle()
+  before = {n: served.metric(n) for n in ("dvl_requests_total{outcome=\"finished\"}", "dvl_generated_tokens_total",
+                                           "dvl_time_to_first_token_seconds_count", "dvl_forwards_total")}
+  with served.client() as client:
+    usage = client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6], "max_tokens": 8}).json()["usage"]
+  after = {n: served.metric(n) for n in before}
+  assert after["dvl_requests_total{outcome=\"finished\"}"] == before["dvl_requests_total{outcome=\"finished\"}"] + 1
+  assert after["dvl_generated_tokens_total"] - before["dvl_generated_tokens_total"] == usage["completion_tokens"]
+  assert after["dvl_forwards_total"] - before["dvl_forwards_total"] == usage["nfe"]
+  assert after["dvl_time_to_first_token_seconds_count"] == before["dvl_time_to_first_token_seconds_count"] + 1
+  assert served.metric("dvl_slots") == 4 and served.metric("dvl_slots_busy") == 0
+
+
+def test_an_answer_ends_at_eos_in_the_body_and_the_stream():
+  """The checkpoint's model never stops early, so the EOS cut is checked on an output built by hand."""
+  eos = 2
+  out = dvl.GenerateOutput.build(np.array([[5, 7, eos, 9, 9, 9]]), np.array([6]), np.array([4]), 4,
+                                 np.zeros((1, 6), int), eos)
+  decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+  answer = Answer("chat", MODEL, decode, eos)
+  assert answer.add(np.array([5, 7])) == ([5, 7], "5 7")
+  assert answer.add(np.array([eos, 9, 9, 9])) == ([eos], f" {eos}")
+  assert answer.add(np.array([9])) == ([], "")
+  body = answer.body(out, prompt_tokens=3, token_ids=True)
+  assert body["choices"][0]["token_ids"] == [5, 7, eos] and body["choices"][0]["finish_reason"] == "stop"
+  assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "nfe": 4,
+                           "tokens_per_forward": 1.5}
+  last = json.loads(answer.last_chunk(out, 3).decode().removeprefix("data: "))
+  assert last["choices"][0]["finish_reason"] == "stop" and math.isclose(last["usage"]["tokens_per_forward"], 1.5)

@@ -1,0 +1,248 @@
+"""`dvl serve` under bad input and faults: a few hundred malformed or oversized requests mixed with good ones
+(each bad one a one-line 4xx, each good one answered exactly, none hangs, memory flat), a full queue (429), a
+deadline (504), a client that disconnects (its request cancelled, its slot freed) and SIGTERM (in-flight requests
+finish, exit 0)."""
+
+import base64
+import concurrent.futures
+import gc
+import io
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import dvl_jax as dvl
+from tests.serving import http_server
+from tests.serving.http_server import GEN, KEY, MODEL, PIXELS
+from tests.user_process import ROOT, user_env
+
+served = http_server.served  # the session's server (a fixture)
+QUESTION = "What is this ?"
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+
+
+def chat(content=QUESTION, **fields):
+  return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **fields}
+
+
+def with_image(url, text=QUESTION, **fields):
+  return chat([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}], **fields)
+
+
+def encoded(data: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def bad_requests(served):
+  """(path, body, status, a fragment of the one-line reason): every way in which this API can be misused."""
+  big_png = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 120, 3), np.uint8)).save(big_png, "PNG")
+  flat = io.BytesIO()
+  Image.new("RGB", (300, 300)).save(flat, "PNG")  # a few hundred bytes, 90,000 pixels
+  return [
+      (CHAT, b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+      (CHAT, b"\xff\xfe{}", 400, "not valid JSON"),
+      (CHAT, b"[1, 2]", 400, "JSON object"),
+      (CHAT, chat(model="gpt-4o"), 404, "not served here"),
+      (CHAT, {"messages": chat()["messages"]}, 400, "model: Field required"),
+      (CHAT, chat(max_tokens="8"), 400, "max_tokens: Input should be a valid integer"),
+      (CHAT, chat(max_tokens=0), 400, "max_tokens must be in"),
+      (CHAT, chat(max_tokens=GEN + 1), 400, "max_tokens must be in"),
+      (CHAT, chat(temperature="hot"), 400, "temperature"),
+      (CHAT, chat(temperature=-1.0), 400, "temperature"),
+      (CHAT, chat(top_p=1.5), 400, "top_p"),
+      (CHAT, chat(top_k=-2), 400, "top_k"),
+      (CHAT, chat(steps=0), 400, "steps"),
+      (CHAT, chat(confidence_threshold=1.5), 400, "confidence_threshold"),
+      (CHAT, chat(remasking_strategy="random"), 400, "remasking_strategy"),
+      (CHAT, chat(algorithm="beam_search"), 400, "algorithm"),
+      (CHAT, chat(seed=2 ** 40), 400, "seed"),
+      (CHAT, chat(n=3), 400, "n=3"),
+      (CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported field 'tools'"),
+      (CHAT, chat(stop=["\n"]), 400, "stop sequences"),
+      (CHAT, chat(stream="yes"), 400, "stream"),
+      (CHAT, {"model": MODEL, "messages": []}, 400, "one user message"),
+      (CHAT, {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+      (CHAT, chat([{"type": "video_url", "video_url": {"url": "x"}}]), 400, "does not match any of the expected tags"),
+      (CHAT, chat([{"type": "text", "text": 5}]), 400, "valid string"),
+      (CHAT, with_image("data:image/png;base64,@@@@"), 400, "not valid base64"),
+      (CHAT, with_image("data:image/png,rawbytes"), 400, "data:image/png;base64"),
+      (CHAT, with_image(encoded(b"GIF89a but not really")), 400, "not a format PIL can decode"),
+      (CHAT, with_image(encoded(big_png.getvalue())), 400, "exceeds the server's limit of 32768 bytes"),
+      (CHAT, with_image(encoded(flat.getvalue())), 400, "300x300 pixels exceeds"),
+      (CHAT, with_image("https://example.com/cat.png"), 400, "not fetched"),
+      (CHAT, with_image("file:///etc/hostname"), 400, "outside --allowed-local-media-path"),
+      (CHAT, with_image(f"file://{served.media}/missing.png"), 400, "does not exist"),
+      (CHAT, with_image("ftp://example.com/cat.png"), 400, "unsupported image URL"),
+      (CHAT, chat([{"type": "image_url", "image_url": {"url": served.image}}] * 3), 400, "3 images exceed"),
+      (CHAT, chat("<image> and <image>"), 400, "markers"),
+      (CHAT, chat("word " * 150), 400, "exceeds the engine's max_prompt=128"),
+      (TEXT, {"model": MODEL, "prompt": list(range(3, 140))}, 400, "max_prompt"),
+      (TEXT, {"model": MODEL, "prompt": [300]}, 400, "not a text token"),
+      (TEXT, {"model": MODEL, "prompt": [250]}, 400, "no image tokens"),
+      (TEXT, {"model": MODEL, "prompt": [[1, 2]]}, 400, "one prompt per request"),
+      (TEXT, {"model": MODEL, "prompt": [True]}, 400, "one prompt per request"),
+      (TEXT, {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported field 'echo'"),
+      (TEXT, b'{"model": "tiny", "prompt": "' + b"a" * 200_000 + b'"}', 413, "--max-body-bytes"),
+      ("/v1/embeddings", {"model": MODEL, "input": "x"}, 404, "Not Found"),
+  ]
+
+
+def good_requests(served):
+  """(path, body, the answer's token ids as `dvl.generate` gives them alone)."""
+  processor, image = served.processor, Image.open(io.BytesIO(base64.b64decode(served.image.partition(",")[2])))
+  image = image.convert("RGB")
+  config = dvl.SamplingConfig(gen_length=8)
+
+  def alone(inputs):
+    out = dvl.generate(served.model, inputs, config)
+    return out.tokens[0, :out.lengths[0]].tolist()
+
+  return [
+      (CHAT, chat(return_token_ids=True), alone(processor([dvl.generation_prompt(QUESTION, 0)]))),
+      (CHAT, with_image(served.image, return_token_ids=True, max_tokens=8),
+       alone(processor([dvl.generation_prompt(QUESTION, 1)], [[image]]))),
+      (TEXT, {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 8, "return_token_ids": True}, alone([[7, 8, 9]])),
+  ]
+
+
+def send(client, path, body):
+  content = body if isinstance(body, bytes) else json.dumps(body).encode()
+  return client.post(path, content=content, headers={"Content-Type": "application/json"})
+
+
+def test_bad_requests_mixed_with_good_ones(served):
+  bad, good = bad_requests(served), good_requests(served)
+  rng = random.Random(0)
+
+  def one_round(copies):
+    work = [("bad", case) for case in bad * copies] + [("good", case) for case in good * 4]
+    rng.shuffle(work)
+    with served.client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+      replies = list(pool.map(lambda w: send(client, w[1][0], w[1][1]), work))  # a hang fails by the timeout
+    for (kind, case), reply in zip(work, replies):
+      if kind == "good":
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == case[2]
+      else:
+        message = reply.json()["error"]["message"]
+        assert (reply.status_code, case[3] in message, "\n" in message) == (case[2], True, False), (case, message)
+    return len(work)
+
+  sent = one_round(2)  # warm: every code path has run once
+  gc.collect()
+  tracemalloc.start()
+  try:
+    sent += one_round(2)
+    gc.collect()
+    baseline = tracemalloc.get_traced_memory()[0]
+    sent += one_round(2)
+    gc.collect()
+    growth = tracemalloc.get_traced_memory()[0] - baseline
+  finally:
+    tracemalloc.stop()
+  assert sent >= 300
+  assert growth < 2 ** 20, f"{growth} bytes more after a round of {sent // 3} requests"
+  assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
+  served.wait_idle()
+
+
+def test_a_full_queue_answers_429(served):
+  worker = served.app.state.worker
+  worker.max_queue = 0
+  try:
+    with served.client() as client:
+      reply = send(client, TEXT, {"model": MODEL, "prompt": [5, 6], "max_tokens": 4})
+  finally:
+    worker.max_queue = 64
+  assert reply.status_code == 429 and "--max-queue 0" in reply.json()["error"]["message"]
+  with served.client() as client:
+    assert send(client, TEXT, {"model": MODEL, "prompt": [5, 6], "max_tokens": 4}).status_code == 200
+
+
+def test_a_request_past_its_deadline_is_cancelled_with_504(served):
+  settings, cancelled = served.app.state.settings, served.metric('dvl_requests_total{outcome="timeout"}')
+  settings.request_timeout = 1e-9
+  try:
+    with served.client() as client:
+      replies = [send(client, TEXT, {"model": MODEL, "prompt": [5, 6], "max_tokens": GEN, "stream": stream})
+                 for stream in (False, True)]
+  finally:
+    settings.request_timeout = 60.0
+  for reply in replies:
+    assert reply.status_code == 504 and "--request-timeout" in reply.json()["error"]["message"]
+  served.wait_idle()
+  assert served.metric('dvl_requests_total{outcome="timeout"}') == cancelled + 2
+
+
+def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served, monkeypatch):
+  served.wait_idle()
+  engine = served.app.state.worker.engine
+  step = engine.step
+  monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])  # a slower model: 64 steps take > 1 s
+  count = lambda outcome: served.metric(f'dvl_requests_total{{outcome="{outcome}"}}')  # noqa: E731
+  before = count("cancelled"), count("finished")
+  long = {"model": MODEL, "prompt": [5, 6], "max_tokens": GEN, "steps": 8}  # 64 forwards, 2 a step
+  with served.client() as client, client.stream("POST", TEXT, json={**long, "stream": True}) as reply:
+    assert next(reply.iter_lines()).startswith("data: {")  # the first block: the request holds a slot
+    assert served.metric("dvl_slots_busy") == 1
+  host, port = served.url.removeprefix("http://").split(":")
+  with socket.create_connection((host, int(port))) as sock:  # a non-streamed request, gone once sent
+    body = json.dumps(long).encode()
+    sock.sendall(f"POST {TEXT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+  served.wait_idle()
+  assert (count("cancelled"), count("finished")) == (before[0] + 2, before[1])
+
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, tmp_path):
+  command = [sys.executable, "-m", "dvl_jax.cli.commands", "serve", "--checkpoint", served.checkpoint, "--port", "0",
+             "--slots", "2", "--max-prompt", "64", "--gen-length", "32", "--chunk", "2", "--grace-period", "30",
+             "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--log-level", "warning"]
+  proc = subprocess.Popen(command, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, text=True)
+  try:
+    banner = _readline(proc, timeout=240)
+    url = banner.rsplit(" ", 1)[-1].removesuffix("/v1")
+    lines, first = [], threading.Event()
+
+    def stream():
+      with httpx.Client(base_url=url, timeout=120) as client, client.stream("POST", TEXT, json={
+          "model": "ckpt", "prompt": [5, 6], "max_tokens": 32, "stream": True}) as reply:
+        for line in reply.iter_lines():
+          lines.append(line)
+          first.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert first.wait(120), "no first chunk"
+    proc.send_signal(signal.SIGTERM)
+    thread.join(120)
+    assert proc.wait(timeout=120) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert [line for line in lines if line][-1] == "data: [DONE]"  # the in-flight request finished
+  usage = json.loads([line for line in lines if line][-2].removeprefix("data: "))["usage"]
+  assert usage["completion_tokens"] == 32
+
+
+def _readline(proc, timeout):
+  """The process's first stdout line ("dvl serve: NAME on http://HOST:PORT/v1"), within `timeout` seconds."""
+  box = []
+  reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+  reader.start()
+  reader.join(timeout)
+  assert box and box[0].startswith("dvl serve:"), f"no banner: {box} (exit code {proc.poll()})"
+  return box[0].strip()
