@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   model.add_argument("--checkpoint", help="converted checkpoint directory, run in this process (required: this or --server)")
   model.add_argument("--server", help="URL of a `dvl serve` server to ask through its OpenAI API, e.g. "
                      "http://127.0.0.1:8000 (required: this or --checkpoint)")
+  cmd.add_argument("--api-key", default=None, help="the key of a server started with `dvl serve --api-key`; also "
+                   "read from the DVL_API_KEY environment variable (default: none)")
   cmd.add_argument("--task", required=True, help="benchmark name, e.g. synthetic or mmmu_val; an unknown name "
                    "lists the known ones (required)")
   cmd.add_argument("--data", default=None, help="the task's data directory, or its argument for generated data "
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
   if args.server is not None:
     from dvl_jax.evaluation.client import Server
 
-    answer = Server(args.server)
+    answer = Server(args.server, api_key=args.api_key or os.environ.get("DVL_API_KEY"))
     answer.model()  # an unreachable server is one line before any sample runs
   else:
     import dvl_jax as dvl

@@ -24,9 +24,6 @@ from dvl_jax.diffusion.sampling_config import SamplingConfig
 from dvl_jax.evaluation.runner import Answer
 from dvl_jax.evaluation.task import Sample, Task
 
-ALGORITHMS = {"autoregressive": "ar", "block_diffusion": "block_diffusion"}  # SamplingConfig -> the API's name
-
-
 def png_data_url(image: Image.Image) -> str:
   """The image as a lossless `data:image/png;base64,...` URL."""
   buffer = io.BytesIO()
@@ -40,20 +37,24 @@ def chat_body(task: Task, sample: Sample, config: SamplingConfig, model: str) ->
              *({"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in sample.images)]
   return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": config.gen_length,
           "temperature": config.temperature, "top_k": config.top_k, "seed": 0,
-          "algorithm": ALGORITHMS[config.algorithm], "remasking_strategy": config.remasking_strategy,
+          "algorithm": config.algorithm, "remasking_strategy": config.remasking_strategy,
           "steps": config.steps, "confidence_threshold": config.confidence_threshold, "return_token_ids": True}
 
 
 @dataclasses.dataclass
 class Server:
-  """An answerer (`runner.Answerer`) backed by the server at `url`; `timeout` bounds one request (seconds)."""
+  """An answerer (`runner.Answerer`) backed by the server at `url`; `api_key` for a server started with one;
+  `timeout` bounds one request (seconds)."""
 
   url: str
+  api_key: str | None = None
   timeout: float = 600.0
 
   def __post_init__(self):
     self.url = self.url.rstrip("/")
     self._session = requests.Session()
+    if self.api_key:
+      self._session.headers["Authorization"] = f"Bearer {self.api_key}"
     self._model: str | None = None
 
   def model(self) -> str:

@@ -1,0 +1,59 @@
+"""`dvl eval --server`: the evaluator through `dvl serve`'s OpenAI API gives the in-process evaluator's greedy
+answers, NFE and token counts sample for sample. The server is the session's tiny one
+(`tests/serving/http_server.py`: its model and processor are the in-process side, its compiles are shared with
+the HTTP tests)."""
+
+from __future__ import annotations
+
+import json
+
+from dvl_jax.cli.commands import main
+from dvl_jax.evaluation import client, runner
+from dvl_jax.evaluation.settings import EvalSettings
+from tests.serving import http_server
+
+served = http_server.served  # the session's server (a fixture)
+
+LIMIT, GEN = 4, 16
+
+
+def _log(out_dir, decoder: str) -> list[dict]:
+  with open(runner.samples_log(str(out_dir), decoder), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_server_answers_equal_in_process_answers(served, tmp_path):
+  run = dict(task="synthetic", limit=LIMIT, batch_size=LIMIT, gen_length=GEN, decoders=("ar", "dynamic"),
+             log_samples=True)
+  local = runner.evaluate(served.model, served.processor, out_dir=str(tmp_path / "local"), progress=False, **run)
+  remote = runner.run(client.Server(served.url, api_key=http_server.KEY),
+                      EvalSettings(out_dir=str(tmp_path / "remote"), model_id=served.url, **run), progress=False)
+  same = ("id", "prompt", "answer", "parsed", "score", "nfe", "tokens")
+  for name in run["decoders"]:
+    local_rows, remote_rows = _log(tmp_path / "local", name), _log(tmp_path / "remote", name)
+    assert len(remote_rows) == LIMIT and {r["id"] for r in remote_rows} == {r["id"] for r in local_rows}
+    by_id = {r["id"]: r for r in remote_rows}  # the server's answers are logged as they finish
+    assert [{k: by_id[r["id"]][k] for k in same} for r in local_rows] == [{k: r[k] for k in same} for r in local_rows]
+    assert remote["decoders"][name]["metrics"] == local["decoders"][name]["metrics"]
+    assert remote["decoders"][name]["speed"]["tokens_per_forward"] == local["decoders"][name]["speed"][
+        "tokens_per_forward"]
+  # the two decoders differ here, so equal rows per decoder say the server ran the decoder the request named
+  assert local["decoders"]["dynamic"]["speed"]["nfe"] != local["decoders"]["ar"]["speed"]["nfe"]
+
+
+def test_cli_through_the_server(served, tmp_path, capsys):
+  argv = ["eval", "--server", served.url, "--task", "synthetic", "--limit", "2", "--batch-size", "2",
+          "--decoders", "", "--sweep-threshold", "0.6", "--gen-length", str(GEN), "--out", str(tmp_path),
+          "--no-progress"]
+  assert main([*argv, "--api-key", http_server.KEY]) == 0
+  with open(tmp_path / runner.RESULTS_FILE, encoding="utf-8") as f:
+    assert list(json.load(f)["decoders"]) == ["threshold@0.6"]
+  assert main(argv) == 2  # no key: the server's 401, in one line
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "answered GET /v1/models with 401: missing or wrong API key" in err
+
+
+def test_cli_without_a_server_is_one_line(capsys):
+  assert main(["eval", "--server", "http://127.0.0.1:9", "--task", "synthetic", "--limit", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "no answer from the server at http://127.0.0.1:9" in err
