@@ -12,6 +12,7 @@ fp64).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -48,7 +49,12 @@ def tiny_siglip_config(**overrides: Any) -> ModelConfig:
 
   vision = SiglipVisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
                               image_size=44, grid_pinpoints=tuple((j, i) for i in range(1, 4) for j in range(1, 4)))
-  return tiny_config(family="diffusionvl_qwen", vision=vision, **overrides)
+  # Fields this family does not use (video / vision-start ids, M-RoPE sections) keep ModelConfig's defaults, as
+  # in a config converted from its checkpoints.
+  base = ModelConfig()
+  cfg = tiny_config(family="diffusionvl_qwen", vision=vision, video_token_id=base.video_token_id,
+                    vision_start_token_id=base.vision_start_token_id, vision_end_token_id=base.vision_end_token_id)
+  return cfg.replace(text=dataclasses.replace(cfg.text, mrope_section=base.text.mrope_section), **overrides)
 
 
 def tiny_text_config(**overrides: Any) -> ModelConfig:

@@ -68,8 +68,9 @@ def from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
   fields = decoder_hf.diffusion_fields_from_hf(hf, "flat")
   if fields["position_mode"] != "flat":
     raise ValueError(f"DiffusionVL-Qwen has 1-D positions; dvl_position_mode={fields['position_mode']!r}")
-  return ModelConfig(family="diffusionvl_qwen", vision=vision, text=decoder_hf.text_from_hf(t, hf),
-                     **{**ids, **fields, **overrides})
+  # `vision` may be overridden: DiffusionVL's configs do not describe the tower (LLaVA hard-codes so400m).
+  return ModelConfig(**{"family": "diffusionvl_qwen", "vision": vision, "text": decoder_hf.text_from_hf(t, hf),
+                        **ids, **fields, **overrides})
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
