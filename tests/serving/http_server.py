@@ -83,6 +83,7 @@ def served(tmp_path_factory):
   while not server.started:
     assert time.monotonic() < end and thread.is_alive(), "the server did not start"
     time.sleep(0.02)
-  yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", ckpt, app, model, processor, str(media), png_data_url(56, 56))
+  url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  yield Served(url, ckpt, app, model, processor, str(media), png_data_url(56, 56))
   server.should_exit = True
   thread.join(30)

@@ -1,0 +1,224 @@
+"""Serving load: continuous batching through `dvl serve` vs the same requests as static batches of `dvl.generate`,
+block diffusion vs AR, in one table (in the style of `vllm bench serve`).
+
+N chat requests with mixed question lengths, mixed answer lengths (`max_tokens` drawn from `--answers`) and a
+random image on a fraction of them go to a running server, `--concurrency` at a time or as Poisson arrivals at
+`--request-rate` per second, streamed (one SSE chunk per block), after an untimed pass of the same requests (the
+server compiles each prompt bucket and image shape once). Per request: TTFT (send to first chunk), TPOT
+((latency - TTFT) / (tokens - 1)), ITL (the gaps between chunks; a chunk is a block), latency; overall: output
+tokens/s and requests/s. With `--checkpoint` the same requests then run in process as static batches of
+`--concurrency` (`dvl.generate`, gen length = the batch's longest `max_tokens`: a row that is done waits for
+the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no stream), each
+batch shape compiled in an untimed pass first. Each algorithm of `--algorithms` runs the whole workload (the
+server takes `algorithm` per request).
+
+    dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
+    python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
+        [--concurrency 8 | --request-rate 4] [--answers 8,16,64,128] [--image-fraction 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("what colour is the shape in the image how many squares circles triangles are there where is it top left "
+         "bottom right describe picture grid grey red blue green one two three").split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  question: str
+  image: bytes | None  # PNG
+  max_tokens: int
+
+
+@dataclasses.dataclass
+class Timing:
+  latency: float
+  tokens: int
+  ttft: float
+  gaps: list[float]
+  forwards: int = 0
+
+  @property
+  def tpot(self) -> float:
+    return (self.latency - self.ttft) / (self.tokens - 1) if self.tokens > 1 else 0.0
+
+
+def workload(n: int, answers: list[int], words: tuple[int, int], image_fraction: float, seed: int) -> list[Job]:
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  jobs = []
+  for _ in range(n):
+    question = " ".join(rng.choice(WORDS, rng.integers(words[0], words[1], endpoint=True))) + " ?"
+    image = None
+    if rng.random() < image_fraction:
+      buf = io.BytesIO()
+      side = int(rng.choice([56, 84, 112]))
+      Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(buf, "PNG")
+      image = buf.getvalue()
+    jobs.append(Job(question, image, int(rng.choice(answers))))
+  return jobs
+
+
+def chat_body(job: Job, model: str, algorithm: str) -> dict[str, Any]:
+  content: list[dict[str, Any]] = [{"type": "text", "text": job.question}]
+  if job.image is not None:
+    url = "data:image/png;base64," + base64.b64encode(job.image).decode()
+    content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+  return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": job.max_tokens,
+          "stream": True, "algorithm": algorithm}
+
+
+async def one_request(client: Any, body: dict[str, Any]) -> Timing:
+  start = time.perf_counter()
+  arrivals, usage = [], None
+  async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+    if reply.status_code != 200:
+      raise RuntimeError(f"server answered {reply.status_code}: {(await reply.aread()).decode()[:300]}")
+    async for line in reply.aiter_lines():
+      if not line.startswith("data: {"):
+        continue
+      event = json.loads(line[6:])
+      if "error" in event:
+        raise RuntimeError(f"stream failed: {event['error']['message']}")
+      if event.get("usage"):
+        usage = event["usage"]
+      else:
+        arrivals.append(time.perf_counter())
+  latency = time.perf_counter() - start
+  first = arrivals[0] - start if arrivals else latency
+  return Timing(latency, usage["completion_tokens"], first, list(np.diff(arrivals)), usage["nfe"])
+
+
+async def through_server(url: str, key: str | None, model: str, jobs: list[Job], algorithm: str, concurrency: int,
+                         rate: float | None, seed: int) -> tuple[list[Timing], float]:
+  import httpx
+
+  headers = {"Authorization": f"Bearer {key}"} if key else {}
+  limits = httpx.Limits(max_connections=max(concurrency, 1) * 2)
+  async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
+    gate = asyncio.Semaphore(concurrency if rate is None else len(jobs))
+
+    async def gated(job: Job) -> Timing:
+      async with gate:
+        return await one_request(client, chat_body(job, model, algorithm))
+
+    await asyncio.gather(*(gated(job) for job in jobs))  # untimed: every prompt bucket and image shape compiles
+    waits = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(jobs))) if rate else np.zeros(len(jobs))
+
+    async def scheduled(job: Job, wait: float) -> Timing:
+      await asyncio.sleep(wait)
+      return await gated(job)
+
+    start = time.perf_counter()
+    timings = await asyncio.gather(*(scheduled(j, w) for j, w in zip(jobs, waits)))
+    return list(timings), time.perf_counter() - start
+
+
+def static_batches(checkpoint: str, jobs: list[Job], algorithm: str, batch: int, pixels: tuple | None
+                   ) -> tuple[list[Timing], float]:
+  """The same jobs through `dvl.generate`, `batch` at a time (a closed loop: the next batch starts when the
+  previous one is done); each batch shape runs once untimed first."""
+  from PIL import Image
+
+  import dvl_jax as dvl
+
+  processor = dvl.Processor.from_pretrained(checkpoint, **({} if pixels is None else
+                                                           dict(min_pixels=pixels[0], max_pixels=pixels[1])))
+  model = dvl.load(checkpoint)
+  groups = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
+
+  def run(group: list[Job]) -> Any:
+    images = [[Image.open(io.BytesIO(j.image)).convert("RGB")] if j.image else [] for j in group]
+    inputs = processor([dvl.generation_prompt(j.question, len(i)) for j, i in zip(group, images)], images)
+    config = dvl.SamplingConfig(gen_length=max(j.max_tokens for j in group), algorithm=algorithm)
+    return dvl.generate(model, inputs, config)
+
+  for group in groups:
+    run(group)  # compile every batch shape outside the timing
+  timings, start = [], time.perf_counter()
+  for group in groups:
+    tic = time.perf_counter()
+    out = run(group)
+    seconds = time.perf_counter() - tic
+    for row, job in enumerate(group):
+      tokens = int(min(out.lengths[row], job.max_tokens))
+      timings.append(Timing(seconds, tokens, seconds, [], int(out.nfe[row])))
+  return timings, time.perf_counter() - start
+
+
+def row(name: str, algorithm: str, timings: list[Timing], wall: float) -> str:
+  p = lambda values, q: float(np.percentile(values, q)) * 1e3 if len(values) else float("nan")  # noqa: E731
+  ttft, tpot = [t.ttft for t in timings], [t.tpot for t in timings]
+  gaps, latency = [g for t in timings for g in t.gaps], [t.latency for t in timings]
+  tokens, forwards = sum(t.tokens for t in timings), sum(t.forwards for t in timings)
+  return (f"| {name} | {algorithm} | {tokens / wall:.1f} | {len(timings) / wall:.2f} | {p(ttft, 50):.0f} / "
+          f"{p(ttft, 99):.0f} | {p(tpot, 50):.1f} / {p(tpot, 99):.1f} | {p(gaps, 50):.1f} / {p(gaps, 99):.1f} | "
+          f"{p(latency, 50):.0f} / {p(latency, 99):.0f} | {tokens / max(forwards, 1):.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--url", required=True, help="a running `dvl serve`, e.g. http://127.0.0.1:8000 (required)")
+  parser.add_argument("--model", default=None, help="model id (default: the server's first in /v1/models)")
+  parser.add_argument("--api-key", default=os.environ.get("DVL_API_KEY"), help="bearer token (default: $DVL_API_KEY)")
+  parser.add_argument("--checkpoint", default=None,
+                      help="the served checkpoint, for the static-batch rows (default: none, server rows only)")
+  parser.add_argument("--num-requests", type=int, default=64, help="requests per row (default: 64)")
+  parser.add_argument("--concurrency", type=int, default=8,
+                      help="requests in flight (closed loop) and the static batch size (default: 8)")
+  parser.add_argument("--request-rate", type=float, default=None,
+                      help="Poisson arrivals per second instead of a fixed concurrency (default: none)")
+  parser.add_argument("--answers", default="8,16,64,128",
+                      help="max_tokens values drawn uniformly (mixed answer lengths) (default: 8,16,64,128)")
+  parser.add_argument("--words", default="4,40", help="question length range in words (default: 4,40)")
+  parser.add_argument("--image-fraction", type=float, default=0.25, help="requests with an image (default: 0.25)")
+  parser.add_argument("--algorithms", default="block_diffusion,autoregressive",
+                      help="algorithms to compare (default: block_diffusion,autoregressive)")
+  parser.add_argument("--pixels", default=None, help="min,max pixels of the static rows' processor, as given to "
+                      "dvl serve (default: the checkpoint's bounds)")
+  parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
+  args = parser.parse_args(argv)
+
+  import httpx
+
+  headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+  model = args.model or httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"][0]["id"]
+  low, high = (int(w) for w in args.words.split(","))
+  jobs = workload(args.num_requests, [int(a) for a in args.answers.split(",")], (low, high), args.image_fraction,
+                  args.seed)
+  pixels = tuple(int(p) for p in args.pixels.split(",")) if args.pixels else None
+  arrival = f"Poisson {args.request_rate}/s" if args.request_rate else f"concurrency {args.concurrency}"
+  print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image")
+  lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
+           "ITL ms p50 / p99 | latency ms p50 / p99 | tokens / forward |", "|---|---|---|---|---|---|---|---|---|"]
+  for algorithm in args.algorithms.split(","):
+    timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
+                                               args.request_rate, args.seed))
+    lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
+    print(lines[-1], flush=True)
+    if args.checkpoint:
+      timings, wall = static_batches(args.checkpoint, jobs, algorithm, args.concurrency, pixels)
+      lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall))
+      print(lines[-1], flush=True)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
