@@ -1,10 +1,13 @@
 """The demo's generated task (`dvl_jax.data.synthetic`): shapes in a 2x2 grid, exact-match scored.
 
-`--data SEED[:COUNT]` picks the split: examples 0 .. COUNT-1 of generator seed SEED (default "2000:200",
-the split `dvl demo` holds out with its default seed; it trains on seed 1000). The prompt is the question
+`--data SEED[:COUNT[:KINDS]]` picks the split: examples 0 .. COUNT-1 of generator seed SEED (default
+"2000:200", the split `dvl demo` holds out with its default seed; it trains on seed 1000), drawing the
+question kinds KINDS (comma-separated, or "all" to add the long "cells" answers; default: the generator's
+default kinds). The prompt is the question
 alone, as the demo trains (no post-prompt); an answer is right when, after the spec §9.2 clean-up, it is
 the reference character for character. Metrics: `exact_match` and the accuracy per question kind
-(`acc/color`, ..., `acc/describe`: the long answers, where block diffusion decodes several tokens per forward).
+(`acc/color`, ..., `acc/describe`, `acc/cells`: the long answers, where block diffusion decodes several tokens
+per forward).
 """
 
 from __future__ import annotations
@@ -18,19 +21,28 @@ from dvl_jax.evaluation.task import Sample, Task
 DEFAULT_SPLIT = "2000:200"
 
 
-def split(data: str | None) -> tuple[int, int]:
-  """"SEED[:COUNT]" -> (seed, count)."""
-  seed, _, count = (data or DEFAULT_SPLIT).partition(":")
+def split(data: str | None) -> tuple[int, int, tuple[str, ...]]:
+  """"SEED[:COUNT[:KINDS]]" -> (seed, count, question kinds)."""
+  seed, _, rest = (data or DEFAULT_SPLIT).partition(":")
+  count, _, kinds = rest.partition(":")
   try:
-    return int(seed), int(count or DEFAULT_SPLIT.partition(":")[2])
+    numbers = int(seed), int(count or DEFAULT_SPLIT.partition(":")[2])
   except ValueError:
-    raise ValueError(f"synthetic --data is SEED[:COUNT] (default {DEFAULT_SPLIT}), got {data!r}") from None
+    raise ValueError(f"synthetic --data is SEED[:COUNT[:KINDS]] (default {DEFAULT_SPLIT}), got {data!r}") from None
+  if kinds == "all":
+    return (*numbers, synthetic.ALL_KINDS)
+  chosen = tuple(k for k in kinds.split(",") if k) or synthetic.QUESTION_KINDS
+  unknown = [k for k in chosen if k not in synthetic.ALL_KINDS]
+  if unknown:
+    raise ValueError(f"synthetic --data: unknown question kind {unknown[0]!r}; KINDS are among "
+                     f"{','.join(synthetic.ALL_KINDS)}, or all")
+  return (*numbers, chosen)
 
 
 def load(data: str | None) -> Iterator[Sample]:
-  seed, count = split(data)
+  seed, count, kinds = split(data)
   for index in range(count):
-    ex = synthetic.example(seed, index)
+    ex = synthetic.example(seed, index, kinds=kinds)
     yield Sample(f"synthetic-{seed}-{index}", ex.question, (ex.image,), (ex.answer,), metadata={"kind": ex.kind})
 
 
@@ -43,4 +55,4 @@ def aggregate(samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, f
 
 
 TASK = Task("synthetic", load, prompt, exact_answer, aggregate, "exact_match",
-            f"SEED[:COUNT] of the generator (default {DEFAULT_SPLIT})")
+            f"SEED[:COUNT[:KINDS]] of the generator (default {DEFAULT_SPLIT}; KINDS all adds the long answers)")

@@ -25,10 +25,11 @@ def test_examples_are_a_function_of_seed_and_index():
 
 def test_answers_are_read_back_from_the_pixels():
   """Each answer equals what the image shows: the colour, the shape (from how much of its bounding box it
-  fills), the occupied cells and their number, and the description made of those."""
+  fills), the occupied cells and their number, and the descriptions made of those (the opt-in "cells" kind
+  too)."""
   examples = synthetic.examples(200, seed=0)
   assert set(collections.Counter(e.kind for e in examples)) == set(synthetic.QUESTION_KINDS)
-  for e in examples:
+  for e in examples + synthetic.examples(40, seed=0, kinds=("cells",)):
     pixels = np.asarray(e.image)
     cells = [pixels[28 * row:28 * (row + 1), 28 * col:28 * (col + 1)] for row in range(2) for col in range(2)]
     for cell, grey in zip(cells, synthetic.CELL_GREYS):  # every cell shows its own grey
@@ -42,7 +43,9 @@ def test_answers_are_read_back_from_the_pixels():
     count = synthetic.NUMBERS[len(occupied)]
     truth = {"color": color, "count": count, "shape": shape,
              "position": synthetic.POSITIONS[occupied[0]] if len(occupied) == 1 else None,
-             "describe": f"{count} {color} {shape}" + ("s" if len(occupied) > 1 else "")}
+             "describe": f"{count} {color} {shape}" + ("s" if len(occupied) > 1 else ""),
+             "cells": " ".join(f"{place} one {color} {shape}" if i in occupied else f"{place} zero shapes"
+                               for i, place in enumerate(synthetic.POSITIONS))}
     assert e.answer == truth[e.kind], (e.question, e.answer, truth)
 
 

@@ -19,9 +19,23 @@ def test_synthetic_default_split_is_the_demos_held_out_seed():
 
 def test_synthetic_split_argument():
   assert [s.id for s in synthetic.load("7:3")] == ["synthetic-7-0", "synthetic-7-1", "synthetic-7-2"]
-  assert synthetic.split("9") == (9, 200)
+  assert synthetic.split("9") == (9, 200, generator.QUESTION_KINDS)
+  assert synthetic.split("9:5:all") == (9, 5, generator.ALL_KINDS)
+  assert synthetic.split("9:5:cells,color") == (9, 5, ("cells", "color"))
   with pytest.raises(ValueError, match="SEED"):
     synthetic.split("seven")
+  with pytest.raises(ValueError, match="unknown question kind 'grid'"):
+    synthetic.split("9:5:grid")
+
+
+def test_synthetic_long_answers_are_opt_in():
+  default, long = list(synthetic.load("4:40")), list(synthetic.load("4:40:all"))
+  assert {s.metadata["kind"] for s in default} == set(generator.QUESTION_KINDS)
+  assert {s.metadata["kind"] for s in long} == set(generator.ALL_KINDS)
+  cells = [s for s in synthetic.load("4:10:cells")]
+  assert {s.question for s in cells} == {"Where are the shapes?"}
+  assert [s.answers[0] for s in cells] == [generator.example(4, i, kinds=("cells",)).answer for i in range(10)]
+  assert synthetic.aggregate(cells[:2], [1.0, 0.0]) == {"exact_match": 0.5, "acc/cells": 0.5}
 
 
 def test_synthetic_exact_match_after_clean_up():
