@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--batch-size", type=int, default=8,
                    help="answers generated together, or requests in flight with --server (default: 8)")
   cmd.add_argument("--gen-length", type=int, default=128, help="tokens generated per answer (default: 128)")
-  cmd.add_argument("--steps", type=int, default=8, help="denoising passes per block, static (default: 8)")
+  cmd.add_argument("--steps", type=int, default=8, help="denoising passes per block of the static and dynamic decoders (default: 8)")
   cmd.add_argument("--threshold", type=float, default=0.9,
                    help="confidence threshold of the dynamic and threshold decoders (default: 0.9)")
   cmd.add_argument("--out", default=None,

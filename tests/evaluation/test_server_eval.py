@@ -23,11 +23,13 @@ def _log(out_dir, decoder: str) -> list[dict]:
 
 
 def test_server_answers_equal_in_process_answers(served, tmp_path):
-  run = dict(task="synthetic", limit=LIMIT, batch_size=LIMIT, gen_length=GEN, decoders=("ar", "dynamic"),
-             log_samples=True)
-  local = runner.evaluate(served.model, served.processor, out_dir=str(tmp_path / "local"), progress=False, **run)
+  """In process one sample at a time (the programs the HTTP tests compiled), through the server all at once."""
+  run = dict(task="synthetic", limit=LIMIT, gen_length=GEN, decoders=("ar", "dynamic"), log_samples=True)
+  local = runner.evaluate(served.model, served.processor, out_dir=str(tmp_path / "local"), batch_size=1,
+                          progress=False, **run)
   remote = runner.run(client.Server(served.url, api_key=http_server.KEY),
-                      EvalSettings(out_dir=str(tmp_path / "remote"), model_id=served.url, **run), progress=False)
+                      EvalSettings(out_dir=str(tmp_path / "remote"), batch_size=LIMIT, model_id=served.url, **run),
+                      progress=False)
   same = ("id", "prompt", "answer", "parsed", "score", "nfe", "tokens")
   for name in run["decoders"]:
     local_rows, remote_rows = _log(tmp_path / "local", name), _log(tmp_path / "remote", name)
