@@ -103,17 +103,17 @@ def good_requests(served):
   """(path, body, the answer's token ids as `dvl.generate` gives them alone)."""
   processor, image = served.processor, Image.open(io.BytesIO(base64.b64decode(served.image.partition(",")[2])))
   image = image.convert("RGB")
-  config = dvl.SamplingConfig(gen_length=8)
+  config = dvl.SamplingConfig(gen_length=16)
 
   def alone(inputs):
     out = dvl.generate(served.model, inputs, config)
     return out.tokens[0, :out.lengths[0]].tolist()
 
   return [
-      (CHAT, chat(return_token_ids=True), alone(processor([dvl.generation_prompt(QUESTION, 0)]))),
-      (CHAT, with_image(served.image, return_token_ids=True, max_tokens=8),
+      (CHAT, chat(return_token_ids=True, max_tokens=16), alone(processor([dvl.generation_prompt(QUESTION, 0)]))),
+      (CHAT, with_image(served.image, return_token_ids=True, max_tokens=16),
        alone(processor([dvl.generation_prompt(QUESTION, 1)], [[image]]))),
-      (TEXT, {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 8, "return_token_ids": True}, alone([[7, 8, 9]])),
+      (TEXT, {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 16, "return_token_ids": True}, alone([[7, 8, 9]])),
   ]
 
 
@@ -153,6 +153,7 @@ def test_bad_requests_mixed_with_good_ones(served):
   finally:
     tracemalloc.stop()
   assert sent >= 300
+  assert served.metric('dvl_http_responses_total{code="413",route="/v1/completions"}') >= 6
   assert growth < 2 ** 20, f"{growth} bytes more after a round of {sent // 3} requests"
   assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
   served.wait_idle()

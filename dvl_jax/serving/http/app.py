@@ -66,6 +66,15 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
   app = FastAPI(title="dvl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
   app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
 
+  routes = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+  @app.middleware("http")
+  async def count(http: HttpRequest, call_next: Callable) -> Response:
+    response = await call_next(http)
+    route = http.url.path if http.url.path in routes else "other"  # bounded label values
+    metrics.responses.labels(route, str(response.status_code)).inc()
+    return response
+
   @app.exception_handler(ApiError)
   async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)

@@ -20,6 +20,8 @@ class Metrics:
                             "refused its settings; cancelled: the client went away)", ["outcome"], registry=r)
     for outcome in OUTCOMES:
       self.requests.labels(outcome)
+    self.responses = Counter("dvl_http_responses", "HTTP responses by route and status code (a 4xx: a bad request)",
+                             ["route", "code"], registry=r)
     self.queue = Gauge("dvl_queue_depth", "Requests waiting for a slot", registry=r)
     self.busy = Gauge("dvl_slots_busy", "Slots decoding a request", registry=r)
     Gauge("dvl_slots", "Slots of the engine", registry=r).set(slots)
