@@ -14,6 +14,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import io
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
@@ -52,9 +53,7 @@ class Server:
 
   def __post_init__(self):
     self.url = self.url.rstrip("/")
-    self._session = requests.Session()
-    if self.api_key:
-      self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+    self._local = threading.local()  # a requests.Session per thread (sessions are not thread-safe), kept alive
     self._model: str | None = None
 
   def model(self) -> str:
@@ -71,9 +70,6 @@ class Server:
 
   def __call__(self, task: Task, samples: Sequence[Sample], config: SamplingConfig,
                batch_size: int) -> Iterator[tuple[Sample, Answer]]:
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(batch_size, 10))  # a connection per request in flight
-    self._session.mount("http://", adapter)
-    self._session.mount("https://", adapter)
     self.answer(task, samples[0], config)  # warm-up, untimed: the server may compile this decoder's program
     with concurrent.futures.ThreadPoolExecutor(max_workers=batch_size) as pool:
       futures = {pool.submit(self.answer, task, s, config): s for s in samples}
@@ -87,9 +83,17 @@ class Server:
       finally:  # an error or Ctrl-C: drop the requests not yet sent
         pool.shutdown(wait=True, cancel_futures=True)
 
+  def _session(self) -> requests.Session:
+    session = getattr(self._local, "session", None)
+    if session is None:
+      session = self._local.session = requests.Session()
+      if self.api_key:
+        session.headers["Authorization"] = f"Bearer {self.api_key}"
+    return session
+
   def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-      response = self._session.request(method, self.url + path, json=body, timeout=self.timeout)
+      response = self._session().request(method, self.url + path, json=body, timeout=self.timeout)
     except requests.RequestException as e:
       raise ConnectionError(f"no answer from the server at {self.url} ({type(e).__name__}); start it with "
                             "`dvl serve --checkpoint DIR` or fix --server") from None
