@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
       gen_length=args.gen_length, steps=args.steps, threshold=args.threshold, out_dir=args.out,
       log_samples=args.log_samples, resume=args.resume,
       model_id=args.server or os.path.abspath(args.checkpoint))
+  if args.server is not None and (args.min_pixels, args.max_pixels) != (None, None):
+    raise ValueError("--min-pixels / --max-pixels size images in this process; with --server the server's bounds "
+                     "apply (set them on dvl serve)")
   samples = settings.samples()
   if args.checkpoint is not None:
     check_checkpoint(args.checkpoint)

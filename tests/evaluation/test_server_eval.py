@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dvl_jax.cli.commands import main
 from dvl_jax.evaluation import client, runner
 from dvl_jax.evaluation.settings import EvalSettings
@@ -55,7 +57,11 @@ def test_cli_through_the_server(served, tmp_path, capsys):
   assert err.count("\n") == 1 and "answered GET /v1/models with 401: missing or wrong API key" in err
 
 
-def test_cli_without_a_server_is_one_line(capsys):
-  assert main(["eval", "--server", "http://127.0.0.1:9", "--task", "synthetic", "--limit", "1"]) == 2
+@pytest.mark.parametrize("args, message", [
+    ([], "no answer from the server at http://127.0.0.1:9"),
+    (["--max-pixels", "3136"], "with --server the server's bounds apply"),
+])
+def test_cli_server_mistakes_are_one_line(capsys, args, message):
+  assert main(["eval", "--server", "http://127.0.0.1:9", "--task", "synthetic", "--limit", "1", *args]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and "no answer from the server at http://127.0.0.1:9" in err
+  assert err.count("\n") == 1 and message in err
