@@ -6,7 +6,8 @@ random image on a fraction of them go to a running server, `--concurrency` at a 
 `--request-rate` per second, streamed (one SSE chunk per block), after an untimed pass of the same requests (the
 server compiles each prompt bucket and image shape once). Per request: TTFT (send to first chunk), TPOT
 ((latency - TTFT) / (tokens - 1)), ITL (the gaps between chunks; a chunk is a block), latency; overall: output
-tokens/s and requests/s. With `--checkpoint` the same requests then run in process as static batches of
+tokens/s, requests/s and tokens per forward (answer tokens over their rows' forwards: a static row keeps
+decoding to its batch's longest answer). With `--checkpoint` the same requests then run in process as static batches of
 `--concurrency` (`dvl.generate`, gen length = the batch's longest `max_tokens`: a row that is done waits for
 the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no stream), each
 batch shape compiled in an untimed pass first. Each algorithm of `--algorithms` runs the whole workload (the
@@ -163,14 +164,17 @@ def static_batches(checkpoint: str, jobs: list[Job], algorithm: str, batch: int,
   return timings, time.perf_counter() - start
 
 
-def row(name: str, algorithm: str, timings: list[Timing], wall: float) -> str:
-  p = lambda values, q: float(np.percentile(values, q)) * 1e3 if len(values) else float("nan")  # noqa: E731
-  ttft, tpot = [t.ttft for t in timings], [t.tpot for t in timings]
-  gaps, latency = [g for t in timings for g in t.gaps], [t.latency for t in timings]
+def row(name: str, algorithm: str, timings: list[Timing], wall: float, streamed: bool = True) -> str:
+  """A table row; a static batch streams nothing, so its TPOT and ITL are "-" (its TTFT is its latency)."""
+  def p50_p99(values: list[float], digits: int) -> str:
+    return " / ".join(f"{np.percentile(values, q) * 1e3:.{digits}f}" for q in (50, 99)) if values else "-"
+
+  tpot = p50_p99([t.tpot for t in timings], 1) if streamed else "-"
+  gaps = p50_p99([g for t in timings for g in t.gaps], 1)
   tokens, forwards = sum(t.tokens for t in timings), sum(t.forwards for t in timings)
-  return (f"| {name} | {algorithm} | {tokens / wall:.1f} | {len(timings) / wall:.2f} | {p(ttft, 50):.0f} / "
-          f"{p(ttft, 99):.0f} | {p(tpot, 50):.1f} / {p(tpot, 99):.1f} | {p(gaps, 50):.1f} / {p(gaps, 99):.1f} | "
-          f"{p(latency, 50):.0f} / {p(latency, 99):.0f} | {tokens / max(forwards, 1):.2f} |")
+  return (f"| {name} | {algorithm} | {tokens / wall:.1f} | {len(timings) / wall:.2f} | "
+          f"{p50_p99([t.ttft for t in timings], 0)} | {tpot} | {gaps} | {p50_p99([t.latency for t in timings], 0)} | "
+          f"{tokens / max(forwards, 1):.2f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(lines[-1], flush=True)
     if args.checkpoint:
       timings, wall = static_batches(args.checkpoint, jobs, algorithm, args.concurrency, pixels)
-      lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall))
+      lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
       print(lines[-1], flush=True)
   print("\n".join(lines))
 
