@@ -9,6 +9,7 @@ token ids, with no chat template. Decoding settings a request leaves out take th
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
@@ -30,6 +31,7 @@ class Inputs:
   def __init__(self, processor: Any, defaults: SamplingConfig, limits: MediaLimits, max_images: int):
     self.processor, self.defaults, self.limits, self.max_images = processor, defaults, limits, max_images
     self._lock = threading.Lock()  # a fast tokenizer refuses concurrent calls ("Already borrowed")
+    self._decoder = copy.deepcopy(processor.tokenizer)  # the event loop's own: decoding never waits for an image
 
   def chat(self, body: ChatRequest) -> Request:
     """Raises `ValueError` (a 400) for a bad image or a prompt the processor refuses."""
@@ -57,9 +59,8 @@ class Inputs:
     return self._request(np.asarray(body.prompt), body)
 
   def decode(self, tokens: Any) -> str:
-    """Generated ids -> text, as `dvl.generate(..., tokenizer=)` decodes them."""
-    with self._lock:
-      return self.processor.tokenizer.decode(list(tokens), skip_special_tokens=True)
+    """Generated ids -> text, as `dvl.generate(..., tokenizer=)` decodes them (on the event loop's thread only)."""
+    return self._decoder.decode(list(tokens), skip_special_tokens=True)
 
   def _request(self, ids: np.ndarray, body: Decoding, pixel_values: Any = None, image_grid_thw: Any = None) -> Request:
     settings = {name: getattr(self.defaults, name) if getattr(body, name) is None else getattr(body, name)
