@@ -6,7 +6,6 @@ the removed last SigLIP layer is the one DiffusionVL deletes."""
 import dataclasses
 import json
 import os
-import re
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from dvl_jax.models import key_map
 from dvl_jax.models.diffusionvl_qwen.presets import DIFFUSIONVL_QWEN_7B
 from dvl_jax.models.families import abstract_model
 from dvl_jax.testing.tiny import build_hf_model, converted_checkpoint, tiny_siglip_config
+from tests.convert.tiny_layouts import _rename, write_sharded
 from tests.models.test_diffusionvl_qwen import images, rows_to_crops
 
 CFG = tiny_siglip_config()
@@ -36,15 +36,6 @@ RELEASED = [(r"^model\.vision_tower\.", "model.vision_tower.vision_tower."),
             (r"^model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
             (r"^model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
             (r"^model\.language_model\.", "model.")]
-
-
-def _rename(names, rules):
-  out = {}
-  for name, value in names.items():
-    for pattern, repl in rules:
-      name = re.sub(pattern, repl, name)
-    out[name] = value
-  return out
 
 
 def diffusionvl_config(cfg: ModelConfig) -> dict:
@@ -101,7 +92,10 @@ def test_every_layout_converts_to_the_same_params(converted, tmp_path, layout):
   else:
     config = CFG.to_hf()
   (src / "config.json").write_text(json.dumps(config))
-  save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+  if layout == "diffusionvl":  # released as shards with an index
+    write_sharded(str(src), state, 3)
+  else:
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
   out = dvl.convert(str(src), str(tmp_path / "dvl"), progress=False, **overrides)
   assert dvl.load(out).config == CFG
   want, got = params(dst), params(out)
