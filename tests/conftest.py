@@ -4,7 +4,9 @@ Compiling dominates the suite's time on a CPU (the tiny models run in millisecon
 LLVM's cheap pipeline (`user_process.FAST_COMPILE`: the same HLO and the same numbers, less optimised machine
 code) and share one persistent compilation cache for the session, so a program compiled again by another
 test (a new `TrainStep`, a new jitted closure) is read back instead of rebuilt. The cache directory is new
-for every session: nothing carries over between runs.
+for every session: nothing carries over between runs. Under pytest-xdist the workers inherit the directory
+the controlling process made (through `DVL_TESTS_XLA_CACHE`), so one worker's compiles serve the other, and
+only the process that made it removes it.
 """
 
 import atexit
@@ -22,8 +24,10 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPI
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-_CACHE = tempfile.mkdtemp(prefix="dvl-tests-xla-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+_CACHE = os.environ.get("DVL_TESTS_XLA_CACHE")
+if _CACHE is None:
+  _CACHE = os.environ["DVL_TESTS_XLA_CACHE"] = tempfile.mkdtemp(prefix="dvl-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
