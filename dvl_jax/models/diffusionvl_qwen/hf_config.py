@@ -100,3 +100,22 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "dvl_patch_merge_type": v.patch_merge_type,
       **decoder_hf.diffusion_fields_to_hf(cfg),
   }
+
+
+def stage1_config(lm: dict[str, Any], siglip: dict[str, Any], **overrides: Any) -> ModelConfig:
+  """Stage 1's model (spec §7.2) from a Qwen2 LM `config.json` and a SigLIP one (`siglip` or
+  `siglip_vision_model`): the tower minus its last layer, square images, no newlines."""
+  if lm.get("model_type") != "qwen2":
+    raise ValueError(f"--lm config.json has model_type={lm.get('model_type')!r}; expected a Qwen2 / Qwen2.5 LM (qwen2)")
+  v = siglip.get("vision_config", siglip) if siglip.get("model_type") == "siglip" else siglip
+  if v.get("model_type") not in ("siglip_vision_model", None):
+    raise ValueError(f"--vision config.json has model_type={siglip.get('model_type')!r}; expected siglip or "
+                     "siglip_vision_model")
+  _require(v, "hidden_act", "gelu_pytorch_tanh", "SigLIP's MLP")
+  vision = SiglipVisionConfig(
+      depth=v["num_hidden_layers"] - 1, hidden_size=v["hidden_size"], num_heads=v["num_attention_heads"],
+      intermediate_size=v["intermediate_size"], out_hidden_size=lm["hidden_size"], in_channels=v.get("num_channels", 3),
+      patch_size=v["patch_size"], image_size=v["image_size"], layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+      image_aspect_ratio="square", patch_merge_type="flat")
+  return from_hf({**lm, "model_type": "llava_qwen", "mm_projector_type": "mlp2x_gelu"},
+                 **{"vision": vision, **overrides})

@@ -57,3 +57,16 @@ LAYOUTS = (
 
 SIDE_FILES: dict[str, str] = {}
 SIDE_FILES_LAYOUT = ""
+
+# Stage 1 starts from two checkpoints (spec §7.2): a Qwen2 LM (`model.*`, `lm_head.weight`) and SigLIP
+# (`vision_model.*`; a full SigLIP also holds `text_model.*` and its logit scale / bias). DiffusionVL keeps the
+# vision tower without its last layer and its pooling head; the projector and `image_newline` are new.
+STAGE1_LM = Layout("qwen2 LM", (("model.", LM),), ("model.",))
+STAGE1_VISION = Layout("siglip", (("vision_model.", "model.vision_tower.vision_model."),), ("vision_model.",))
+STAGE1_UNUSED = ("text_model.", "logit_scale", "logit_bias", "vision_model.head.")
+STAGE1_NEW = ("projector", "image_newline")  # first names of the params stage 1 initialises
+
+
+def stage1_removed_layer(depth: int) -> str:
+  """The prefix of the SigLIP layer DiffusionVL deletes (the last of `depth + 1`)."""
+  return f"vision_model.encoder.layers.{depth}."

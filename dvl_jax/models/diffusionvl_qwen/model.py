@@ -24,15 +24,31 @@ from dvl_jax.models.interface import ParamGroup
 from dvl_jax.models.layers import Dense, dtypes
 
 
+def _torch_linear(din: int, dout: int, axes: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs) -> Dense:
+  """A Dense drawn as PyTorch's `nn.Linear` default (weight and bias ~ U(+-1/sqrt(fan_in))): LLaVA builds
+  the stage-1 projector that way."""
+  pd, cd = dtypes(cfg)
+  layer = Dense(din, dout, axes=axes, use_bias=True, param_dtype=pd, compute_dtype=cd, rngs=rngs)
+  bound = 1.0 / np.sqrt(din)
+  layer.kernel[...] = jax.random.uniform(rngs.params(), (din, dout), jnp.float32, -bound, bound).astype(pd)
+  layer.bias[...] = jax.random.uniform(rngs.params(), (dout,), jnp.float32, -bound, bound).astype(pd)
+  return layer
+
+
+def new_image_newline(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Param:
+  """LLaVA's new `image_newline`: N(0, 1/H) (spec §7.2)."""
+  h = cfg.text.hidden_size
+  newline = jax.random.normal(rngs.params(), (h,), jnp.float32) / np.sqrt(h)
+  return nnx.Param(newline.astype(dtypes(cfg)[0]), axes=("embed",))
+
+
 class Projector(nnx.Module):
   """`mlp2x_gelu`: Linear(vision hidden -> H), exact GELU, Linear(H -> H)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    pd, cd = dtypes(cfg)
-    v, h = cfg.vision, cfg.text.hidden_size
-    kw = dict(use_bias=True, param_dtype=pd, compute_dtype=cd, rngs=rngs)
-    self.linear_1 = Dense(v.hidden_size, h, axes=("vision_embed", "embed"), **kw)
-    self.linear_2 = Dense(h, h, axes=("embed", "embed"), **kw)
+    h = cfg.text.hidden_size
+    self.linear_1 = _torch_linear(cfg.vision.hidden_size, h, ("vision_embed", "embed"), cfg, rngs)
+    self.linear_2 = _torch_linear(h, h, ("embed", "embed"), cfg, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -47,10 +63,19 @@ class DiffusionVLQwen(DecoderLM):
                        f"{cfg.text.hidden_size} (the projector's output)")
     self.vision_tower = SiglipTower(cfg, rngs=rngs)
     self.projector = Projector(cfg, rngs=rngs)
-    h = cfg.text.hidden_size
-    newline = jax.random.normal(rngs.params(), (h,), jnp.float32) / np.sqrt(h)  # spec §7.2: std 1/sqrt(H)
-    self.image_newline = nnx.Param(newline.astype(dtypes(cfg)[0]), axes=("embed",))
+    self.image_newline = new_image_newline(cfg, rngs)
     super().__init__(cfg, rngs=rngs)
+
+  @staticmethod
+  def new_connector(cfg: ModelConfig, seed: int) -> dict[tuple[str, ...], np.ndarray]:
+    """What a stage-1 start adds to a Qwen2.5 LM and a SigLIP tower: the projector and `image_newline`, drawn
+    as LLaVA's `initialize_vision_modules` does, by param path (a few tensors: no whole model in memory)."""
+    rngs = nnx.Rngs(seed)
+    projector, newline = Projector(cfg, rngs=rngs), new_image_newline(cfg, rngs)
+    out = {("image_newline",): np.asarray(newline[...])}
+    for path, var in nnx.to_flat_state(nnx.state(projector, nnx.Param)):
+      out[("projector", *(str(p) for p in path))] = np.asarray(var[...])
+    return out
 
   def crop_features(self, pixel_values: jax.Array) -> jax.Array:
     """Projected features of every crop, `[n_crops * grid**2, H]` (before packing)."""
