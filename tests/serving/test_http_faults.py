@@ -196,7 +196,8 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served
   before = count("cancelled"), count("finished")
   long = {"model": MODEL, "prompt": [5, 6], "max_tokens": GEN, "steps": 8}  # 64 forwards, 2 a step
   with served.client() as client, client.stream("POST", TEXT, json={**long, "stream": True}) as reply:
-    assert next(reply.iter_lines()).startswith("data: {")  # the first block: the request holds a slot
+    lines = reply.iter_lines()  # kept: a dropped iterator would close the connection at once
+    assert next(lines).startswith("data: {")  # the first block: the request holds a slot
     assert served.metric("dvl_slots_busy") == 1
   host, port = served.url.removeprefix("http://").split(":")
   with socket.create_connection((host, int(port))) as sock:  # a non-streamed request, gone once sent

@@ -66,14 +66,7 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
   app = FastAPI(title="dvl serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
   app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
 
-  routes = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-
-  @app.middleware("http")
-  async def count(http: HttpRequest, call_next: Callable) -> Response:
-    response = await call_next(http)
-    route = http.url.path if http.url.path in routes else "other"  # bounded label values
-    metrics.responses.labels(route, str(response.status_code)).inc()
-    return response
+  app.add_middleware(_CountResponses, metrics=metrics)
 
   @app.exception_handler(ApiError)
   async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
@@ -141,6 +134,28 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
     return JSONResponse(answer.body(event.value, len(request.prompt), body.return_token_ids))
 
   return app
+
+
+class _CountResponses:
+  """Counts responses by route and status: a plain ASGI wrapper of `send`, so the handlers get the server's own
+  `receive` (the disconnect a cancellation waits for) untouched."""
+
+  ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+  def __init__(self, app: Any, metrics: Metrics):
+    self.app, self.metrics = app, metrics
+
+  async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    route = scope["path"] if scope["path"] in self.ROUTES else "other"  # bounded label values
+
+    async def counted(message: dict) -> None:
+      if message["type"] == "http.response.start":
+        self.metrics.responses.labels(route, str(message["status"])).inc()
+      await send(message)
+
+    await self.app(scope, receive, counted)
 
 
 async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Settings, answer: Answer,
