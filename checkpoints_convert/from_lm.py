@@ -1,10 +1,11 @@
-"""`convert_from_lm`: the start of DiffusionVL-Qwen's stage 1 from two checkpoints, streaming (spec §7.2).
+"""`convert_from_lm`: the start of DiffusionVL-Qwen's training stages from two checkpoints, streaming (spec §7.2).
 
 A Qwen2 / Qwen2.5 LM (`--lm`) and a SigLIP checkpoint (`--vision`, full SigLIP or its vision model) become one
 `diffusionvl_qwen` checkpoint: the LM's and the tower's tensors are streamed as `convert` streams them; the
 tower's last layer, its pooling head and a full SigLIP's text half are not read (DiffusionVL deletes them);
-the `mlp2x_gelu` projector and `image_newline` are drawn new as LLaVA does. The config is stage 1's (square
-images, no newlines); every missing or mis-shaped tensor is reported at once.
+the `mlp2x_gelu` projector (or stage 1's `mm_projector.bin`) and `image_newline` are drawn new as LLaVA does.
+The config is the stage's: 1 square images, no newlines; 2 anyres_max_4 with newlines. Every missing or
+mis-shaped tensor is reported at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints_convert import layouts, orbax_stream, safetensors_reader
-from checkpoints_convert.errors import ConversionError, NotACheckpointError
+from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from checkpoints_convert.to_orbax import _reader, check_weights, float_dtype
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
@@ -45,20 +46,47 @@ def _source(path: str, layout: key_map.Layout, unused: tuple[str, ...]) -> layou
   return layouts.from_refs(refs, path, one_layout)
 
 
-def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
-                    dtype: str | None = None, seed: int = 0, progress: bool = True, overwrite: bool = False,
-                    **config_overrides: Any) -> str:
-  """Writes `dst_dir`, a converted stage-1 DiffusionVL-Qwen model (the LM's tokenizer files copied).
+def _trained_projector(path: str, shapes: dict[key_map.ParamPath, tuple[int, ...]], cfg: Any,
+                       km: Any) -> dict[key_map.ParamPath, np.ndarray]:
+  """The projector of a stage-1 `mm_projector.bin` (LLaVA's `model.mm_projector.{0,2}.*`), by param path."""
+  import torch  # a .bin is a PyTorch pickle; safetensors checkpoints never need torch
 
-  `seed` draws the new projector and `image_newline`; `config_overrides` set `ModelConfig` fields the two
-  configs do not carry (e.g. `mask_token_id`, `image_token_id`). Returns `dst_dir`.
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
+    raise ConversionError(f"{path}: not a readable mm_projector.bin ({type(e).__name__}: {e})") from None
+  released = km.LAYOUTS[0]  # the released DiffusionVL names, whose projector is `model.mm_projector.*`
+  found = {layouts._rename(name, released): (name, x) for name, x in state.items() if "mm_projector." in name}
+  wanted = {t.name: t for t in key_map.hub_tensors(shapes, cfg)}
+  mismatched = [f"{found[n][0]}: {list(found[n][1].shape)} in the file, {list(t.shape)} from the configs"
+                for n, t in wanted.items() if n in found and tuple(found[n][1].shape) != t.shape]
+  missing = sorted(_file_name(n, released) for n in set(wanted) - set(found))
+  unexpected = sorted(found[n][0] for n in set(found) - set(wanted))
+  if missing or unexpected or mismatched:
+    raise WeightsMismatchError(path, missing=missing, unexpected=unexpected, mismatched=mismatched)
+  return {t.param: t.transform.to_param(found[n][1].float().numpy()) for n, t in wanted.items()}
+
+
+def _file_name(hub: str, layout: key_map.Layout) -> str:
+  """A Hub name as the layout's files spell it (its first rename that produces it, undone)."""
+  return next((old + hub[len(new):] for old, new in layout.renames if hub.startswith(new)), hub)
+
+
+def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+                    projector: str | os.PathLike | None = None, stage: int = 1, dtype: str | None = None,
+                    seed: int = 0, progress: bool = True, overwrite: bool = False, **config_overrides: Any) -> str:
+  """Writes `dst_dir`, a converted DiffusionVL-Qwen model that starts `stage` (the LM's tokenizer files copied).
+
+  Stage 1 draws the projector; stage 2 takes stage 1's `projector` (an `mm_projector.bin`, DiffusionVL's
+  `pretrain_mm_mlp_adapter`) when given. `seed` draws what is new; `config_overrides` set `ModelConfig` fields
+  the two configs do not carry (e.g. `mask_token_id`, `image_token_id`). Returns `dst_dir`.
   """
   lm_dir, vision_dir, dst_dir = os.fspath(lm_dir), os.fspath(vision_dir), os.fspath(dst_dir)
   family = families.get(FAMILY)
   lm_hf, vision_hf = _config(lm_dir, "--lm"), _config(vision_dir, "--vision")
   with atomic_output(dst_dir, overwrite=overwrite) as tmp:
     try:
-      cfg = family.hf_config.stage1_config(lm_hf, vision_hf, **config_overrides)
+      cfg = family.hf_config.start_config(lm_hf, vision_hf, stage, **config_overrides)
     except (ValueError, KeyError, TypeError) as e:
       detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
       raise ConversionError(f"{lm_dir} + {vision_dir}: not a Qwen2 LM and a SigLIP tower ({detail})") from None
@@ -68,6 +96,9 @@ def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, ds
     _, state = nnx.split(abstract_model(cfg), nnx.Param)
     params = orbax_stream.variables(state)
     new = family.model_type.new_connector(cfg, seed)
+    if projector is not None:
+      shapes = {p: v.shape for p, v in params.items() if p[0] == "projector"}
+      new.update(_trained_projector(os.fspath(projector), shapes, cfg, km))
     tensors = key_map.hub_tensors({p: v.shape for p, v in params.items() if p not in new}, cfg)
     lm = _source(lm_dir, km.STAGE1_LM, ())
     tower = _source(vision_dir, km.STAGE1_VISION, km.STAGE1_UNUSED + (km.stage1_removed_layer(cfg.vision.depth),))

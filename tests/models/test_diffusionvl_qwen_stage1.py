@@ -2,6 +2,7 @@
 tower (minus its last layer, head and text half) come through unchanged, the projector and `image_newline` are
 new, images are square and flat, and stage 1 trains the projector alone."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -18,6 +19,7 @@ from checkpoints_convert.errors import ConversionError, WeightsMismatchError
 from checkpoints_convert.from_lm import convert_from_lm
 from dvl_jax.data.anyres import anyres_layout
 from dvl_jax.data.llava_pixels import pixel_rows
+from dvl_jax.models.diffusionvl_qwen.vision_config import GRID_1_TO_6
 from dvl_jax.testing.tiny import save_hf_checkpoint, tiny_siglip_config, tiny_text_config
 from dvl_jax.training.optimizer import OptimizerConfig
 from dvl_jax.training.state import stage
@@ -107,3 +109,27 @@ def test_stage_1_trains_the_projector_alone(start):
   moments = [x.shape for x in jax.tree.leaves(state.opt_state) if np.ndim(x)]
   assert sorted(moments) == sorted(2 * [x.shape for x in jax.tree.leaves(state.params)])  # Adam's mu and nu only
   assert sum(x.size for x in jax.tree.leaves(state.frozen)) > 10 * sum(x.size for x in jax.tree.leaves(state.params))
+
+
+def test_stage_2_starts_from_stage_1s_mm_projector_bin(start, tmp_path):
+  """DiffusionVL's stage 2: the LM, the tower, `pretrain_mm_mlp_adapter` and a new `image_newline`; anyres."""
+  _, siglip, _, root = start
+  torch.manual_seed(1)
+  mlp = torch.nn.Sequential(torch.nn.Linear(V.hidden_size, CFG.text.hidden_size), torch.nn.GELU(),
+                            torch.nn.Linear(CFG.text.hidden_size, CFG.text.hidden_size))
+  torch.save({f"model.mm_projector.{k}": v for k, v in mlp.state_dict().items()}, tmp_path / "mm_projector.bin")
+  dst = convert_from_lm(root / "lm", root / "siglip", tmp_path / "dvl", projector=tmp_path / "mm_projector.bin",
+                        stage=2, seed=4, progress=False, **IDS)
+  model = dvl.load(dst)
+  assert model.config == CFG.replace(vision=dataclasses.replace(V, grid_pinpoints=GRID_1_TO_6))  # anyres_max_4
+  rows, _, _ = pixel_rows(images(["small"]), V)
+  with torch.no_grad():
+    want = mlp(siglip.vision_model(rows_to_crops(rows), output_hidden_states=True).hidden_states[-2]).numpy()
+  got = np.asarray(model.crop_features(jnp.asarray(rows))).reshape(want.shape)
+  np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  np.testing.assert_array_equal(np.asarray(model.image_newline[...]),
+                                type(model).new_connector(model.config, 4)[("image_newline",)])
+  torch.save({"model.mm_projector.0.weight": mlp[0].weight}, tmp_path / "partial.bin")
+  with pytest.raises(WeightsMismatchError, match="mm_projector"):
+    convert_from_lm(root / "lm", root / "siglip", tmp_path / "x", projector=tmp_path / "partial.bin", stage=2,
+                    progress=False, **IDS)

@@ -102,9 +102,12 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
   }
 
 
-def stage1_config(lm: dict[str, Any], siglip: dict[str, Any], **overrides: Any) -> ModelConfig:
-  """Stage 1's model (spec §7.2) from a Qwen2 LM `config.json` and a SigLIP one (`siglip` or
-  `siglip_vision_model`): the tower minus its last layer, square images, no newlines."""
+def start_config(lm: dict[str, Any], siglip: dict[str, Any], stage: int = 1, **overrides: Any) -> ModelConfig:
+  """The model a training stage starts (spec §7.2) from a Qwen2 LM `config.json` and a SigLIP one (`siglip` or
+  `siglip_vision_model`): the tower minus its last layer; stage 1 square images without newlines, stage 2
+  DiffusionVL's anyres_max_4 over (1x1)..(6x6) with `image_newline`."""
+  if stage not in (1, 2):
+    raise ValueError(f"stage={stage}; DiffusionVL-Qwen trains in stage 1 (connector) and stage 2 (BD3-LM)")
   if lm.get("model_type") != "qwen2":
     raise ValueError(f"--lm config.json has model_type={lm.get('model_type')!r}; expected a Qwen2 / Qwen2.5 LM (qwen2)")
   v = siglip.get("vision_config", siglip) if siglip.get("model_type") == "siglip" else siglip
@@ -115,7 +118,8 @@ def stage1_config(lm: dict[str, Any], siglip: dict[str, Any], **overrides: Any) 
   vision = SiglipVisionConfig(
       depth=v["num_hidden_layers"] - 1, hidden_size=v["hidden_size"], num_heads=v["num_attention_heads"],
       intermediate_size=v["intermediate_size"], out_hidden_size=lm["hidden_size"], in_channels=v.get("num_channels", 3),
-      patch_size=v["patch_size"], image_size=v["image_size"], layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
-      image_aspect_ratio="square", patch_merge_type="flat")
+      patch_size=v["patch_size"], image_size=v["image_size"], layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)))
+  if stage == 1:
+    vision = dataclasses.replace(vision, image_aspect_ratio="square", patch_merge_type="flat")
   return from_hf({**lm, "model_type": "llava_qwen", "mm_projector_type": "mlp2x_gelu"},
                  **{"vision": vision, **overrides})
