@@ -73,10 +73,11 @@ class Worker:
   def start(self) -> None:
     self._thread.start()
 
-  def stop(self, timeout: float | None = None) -> None:
-    """Stops stepping; requests still in the engine fail with 503 (the grace period was spent before)."""
+  def stop(self) -> None:
+    """Stops stepping (after the current step); requests still in the engine fail with 503 (the grace period was
+    spent before)."""
     self._stop.set()
-    self._thread.join(timeout)
+    self._thread.join()
 
   def submit(self, request: Request) -> Ticket:
     """Hands `request` to the worker (on the handler's event loop) -> its ticket; 429 / 503 as an `ApiError`."""
@@ -129,9 +130,14 @@ class Worker:
         return
       try:
         ticket.rid = self.engine.submit(ticket.request)
-      except (ValueError, TypeError, OverflowError) as e:
+      except (ValueError, TypeError, OverflowError) as e:  # the engine's checks of the request's settings
         self._close(ticket, "rejected")
         ticket.put(Event("failed", ApiError(400, str(e))))
+        return
+      except Exception as e:  # noqa: BLE001 - a bug this request hit; `submit` changed nothing, the others go on
+        log.exception("engine.submit failed")
+        self._close(ticket, "failed")
+        ticket.put(Event("failed", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error")))
         return
       self._tickets[ticket.rid] = ticket
       ticket.put(Event("accepted"))
