@@ -1,8 +1,9 @@
 """`dvl serve` under bad input and faults: a few hundred malformed or oversized requests mixed with good ones
 (each bad one a one-line 4xx, each good one answered exactly, none hangs, memory flat), a full queue (429), a
 deadline (504), a client that disconnects (its request cancelled, its slot freed) and SIGTERM (in-flight requests
-finish, exit 0)."""
+finish, exit 0); an engine that fails (503, /health unhealthy)."""
 
+import asyncio
 import base64
 import concurrent.futures
 import gc
@@ -23,6 +24,10 @@ import pytest
 from PIL import Image
 
 import dvl_jax as dvl
+from dvl_jax.serving.http.metrics import Metrics
+from dvl_jax.serving.http.schema import ApiError
+from dvl_jax.serving.http.worker import Worker
+from dvl_jax.serving.request import Request
 from tests.serving import http_server
 from tests.serving.http_server import GEN, KEY, MODEL, PIXELS
 from tests.user_process import ROOT, user_env
@@ -248,3 +253,32 @@ def _readline(proc, timeout):
   reader.join(timeout)
   assert box and box[0].startswith("dvl serve:"), f"no banner: {box} (exit code {proc.poll()})"
   return box[0].strip()
+
+
+def test_an_engine_that_fails_fails_its_requests_with_503_and_turns_unhealthy():
+  """No model: an engine whose step raises, as a lost device would."""
+
+  class Broken:
+    busy, waiting = 0, 0
+
+    def submit(self, request):
+      self.waiting = 1
+      return 7
+
+    def step(self):
+      raise RuntimeError("device lost")
+
+  worker = Worker(Broken(), Metrics(slots=1), max_queue=4)
+  worker.start()
+
+  async def ask():
+    ticket = worker.submit(Request([5, 6]))
+    return [await asyncio.wait_for(ticket.events.get(), 30) for _ in range(2)]
+
+  accepted, failed = asyncio.run(ask())
+  worker.stop()
+  assert accepted.kind == "accepted" and failed.kind == "failed"
+  assert failed.value.status == 503 and "RuntimeError: device lost" in failed.value.message
+  assert not worker.healthy
+  with pytest.raises(ApiError, match="device lost"):
+    worker.submit(Request([5]))  # refused before it reaches the dead thread
