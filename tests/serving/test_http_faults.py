@@ -1,7 +1,7 @@
 """`dvl serve` under bad input and faults: a few hundred malformed or oversized requests mixed with good ones
 (each bad one a one-line 4xx, each good one answered exactly, none hangs, memory flat), a full queue (429), a
 deadline (504), a client that disconnects (its request cancelled, its slot freed) and SIGTERM (in-flight requests
-finish, exit 0); an engine that fails (503, /health unhealthy)."""
+finish, exit 0); an engine that fails (503, /health unhealthy); bad `dvl serve` options."""
 
 import asyncio
 import base64
@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import dvl_jax as dvl
+from dvl_jax.cli.commands import main
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
 from dvl_jax.serving.http.worker import Worker
@@ -282,3 +283,14 @@ def test_an_engine_that_fails_fails_its_requests_with_503_and_turns_unhealthy():
   assert not worker.healthy
   with pytest.raises(ApiError, match="device lost"):
     worker.submit(Request([5]))  # refused before it reaches the dead thread
+
+
+def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys):
+  for argv, fragment in [(["--checkpoint", "/no/such/ckpt"], "checkpoint /no/such/ckpt does not exist"),
+                         (["--checkpoint", served.checkpoint, "--slots", "0"], "--slots must be >= 1"),
+                         (["--checkpoint", served.checkpoint, "--request-timeout", "0"], "--request-timeout > 0"),
+                         (["--checkpoint", served.checkpoint, "--allowed-local-media-path", "/no/such/dir"],
+                          "is not a folder")]:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1, err
