@@ -21,7 +21,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints_convert import layouts, orbax_stream, safetensors_reader
-from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
+from checkpoints_convert.errors import ConversionError, NotACheckpointError
+from checkpoints_convert.mm_projector import read_mm_projector
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from checkpoints_convert.to_orbax import _reader, check_weights, float_dtype
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
@@ -44,32 +45,6 @@ def _source(path: str, layout: key_map.Layout, unused: tuple[str, ...]) -> layou
           for ref in safetensors_reader.read_header(file).values() if not ref.name.startswith(unused)]
   one_layout = types.SimpleNamespace(LAYOUTS=(layout,), SIDE_FILES={}, SIDE_FILES_LAYOUT="")
   return layouts.from_refs(refs, path, one_layout)
-
-
-def _trained_projector(path: str, shapes: dict[key_map.ParamPath, tuple[int, ...]], cfg: Any,
-                       km: Any) -> dict[key_map.ParamPath, np.ndarray]:
-  """The projector of a stage-1 `mm_projector.bin` (LLaVA's `model.mm_projector.{0,2}.*`), by param path."""
-  import torch  # a .bin is a PyTorch pickle; safetensors checkpoints never need torch
-
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
-    raise ConversionError(f"{path}: not a readable mm_projector.bin ({type(e).__name__}: {e})") from None
-  released = km.LAYOUTS[0]  # the released DiffusionVL names, whose projector is `model.mm_projector.*`
-  found = {layouts._rename(name, released): (name, x) for name, x in state.items() if "mm_projector." in name}
-  wanted = {t.name: t for t in key_map.hub_tensors(shapes, cfg)}
-  mismatched = [f"{found[n][0]}: {list(found[n][1].shape)} in the file, {list(t.shape)} from the configs"
-                for n, t in wanted.items() if n in found and tuple(found[n][1].shape) != t.shape]
-  missing = sorted(_file_name(n, released) for n in set(wanted) - set(found))
-  unexpected = sorted(found[n][0] for n in set(found) - set(wanted))
-  if missing or unexpected or mismatched:
-    raise WeightsMismatchError(path, missing=missing, unexpected=unexpected, mismatched=mismatched)
-  return {t.param: t.transform.to_param(found[n][1].float().numpy()) for n, t in wanted.items()}
-
-
-def _file_name(hub: str, layout: key_map.Layout) -> str:
-  """A Hub name as the layout's files spell it (its first rename that produces it, undone)."""
-  return next((old + hub[len(new):] for old, new in layout.renames if hub.startswith(new)), hub)
 
 
 def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
@@ -97,8 +72,7 @@ def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, ds
     params = orbax_stream.variables(state)
     new = family.model_type.new_connector(cfg, seed)
     if projector is not None:
-      shapes = {p: v.shape for p, v in params.items() if p[0] == "projector"}
-      new.update(_trained_projector(os.fspath(projector), shapes, cfg, km))
+      new.update(read_mm_projector(os.fspath(projector), {p: v.shape for p, v in params.items()}, cfg))
     tensors = key_map.hub_tensors({p: v.shape for p, v in params.items() if p not in new}, cfg)
     lm = _source(lm_dir, km.STAGE1_LM, ())
     tower = _source(vision_dir, km.STAGE1_VISION, km.STAGE1_UNUSED + (km.stage1_removed_layer(cfg.vision.depth),))

@@ -15,8 +15,9 @@ from flax import nnx
 from safetensors.torch import load_file, save_file
 
 import dvl_jax as dvl
-from checkpoints_convert.errors import ConversionError, WeightsMismatchError
+from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
 from checkpoints_convert.from_lm import convert_from_lm
+from checkpoints_convert.mm_projector import export_mm_projector
 from dvl_jax.data.anyres import anyres_layout
 from dvl_jax.data.llava_pixels import pixel_rows
 from dvl_jax.models.diffusionvl_qwen.vision_config import GRID_1_TO_6
@@ -133,3 +134,19 @@ def test_stage_2_starts_from_stage_1s_mm_projector_bin(start, tmp_path):
   with pytest.raises(WeightsMismatchError, match="mm_projector"):
     convert_from_lm(root / "lm", root / "siglip", tmp_path / "x", projector=tmp_path / "partial.bin", stage=2,
                     progress=False, **IDS)
+
+
+def test_mm_projector_bin_round_trips(start, tmp_path):
+  """Stage 1's projector written as DiffusionVL's mm_projector.bin reads back into a stage-2 start unchanged."""
+  _, _, model, root = start
+  path = export_mm_projector(root / "dvl", tmp_path / "mm_projector.bin")
+  state = torch.load(path, weights_only=True)
+  assert sorted(state) == [f"model.mm_projector.{i}.{k}" for i in (0, 2) for k in ("bias", "weight")]
+  got = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model.projector, nnx.Param))}
+  np.testing.assert_array_equal(state["model.mm_projector.2.weight"].numpy(), got[("linear_2", "kernel")].T)
+  stage2 = dvl.load(convert_from_lm(root / "lm", root / "siglip", tmp_path / "s2", projector=path, stage=2, seed=9,
+                                    progress=False, **IDS))
+  for p, v in nnx.to_flat_state(nnx.state(stage2.projector, nnx.Param)):
+    np.testing.assert_array_equal(np.asarray(v[...]), got[p], err_msg=str(p))
+  with pytest.raises(NotACheckpointError, match="not a converted checkpoint"):
+    export_mm_projector(root / "lm", tmp_path / "none.bin")
