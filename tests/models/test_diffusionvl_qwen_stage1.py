@@ -150,3 +150,13 @@ def test_mm_projector_bin_round_trips(start, tmp_path):
     np.testing.assert_array_equal(np.asarray(v[...]), got[p], err_msg=str(p))
   with pytest.raises(NotACheckpointError, match="not a converted checkpoint"):
     export_mm_projector(root / "lm", tmp_path / "none.bin")
+
+
+def test_param_groups_follow_diffusionvl_stage_2(start):
+  """`vision_tower` at its own lr (every name with "vision_tower"), the projector, `image_newline` with the LM."""
+  _, _, model, _ = start
+  groups = {}
+  for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    groups.setdefault(model.param_group(tuple(str(p) for p in path)), set()).add(str(path[0]))
+  assert groups == {"vision": {"vision_tower"}, "projector": {"projector"},
+                    "language": {"image_newline", "text", "lm_head"}}
