@@ -69,20 +69,26 @@ def test_the_start_is_stage_1s_model(start):
   assert not np.array_equal(new[("image_newline",)], type(model).new_connector(cfg, 5)[("image_newline",)])
 
 
+@nnx.jit
+def _outputs(model, ids, rows, layout):
+  """Logits of `ids`, the tower's output, the packed and the unpacked features of `rows` (one compile)."""
+  return model(ids), model.vision_tower(rows), model.image_features(rows, layout), model.crop_features(rows)
+
+
 def test_lm_and_tower_come_through_unchanged(start):
   lm, siglip, model, _ = start
   ids = np.random.default_rng(0).integers(3, 200, (1, 9))
-  with torch.no_grad():
-    want = lm(input_ids=torch.tensor(ids)).logits.numpy()
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), want, atol=1e-4, rtol=0)
   rows, sizes, crops = pixel_rows(images(["wide", "tall"]), model.config.vision)
   assert crops.tolist() == [1, 1]
-  with torch.no_grad():  # the full tower's second-to-last hidden state: its last layer is gone
+  logits, tower, flat, unpacked = (np.asarray(x) for x in _outputs(
+      model, jnp.asarray(ids), jnp.asarray(rows), anyres_layout(sizes.tolist(), model.config.vision)))
+  with torch.no_grad():
+    np.testing.assert_allclose(logits, lm(input_ids=torch.tensor(ids)).logits.numpy(), atol=1e-4, rtol=0)
+    # the full tower's second-to-last hidden state: its last layer is gone
     hidden = siglip.vision_model(rows_to_crops(rows), output_hidden_states=True).hidden_states[-2].numpy()
   scale = np.abs(hidden).max()  # ~10 with these weights: compare at fp32's relative precision
-  np.testing.assert_allclose(np.asarray(model.vision_tower(jnp.asarray(rows))), hidden, atol=1e-5 * scale, rtol=0)
-  flat = np.asarray(model.image_features(jnp.asarray(rows), anyres_layout(sizes.tolist(), model.config.vision)))
-  np.testing.assert_array_equal(flat, np.asarray(model.crop_features(jnp.asarray(rows))))  # no newline, no packing
+  np.testing.assert_allclose(tower, hidden, atol=1e-5 * scale, rtol=0)
+  np.testing.assert_array_equal(flat, unpacked)  # square + flat: no newline, no packing
 
 
 def test_bad_sources_fail_with_one_complete_error(start, tmp_path):
