@@ -9,11 +9,10 @@ import concurrent.futures
 import gc
 import io
 import json
+import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -27,11 +26,11 @@ import dvl_jax as dvl
 from dvl_jax.cli.commands import main
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
+from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.http.worker import Worker
 from dvl_jax.serving.request import Request
 from tests.serving import http_server
 from tests.serving.http_server import GEN, KEY, MODEL, PIXELS
-from tests.user_process import ROOT, user_env
 
 served = http_server.served  # the session's server (a fixture)
 QUESTION = "What is this ?"
@@ -214,46 +213,47 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served
   assert (count("cancelled"), count("finished")) == (before[0] + 2, before[1])
 
 
-@pytest.mark.slow
-def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, tmp_path):
-  command = [sys.executable, "-m", "dvl_jax.cli.commands", "serve", "--checkpoint", served.checkpoint, "--port", "0",
-             "--slots", "2", "--max-prompt", "64", "--gen-length", "32", "--chunk", "2", "--grace-period", "30",
-             "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--log-level", "warning"]
-  proc = subprocess.Popen(command, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, text=True)
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch):
+  """`dvl serve` in this process's main thread (where signals land), with the session server's engine settings
+  (its compiles are reused) and a slower step, so the request is still decoding when SIGTERM arrives."""
+  step = Engine.step
+  monkeypatch.setattr(Engine, "step", lambda self: (time.sleep(0.03), step(self))[1])
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  url, lines, refused = f"http://127.0.0.1:{port}", [], []
+
+  def client():
+    end = time.monotonic() + 120
+    while not _up(url):
+      assert time.monotonic() < end, "the server did not start"
+      time.sleep(0.05)
+    with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", TEXT, json={
+        "model": "ckpt", "prompt": [5, 6], "max_tokens": GEN, "steps": 8, "stream": True}) as reply:
+      for line in reply.iter_lines():
+        if not lines:
+          os.kill(os.getpid(), signal.SIGTERM)
+          time.sleep(0.4)  # uvicorn looks at its exit flag every 0.1 s
+          refused.append(not _up(url))  # no new connections while this one finishes
+        lines.append(line)
+
+  thread = threading.Thread(target=client)
+  thread.start()
+  code = main(["serve", "--checkpoint", served.checkpoint, "--port", str(port), "--slots", str(http_server.SLOTS),
+               "--max-prompt", "128", "--gen-length", str(GEN), "--chunk", "2", "--grace-period", "60",
+               "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--log-level", "warning"])
+  thread.join(60)
+  assert code == 0 and refused == [True]
+  events = [line for line in lines if line]
+  assert events[-1] == "data: [DONE]"  # the in-flight request finished
+  assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == GEN
+
+
+def _up(url: str) -> bool:
   try:
-    banner = _readline(proc, timeout=240)
-    url = banner.rsplit(" ", 1)[-1].removesuffix("/v1")
-    lines, first = [], threading.Event()
-
-    def stream():
-      with httpx.Client(base_url=url, timeout=120) as client, client.stream("POST", TEXT, json={
-          "model": "ckpt", "prompt": [5, 6], "max_tokens": 32, "stream": True}) as reply:
-        for line in reply.iter_lines():
-          lines.append(line)
-          first.set()
-
-    thread = threading.Thread(target=stream)
-    thread.start()
-    assert first.wait(120), "no first chunk"
-    proc.send_signal(signal.SIGTERM)
-    thread.join(120)
-    assert proc.wait(timeout=120) == 0
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert [line for line in lines if line][-1] == "data: [DONE]"  # the in-flight request finished
-  usage = json.loads([line for line in lines if line][-2].removeprefix("data: "))["usage"]
-  assert usage["completion_tokens"] == 32
-
-
-def _readline(proc, timeout):
-  """The process's first stdout line ("dvl serve: NAME on http://HOST:PORT/v1"), within `timeout` seconds."""
-  box = []
-  reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
-  reader.start()
-  reader.join(timeout)
-  assert box and box[0].startswith("dvl serve:"), f"no banner: {box} (exit code {proc.poll()})"
-  return box[0].strip()
+    return httpx.get(f"{url}/health", timeout=5).status_code == 200
+  except httpx.TransportError:
+    return False
 
 
 def test_an_engine_that_fails_fails_its_requests_with_503_and_turns_unhealthy():
