@@ -1,13 +1,17 @@
 """One denoising decision, vectorised over rows: propose a token and a confidence per position (spec §6.5),
-then choose which masked positions take their proposal (spec §6.4, plus Fast-dLLM v2 thresholding).
+then choose which masked positions take their proposal (spec §6.4, plus Fast-dLLM v2 thresholding). Each
+row samples with its own settings (`Sampling`), so requests with different ones share a batch.
 
 The AR sampler reuses `propose` for its next token.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def num_transfer(block_size: int, steps: int) -> tuple[int, ...]:
@@ -19,34 +23,74 @@ def num_transfer(block_size: int, steps: int) -> tuple[int, ...]:
   return tuple(base + (i < extra) for i in range(steps)) + (base,)
 
 
-def propose(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int, top_p: float
-            ) -> tuple[jax.Array, jax.Array]:
+class Sampling(NamedTuple):
+  """Each row's sampling settings, arrays `[B]`: rows of one batch may differ (the serving engine's slots)."""
+
+  keys: Any  # [B] typed PRNG keys
+  temperature: Any  # [B] float32, 0: greedy
+  top_k: Any  # [B] int32, 0: no top-k filter
+  top_p: Any  # [B] float32, 1: no top-p filter
+
+  @classmethod
+  def of(cls, keys: jax.Array, temperature: float, top_k: int, top_p: float) -> "Sampling":
+    """`keys` `[B]` with one setting for every row (host arrays)."""
+    b = keys.shape[0]
+    return cls(keys, np.full(b, temperature, np.float32), np.full(b, top_k, np.int32), np.full(b, top_p, np.float32))
+
+
+def propose(logits: jax.Array, keys: jax.Array, *, temperature: float | jax.Array, top_k: int | jax.Array,
+            top_p: float | jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits `[B, n, V]` (fp32), one PRNG key per row `[B]` -> tokens `[B, n]` int32, confidence `[B, n]`.
 
-  Greedy at temperature 0 (confidence = softmax prob of the argmax). Otherwise the logits are
-  divided by the temperature, filtered by top-k (keep >= k-th largest) and top-p (smallest prefix
-  of the sorted distribution reaching p, the first token always kept), then sampled; the confidence
-  is the sampled token's probability under that modified distribution (DiffusionVL-QwenVL).
+  `temperature`, `top_k`, `top_p`: one value per row `[B]`, or one for every row. A row at temperature 0 is
+  greedy (confidence = softmax prob of the argmax). A sampled row's logits are divided by its temperature,
+  filtered by top-k (keep >= k-th largest) and top-p (smallest prefix of the sorted distribution reaching p, the
+  first token always kept), then sampled; the confidence is the sampled token's probability under that modified
+  distribution (DiffusionVL-QwenVL). The filters and the sampling run only when some row samples (`lax.cond`),
+  each filter only when some sampled row asks for it: an all-greedy batch pays for the argmax and its softmax.
+  The branches change no value of a row that does not use them, so a row gets the same bits whatever the others
+  ask (one compiled program serves every mix: the serving engine's slots).
   """
-  if temperature == 0:
-    probs = jax.nn.softmax(logits, axis=-1)
-    x0 = jnp.argmax(logits, axis=-1)
-  else:
-    if temperature != 1.0:
-      logits = logits / temperature
-    if top_k > 0:
-      kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-      logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-      logits = _top_p(logits, top_p)
-    probs = jax.nn.softmax(logits, axis=-1)
-    x0 = jax.vmap(lambda key, lg: jax.random.categorical(key, lg, axis=-1))(keys, logits)
-  p0 = jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
-  return x0.astype(jnp.int32), p0
+  b = logits.shape[0]
+  temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(v), (b,)) for v in (temperature, top_k, top_p))
+  return jax.lax.cond(jnp.any(temperature > 0), lambda: _sample(logits, keys, temperature, top_k, top_p),
+                      lambda: greedy(logits))
 
 
-def _top_p(logits: jax.Array, top_p: float) -> jax.Array:
-  """Removes tokens whose cumulative probability (sorted descending) exceeds `top_p`, shifted right by one."""
+def greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`propose` with every row at temperature 0."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  x0 = jnp.argmax(logits, axis=-1)
+  return x0.astype(jnp.int32), jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
+
+
+def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+  """`propose` when some row samples: the sampled rows' tokens and confidences, the greedy rows' from `greedy`."""
+  per_row = lambda v: v.reshape((-1,) + (1,) * (logits.ndim - 1))
+  sampled = temperature > 0
+  z = logits / per_row(jnp.where(sampled, temperature, 1.0))
+  z = jax.lax.cond(jnp.any(sampled & (top_k > 0)), lambda z: _top_k(z, per_row(top_k)), lambda z: z, z)
+  z = jax.lax.cond(jnp.any(sampled & (top_p < 1)),
+                   lambda z: jnp.where(per_row(top_p < 1), _top_p(z, per_row(top_p)), z), lambda z: z, z)
+  x0 = jax.vmap(lambda key, lg: jax.random.categorical(key, lg, axis=-1))(keys, z)
+  p0 = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), x0[..., None], axis=-1)[..., 0]
+  gx, gp = greedy(logits)
+  rows = per_row(sampled)[..., 0]
+  return jnp.where(rows, x0.astype(jnp.int32), gx), jnp.where(rows, p0, gp)
+
+
+def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+  """Removes tokens below each row's `top_k`-th largest logit (`top_k` broadcast to `logits`; 0: none)."""
+  vocab = logits.shape[-1]
+  kth = jnp.take_along_axis(jnp.sort(logits, axis=-1),
+                            jnp.broadcast_to(jnp.clip(vocab - top_k, 0, vocab - 1), logits.shape[:-1] + (1,)), axis=-1)
+  return jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def _top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+  """Removes tokens whose cumulative probability (sorted descending) exceeds `top_p` (broadcast to `logits`),
+  shifted right by one."""
   order = jnp.argsort(-logits, axis=-1)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
   cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)

@@ -56,8 +56,9 @@ class Algorithm:
 
   `context(model, config, placement, stream, max_len, rows)`: the frozen context every step reads; `stream`:
     report pieces as they are final (`streaming.emit`).
-  `rows(model, config, prompt, gen, keys, inputs) -> NamedTuple`: the per-row constants (arrays `[B, ...]`)
-    from the embedded prompt, gen lengths `[B]`, PRNG keys `[B]` and `inputs`.
+  `rows(model, config, prompt, gen, sampling, inputs) -> NamedTuple`: the per-row constants (arrays `[B, ...]`)
+    from the embedded prompt, gen lengths `[B]`, each row's `remask.Sampling` (its PRNG key and settings, kept
+    whole for `propose`) and `inputs`.
   `start(ctx, cache, prompt, inputs) -> carry`: the prefill and the loop's first carry (a NamedTuple: the KV
     cache, then arrays `[B, ...]` per row and scalars; `done` `[B]` among them).
   `chunk(ctx, carry, max_forwards) -> carry`: the decoding loop, to the end (None) or at most that many forwards.
@@ -99,12 +100,15 @@ def lower(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Samplin
   return run.lower(*args)
 
 
-def propose(config: SamplingConfig, logits: jax.Array, keys: jax.Array, count: jax.Array
+def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array
             ) -> tuple[jax.Array, jax.Array]:
-  """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's key `[B]` folded with
-  its forward count `[B]`: fresh randomness per forward, and a row samples as it would alone."""
-  return remask.propose(logits, jax.vmap(jax.random.fold_in)(keys, count), temperature=config.temperature,
-                        top_k=config.top_k, top_p=config.top_p)
+  """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's settings `sampling`
+  and its key folded with its forward count `[B]`: fresh randomness per forward, and a row samples as it would
+  alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy decision only."""
+  if config.temperature == 0:
+    return remask.greedy(logits)
+  return remask.propose(logits, jax.vmap(jax.random.fold_in)(sampling.keys, count),
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
 
 
 def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | None) -> Any:
@@ -128,14 +132,17 @@ def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Sa
   prompt = PromptArrays(place.pad_rows(prompts.ids, fill=cfg.pad_token_id), place.pad_rows(prompts.lengths),
                         prompts.pixel_values, prompts.vision)
   own = tuple(place.pad_rows(a) for a in algorithm.inputs(model, prompts, config))
-  args = (graphdef, compile_key(config), state, cache, prompt, place.pad_keys(remask.row_keys(rng, b)), own)
+  sampling = remask.Sampling.of(remask.row_keys(rng, b), config.temperature, config.top_k, config.top_p)
+  args = (graphdef, compile_key(config), state, cache, prompt, jax.tree.map(place.pad_keys, sampling), own)
   return jit_sampler(_program(algorithm, stream), place, algorithm.shardings), args, b
 
 
 def compile_key(config: SamplingConfig) -> SamplingConfig:
   """The static config: the remasking strategy, `steps` and `confidence_threshold` reach a loop as arrays (its
-  `inputs`), if at all, so sweeping them reuses one compile."""
-  return dataclasses.replace(config, steps=1, confidence_threshold=0.5, remasking_strategy="low_confidence_static")
+  `inputs`), if at all, and temperature / top-k / top-p as each row's `remask.Sampling`, so sweeping them reuses
+  one compile; `temperature` stays only as a flag, 0 (greedy only: the lean program) or 1 (rows may sample)."""
+  return dataclasses.replace(config, steps=1, confidence_threshold=0.5, remasking_strategy="low_confidence_static",
+                             temperature=float(config.temperature > 0), top_k=0, top_p=1.0)
 
 
 @functools.cache
@@ -144,13 +151,14 @@ def _program(algorithm: Algorithm, stream: bool) -> Callable[..., tuple[Outputs,
   return functools.partial(_sample, algorithm=algorithm, stream=stream)
 
 
-def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt: PromptArrays, keys: jax.Array,
-            inputs: tuple, *, algorithm: Algorithm, placement: Placement, stream: bool) -> tuple[Outputs, KV]:
+def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt: PromptArrays,
+            sampling: remask.Sampling, inputs: tuple, *, algorithm: Algorithm, placement: Placement, stream: bool
+            ) -> tuple[Outputs, KV]:
   """Inside jit: the algorithm's prefill and whole loop over the embedded prompt, every row `gen_length` tokens."""
   TRACES[config.algorithm + ("_streaming" if stream else "")] += 1
   model = merged(graphdef, state, placement)
-  gen = jnp.full(keys.shape, config.gen_length, jnp.int32)
-  ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, keys, inputs,
+  gen = jnp.full(sampling.keys.shape, config.gen_length, jnp.int32)
+  ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, sampling, inputs,
                      placement=placement, stream=stream)
   carry = algorithm.chunk(ctx, carry, None)
   return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
@@ -170,8 +178,9 @@ def embed(model: DiffusionLM, prompt: PromptArrays, placement: Placement) -> Pro
 
 
 def begin(algorithm: Algorithm, model: DiffusionLM, config: SamplingConfig, cache: KV, prompt: Prompt,
-          gen: jax.Array, keys: jax.Array, inputs: tuple, *, placement: Placement, stream: bool) -> tuple[Any, tuple]:
+          gen: jax.Array, sampling: remask.Sampling, inputs: tuple, *, placement: Placement, stream: bool
+          ) -> tuple[Any, tuple]:
   """Inside jit: (the context of these rows, their first carry after the prefill) on a cache of `max_len` slots."""
-  rows = algorithm.rows(model, config, prompt, gen, keys, inputs)
+  rows = algorithm.rows(model, config, prompt, gen, sampling, inputs)
   ctx = algorithm.context(model, config, placement, stream, cache[0].shape[2], rows)
   return ctx, algorithm.start(ctx, cache, prompt, inputs)

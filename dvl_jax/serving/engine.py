@@ -1,13 +1,16 @@
-"""The serving engine's host loop: continuous batching of block-diffusion (or AR) requests over fixed slots.
+"""The serving engine's host loop: continuous batching of block-diffusion and AR requests over fixed slots.
 
 `submit` validates a request and queues it; each `step` admits waiting requests into free slots (prefill of
 the bucketed prompt, written over the slot: the other slots keep their state), runs at most `chunk` decoding
-forwards over all slots, and hands out each request's newly final blocks and its output once done; a freed
-slot takes the next waiting request at the next step. The device programs are `dvl_jax.diffusion`'s own
-sampler pieces (`dvl_jax.serving.slots`), so a request's tokens are those of `dvl.generate` on it alone under
-`request.config(engine.config)`, whatever shares the slots and whenever it arrives. After warm-up (one
-`insert` compile per prompt-length bucket, one `generate`) nothing recompiles. A model whose params are on a
-mesh (`dvl.load(ckpt, mesh=...)`) serves on it: slots sharded over `data` like a sampled batch, same tokens.
+forwards over all busy slots, and hands out each request's newly final blocks and its output once done; a freed
+slot takes the next waiting request at the next step. Each algorithm has its own pool of slots (one KV cache,
+made on its first request; the params are shared). The device programs are `dvl_jax.diffusion`'s own sampler
+pieces (`dvl_jax.serving.slots`) with each row's own strategy, steps, threshold, temperature / top-k / top-p
+and key, so a request's tokens are those of `dvl.generate` on it alone under `request.config(engine.config)`
+(rng `jax.random.key(request.seed)`), whatever shares the slots and whenever it arrives. After warm-up (per
+algorithm, one `insert` compile per prompt-length bucket and one `generate`: `warm_up`) nothing recompiles. A
+model whose params are on a mesh (`dvl.load(ckpt, mesh=...)`) serves on it: slots sharded over `data` like a
+sampled batch, same tokens.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from flax import nnx
 from dvl_jax.diffusion import kv_cache, remask
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
-from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig, round_up
+from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
 from dvl_jax.diffusion.sampling_mesh import Placement
 from dvl_jax.models.interface import DiffusionLM
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
+
+PER_REQUEST = ("algorithm", "remasking_strategy", "steps", "confidence_threshold", "temperature", "top_k", "top_p")
 
 
 @dataclasses.dataclass
@@ -36,50 +41,59 @@ class _Active:
   """A request on the host: its arrays until admitted, then its slot and what was handed out."""
 
   prefill: programs.Prefill
+  algorithm: str
   length: int  # prompt length P
   gen: int  # max_tokens G
   emitted: int = 0  # generated tokens handed out as pieces
 
 
-class Engine:
-  """`slots` requests decode at once, each in a row of one KV cache of `max_len` slots.
+@dataclasses.dataclass
+class _Pool:
+  """One algorithm's slots: its programs' static part, the device state and which request is in which slot."""
 
-  `config`: what every request shares (algorithm, mode, temperature / top-k / top-p, block size, positions,
-  `length_bucket`); its `max_len` is the cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded
-  up to a block). `max_prompt`: the longest prompt (it bounds the buckets, hence the compiles). `max_tokens`:
-  the longest gen length a request may ask (default `config.gen_length`). `slots`: a multiple of the mesh's
-  `data` axis. `chunk`: decoding forwards per `step` (the latency of admitting a request and of handing out blocks).
+  static: programs.Static
+  slots: programs.Slots
+  free: list[int]
+  slot_of: dict[int, int] = dataclasses.field(default_factory=dict)  # request id -> slot
+
+
+class Engine:
+  """`slots` requests of each algorithm decode at once, each in a row of its pool's KV cache of `max_len` slots.
+
+  `config`: what every request shares (mode, block size, positions, `length_bucket`); the per-request settings
+  (`PER_REQUEST`) stay at their defaults here and come with each `Request`. Its `max_len` is the cache length
+  (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the longest prompt (it
+  bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may ask (default
+  `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`: decoding forwards
+  per `step` (the latency of admitting a request and of handing out blocks).
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16):
-    config = config.resolve(model.config)
+    for name in PER_REQUEST:
+      if getattr(config, name) != getattr(SamplingConfig(), name):
+        raise ValueError(f"{name} is set per request (Request.{name}), not in the engine's SamplingConfig")
     if slots < 1 or chunk < 1:
       raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
     graphdef, self.state = nnx.split(model)
-    placement = Placement.of(model.config, self.state)
-    if placement.batch(slots) != slots:
-      raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis ({placement.mesh.shape['data']})")
-    self.model, self.chunk, self.max_prompt = model, chunk, max_prompt
+    self._placement = Placement.of(model.config, self.state)
+    if self._placement.batch(slots) != slots:
+      raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis "
+                       f"({self._placement.mesh.shape['data']})")
+    self.model, self.graphdef, self.slots, self.chunk, self.max_prompt = model, graphdef, slots, chunk, max_prompt
     max_tokens = max_tokens or config.gen_length
-    max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, config.block_size)
-    self.config = dataclasses.replace(config, gen_length=max_tokens, max_len=max_len)
-    self.algorithm = algorithm_of(self.config)
-    self._static = programs.Static(self.algorithm, graphdef, compile_key(self.config), placement)
+    bs = config.block_size or model.config.block_size
+    max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
+    self.config = dataclasses.replace(config, block_size=bs, gen_length=max_tokens, max_len=max_len)
+    self._pools: dict[str, _Pool] = {}
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, _Active] = {}
-    self._slot_of: dict[int, int] = {}  # request id -> slot
-    self._free = list(range(slots))
     self._ids = itertools.count()
-    idle = self._prefill(Request([model.config.pad_token_id], max_tokens=1), rows=slots)
-    idle = idle._replace(prompt=idle.prompt._replace(lengths=np.zeros(slots, np.int32)))  # dead rows
-    self._slots = programs.empty(self._static, self.state, kv_cache.init(model.config, slots, max_len, placement.cache),
-                                 idle)
 
   @property
   def busy(self) -> int:
     """Requests in a slot."""
-    return len(self._slot_of)
+    return sum(len(p.slot_of) for p in self._pools.values())
 
   @property
   def waiting(self) -> int:
@@ -88,13 +102,8 @@ class Engine:
   def submit(self, request: Request) -> int:
     """Queues `request` (checked now: a bad one raises `ValueError` and changes nothing) -> its id."""
     prefill = self._prefill(request)
-    config = request.config(self.config)
-    for name in ("algorithm", "temperature", "top_p", "top_k"):  # not per request yet
-      if getattr(config, name) != getattr(self.config, name):
-        raise ValueError(f"this engine serves {name}={getattr(self.config, name)!r} only, got {name}="
-                         f"{getattr(config, name)!r}: make the engine's SamplingConfig match")
     rid = next(self._ids)
-    self._requests[rid] = _Active(prefill, len(request.prompt), request.max_tokens)
+    self._requests[rid] = _Active(prefill, request.algorithm, len(request.prompt), request.max_tokens)
     self._waiting.append(rid)
     return rid
 
@@ -102,36 +111,66 @@ class Engine:
     """Drops request `rid`, waiting or decoding (its slot is free for the next step) -> whether it was there."""
     if rid not in self._requests:
       return False
-    if rid in self._slot_of:
-      slot = self._slot_of.pop(rid)
-      self._slots = programs.release(self._static, self._slots, np.int32(slot))
-      self._free.append(slot)
+    pool = self._pools.get(self._requests[rid].algorithm)
+    if pool is not None and rid in pool.slot_of:
+      slot = pool.slot_of.pop(rid)
+      pool.slots = programs.release(pool.static, pool.slots, np.int32(slot))
+      pool.free.append(slot)
     else:
       self._waiting.remove(rid)
     del self._requests[rid]
     return True
 
   def step(self) -> Result:
-    """Admits waiting requests into free slots, runs one chunk of decoding and hands out what became final."""
-    admitted = []
-    while self._free and self._waiting:
-      rid, slot = self._waiting.popleft(), self._free.pop(0)
-      self._slots = programs.insert(self._static, self.state, self._slots, np.int32(slot), self._requests[rid].prefill)
-      self._slot_of[rid] = slot
+    """Admits waiting requests into free slots of their algorithm's pool, runs one chunk of decoding in each pool
+    with a busy slot and hands out what became final."""
+    admitted, still = [], collections.deque()
+    for rid in self._waiting:
+      pool = self._pool(self._requests[rid].algorithm)
+      if not pool.free:
+        still.append(rid)
+        continue
+      slot = pool.free.pop(0)
+      pool.slots = programs.insert(pool.static, self.state, pool.slots, np.int32(slot), self._requests[rid].prefill)
+      pool.slot_of[rid] = slot
       admitted.append(rid)
-    if not self._slot_of:
-      return Result(admitted, [], [])
-    self._slots, view = programs.generate(self._static, self.chunk, self.state, self._slots)
-    return Result(admitted, *self._hand_out(jax.device_get(view)))
+    self._waiting = still
+    pieces, finished = [], []
+    for pool in self._pools.values():
+      if pool.slot_of:
+        pool.slots, view = programs.generate(pool.static, self.chunk, self.state, pool.slots)
+        p, f = self._hand_out(pool, jax.device_get(view))
+        pieces += p
+        finished += f
+    return Result(admitted, pieces, finished)
 
   def run(self, requests: Iterable[Request] = ()) -> dict[int, GenerateOutput]:
     """Submits `requests` and steps until nothing is left -> every request's output by id."""
     for r in requests:
       self.submit(r)
     done = {}
-    while self._waiting or self._slot_of:
+    while self._waiting or self.busy:
       done.update(self.step().finished)
     return done
+
+  def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
+    """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
+    `generate`), so that serving then never waits for a compile; the warm-up requests leave no trace."""
+    bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
+    lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
+    self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)
+
+  def _pool(self, algorithm: str) -> _Pool:
+    """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""
+    if algorithm not in self._pools:
+      config = dataclasses.replace(self.config, algorithm=algorithm).resolve(self.model.config)
+      may_sample = compile_key(dataclasses.replace(config, temperature=1.0))
+      static = programs.Static(algorithm_of(config), self.graphdef, may_sample, self._placement)
+      idle = self._prefill(Request([self.model.config.pad_token_id], max_tokens=1, algorithm=algorithm), self.slots)
+      idle = idle._replace(prompt=idle.prompt._replace(lengths=np.zeros(self.slots, np.int32)))
+      cache = kv_cache.init(self.model.config, self.slots, self.config.max_len, self._placement.cache)
+      self._pools[algorithm] = _Pool(static, programs.empty(static, self.state, cache, idle), list(range(self.slots)))
+    return self._pools[algorithm]
 
   def _prefill(self, request: Request, rows: int = 1) -> programs.Prefill:
     """The host arrays of `request` (repeated over `rows`), its settings validated."""
@@ -140,19 +179,20 @@ class Engine:
       raise ValueError(f"max_tokens must be in [1, {self.config.gen_length}], got {request.max_tokens}")
     if len(request.prompt) > self.max_prompt:
       raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the engine's max_prompt={self.max_prompt}")
-    config = request.config(self.config)
+    config = request.config(self.config).resolve(cfg)
     prompts = Prompts.from_lists([list(request.prompt)] * rows, cfg.pad_token_id, pixel_values=request.pixel_values,
                                  image_grid_thw=request.image_grid_thw).bucketed(config, cfg)
-    keys = remask.row_keys(jax.random.key(request.seed), 1)
+    keys = remask.row_keys(jax.random.key(request.seed), 1)[np.zeros(rows, int)]
     return programs.Prefill(PromptArrays(prompts.ids, prompts.lengths, prompts.pixel_values, prompts.vision),
-                            np.full(rows, request.max_tokens, np.int32), keys[np.zeros(rows, int)],
-                            self.algorithm.inputs(self.model, prompts, config))
+                            np.full(rows, request.max_tokens, np.int32),
+                            remask.Sampling.of(keys, config.temperature, config.top_k, config.top_p),
+                            algorithm_of(config).inputs(self.model, prompts, config))
 
-  def _hand_out(self, view: dict[str, np.ndarray]) -> tuple[list, list]:
+  def _hand_out(self, pool: _Pool, view: dict[str, np.ndarray]) -> tuple[list, list]:
     """(pieces, finished) from each busy slot's tokens so far; finished requests free their slots."""
     pieces, finished = [], []
-    bs, blocks = self.config.block_size, self.config.algorithm == "block_diffusion"
-    for rid, slot in list(self._slot_of.items()):
+    bs, blocks = self.config.block_size, pool.static.config.algorithm == "block_diffusion"
+    for rid, slot in list(pool.slot_of.items()):
       a = self._requests[rid]
       decoded = view["steps"][slot, :a.gen] >= 0
       final = a.gen if decoded.all() else int(np.argmin(decoded))  # the decoded prefix
@@ -167,6 +207,6 @@ class Engine:
         finished.append((rid, GenerateOutput.build(row("tokens")[:, :a.gen], row("decoded"), row("nfe"),
                                                    int(row("nfe")[0]), row("steps")[:, :a.gen],
                                                    self.model.config.eos_token_id)))
-        del self._slot_of[rid], self._requests[rid]
-        self._free.append(slot)
+        del pool.slot_of[rid], self._requests[rid]
+        pool.free.append(slot)
     return pieces, finished

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from dvl_jax.diffusion import kv_cache
+from dvl_jax.diffusion import kv_cache, remask
 from dvl_jax.diffusion.sampler_common import Algorithm, PromptArrays, begin, embed, merged
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 from dvl_jax.diffusion.sampling_mesh import Placement
@@ -38,7 +38,7 @@ class Static:
 
   algorithm: Algorithm
   graphdef: Any
-  config: SamplingConfig  # `sampler_common.compile_key`'d; `gen_length` is the widest request
+  config: SamplingConfig  # `sampler_common.compile_key`'d, rows may sample; `gen_length` is the widest request
   placement: Placement  # the params' mesh; slots (rows) are sharded over `data`, as a sampled batch is
 
 
@@ -54,7 +54,7 @@ class Prefill(NamedTuple):
 
   prompt: PromptArrays  # ids [1, W] bucketed, lengths [1], optional image
   gen: Any  # [1] tokens to generate
-  keys: jax.Array  # [1] PRNG key
+  sampling: remask.Sampling  # [1] PRNG key, temperature, top-k, top-p
   inputs: tuple  # the algorithm's own `inputs`, `[1, ...]`
 
 
@@ -73,7 +73,7 @@ def empty(static: Static, state: Any, cache: kv_cache.KV, idle: Prefill) -> Slot
   place = static.placement
   model = merged(static.graphdef, state, place)
   ctx, carry = begin(static.algorithm, model, static.config, cache, embed(model, idle.prompt, place), idle.gen,
-                     idle.keys, idle.inputs, placement=place, stream=False)
+                     idle.sampling, idle.inputs, placement=place, stream=False)
   return _pinned(place, Slots(ctx.rows, carry))
 
 
@@ -86,10 +86,11 @@ def insert(static: Static, state: Any, slots: Slots, index: jax.Array, request: 
   cache, *per_row = slots.carry
   one = kv_cache.init(model.config, 1, cache[0].shape[2])
   ctx, carry = begin(static.algorithm, model, static.config, one, embed(model, request.prompt, _ONE_ROW), request.gen,
-                     request.keys, request.inputs, placement=_ONE_ROW, stream=False)
+                     request.sampling, request.inputs, placement=_ONE_ROW, stream=False)
   put = lambda all_rows, row: all_rows if all_rows.ndim == 0 else all_rows.at[index].set(row[0])
   new_rows = jax.tree.map(put, slots.rows, ctx.rows)
-  new_carry = type(carry)(kv_cache.put_row(cache, carry[0], index), *jax.tree.map(put, tuple(per_row), tuple(carry[1:])))
+  per_row = jax.tree.map(put, tuple(per_row), tuple(carry[1:]))
+  new_carry = type(carry)(kv_cache.put_row(cache, carry[0], index), *per_row)
   return _pinned(static.placement, Slots(new_rows, new_carry))
 
 

@@ -1,6 +1,8 @@
-"""The serving engine: a request's tokens equal `dvl.generate` run on it alone, whatever shares the slots and
-whenever it arrives; its pieces rebuild its output; nothing recompiles after warm-up; bad requests raise."""
+"""The serving engine: a request's tokens (greedy, or sampled with its seed) equal `dvl.generate` run on it alone
+under its own settings, whatever shares the slots and whenever it arrives; its pieces rebuild its output;
+nothing recompiles after warm-up; bad requests raise one-line errors."""
 
+import dataclasses
 import functools
 
 import jax
@@ -19,11 +21,11 @@ from dvl_jax.testing.tiny import tiny_config, tiny_model
 EOS = 249  # a token the tiny model decodes often, so some requests stop early (free their slot) and others run on
 CFG = tiny_config(eos_token_id=EOS)
 BUCKET = 8
-ENGINES = {"fused": SamplingConfig(length_bucket=BUCKET),
-           "reference": SamplingConfig(length_bucket=BUCKET, mode="reference"),
-           "autoregressive": SamplingConfig(length_bucket=BUCKET, algorithm="autoregressive")}
-SETTINGS = [{}, {"steps": 2}, {"steps": 4}, {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.6},
-            {"remasking_strategy": "threshold", "confidence_threshold": 0.7}]
+CONFIG = SamplingConfig(length_bucket=BUCKET)
+SIZES = {"slots": 3, "max_prompt": 16, "max_tokens": 14, "chunk": 3}  # shared: the tests reuse each other's compiles
+DECODERS = [{"steps": 2}, {"steps": 4}, {"remasking_strategy": "low_confidence_dynamic", "confidence_threshold": 0.6},
+            {"remasking_strategy": "threshold", "confidence_threshold": 0.7}, {"algorithm": "autoregressive"}]
+SAMPLING = [{}, {"temperature": 0.9, "top_k": 40, "top_p": 0.95}, {"temperature": 0.6}]  # coprime with DECODERS
 
 
 @functools.cache
@@ -32,110 +34,121 @@ def model():
   return tiny_model(CFG, logit_scale=40.0)
 
 
-def requests(n, seed, lengths=(1, 16), gens=(6, 14), **common):
+def requests(n, seed, lengths=(1, 16), gens=(6, 14), decoders=DECODERS):
+  """`n` requests cycling through the (decoder, sampling) pairs, with random prompts, lengths and seeds."""
   rng = np.random.default_rng(seed)
   return [Request([int(t) for t in rng.integers(3, 200, rng.integers(*lengths, endpoint=True))],
-                  max_tokens=int(rng.choice(gens)), seed=i, **SETTINGS[i % len(SETTINGS)], **common)
-          for i in range(n)]
+                  max_tokens=int(rng.choice(gens)), seed=int(rng.integers(0, 2 ** 32)),
+                  **decoders[i % len(decoders)], **SAMPLING[i % len(SAMPLING)]) for i in range(n)]
 
 
 def interleaved(engine, batches, steps_between=2):
   """Submits each batch after `steps_between` steps -> ({id: request}, {id: output}, {id: pieces})."""
   sent, outputs, pieces = {}, {}, {}
-  for batch in batches:
-    sent.update({engine.submit(r): r for r in batch})
-    for _ in range(steps_between):
-      result = engine.step()
-      outputs.update(result.finished)
-      for rid, p in result.pieces:
-        pieces.setdefault(rid, []).append(p)
-  while engine.busy or engine.waiting:
+
+  def step():
     result = engine.step()
     outputs.update(result.finished)
     for rid, p in result.pieces:
       pieces.setdefault(rid, []).append(p)
+
+  for batch in batches:
+    sent.update({engine.submit(r): r for r in batch})
+    for _ in range(steps_between):
+      step()
+  while engine.busy or engine.waiting:
+    step()
   return sent, outputs, pieces
 
 
-@pytest.mark.parametrize("setting", list(ENGINES))
-def test_greedy_tokens_equal_generate_alone_with_interleaved_arrivals(setting):
-  engine = Engine(model(), ENGINES[setting], slots=3, max_prompt=16, max_tokens=14, chunk=3)
-  algorithm = engine.config.algorithm
-  sent, outputs, pieces = interleaved(engine, [requests(n, i, algorithm=algorithm) for i, n in enumerate((4, 3, 2))])
+def alone(engine, request, **images):
+  """`dvl.generate` on `request` alone with its own settings and seed."""
+  prompts = Prompts.from_lists([list(request.prompt)], **images)
+  return sampler.generate(model(), prompts, request.config(engine.config), rng=jax.random.key(request.seed))
+
+
+# Each mode's batches of arrivals: block diffusion and AR, greedy and sampled, mixed prompt and gen lengths, each
+# mode in one prompt bucket (every bucket and gen length is one more compile of `dvl.generate` alone)
+BD, AR = DECODERS[:-1], DECODERS[-1:]
+ARRIVALS = {"fused": lambda: [requests(4, 0, (1, 8), decoders=BD) + requests(2, 10, (1, 8), (14,), AR),
+                              requests(3, 1, (1, 8), decoders=BD) + requests(1, 11, (1, 8), (14,), AR),
+                              requests(3, 2, (1, 8), decoders=BD) + requests(2, 12, (1, 8), (14,), AR)],
+            "reference": lambda: [requests(3, seed, (9, 16), (14,), BD) for seed in range(3)]}
+
+
+@pytest.mark.parametrize("mode", list(ARRIVALS))
+def test_tokens_equal_generate_alone_with_interleaved_arrivals(mode):
+  engine = Engine(model(), dataclasses.replace(CONFIG, mode=mode), **SIZES)
+  sent, outputs, pieces = interleaved(engine, ARRIVALS[mode]())
   assert sorted(outputs) == sorted(sent)
-  rest = CFG.pad_token_id if setting == "autoregressive" else CFG.mask_token_id
-  stopped = 0
+  stopped, differs = 0, 0
   for rid, request in sent.items():
-    out = outputs[rid]
-    want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
-                            rng=jax.random.key(request.seed))
+    out, want = outputs[rid], alone(engine, request)
     np.testing.assert_array_equal(out.tokens, want.tokens)
     np.testing.assert_array_equal(out.steps_per_token, want.steps_per_token)
     np.testing.assert_array_equal(out.nfe, want.nfe)
     streamed = np.concatenate(pieces[rid])
     assert out.lengths[0] <= len(streamed)  # through EOS (block diffusion: the rest of its block too)
     np.testing.assert_array_equal(streamed, out.tokens[0, :len(streamed)])
+    rest = CFG.pad_token_id if request.algorithm == "autoregressive" else CFG.mask_token_id
     assert (out.tokens[0, len(streamed):] == rest).all()
     stopped += out.lengths[0] < request.max_tokens
+    if request.temperature > 0:  # the seed matters: another one samples other tokens
+      differs += not np.array_equal(alone(engine, dataclasses.replace(request, seed=request.seed + 1)).tokens,
+                                    out.tokens)
   assert 0 < stopped < len(sent)  # some stopped at EOS, some ran to max_tokens
+  assert differs >= 3
 
 
-def test_an_image_request_equals_generate_alone_among_text_requests():
-  grid = np.array([[1, 4, 8]])
-  image = [CFG.vision_start_token_id] + [CFG.image_token_id] * 8 + [CFG.vision_end_token_id]
+def test_image_requests_equal_generate_alone_and_a_new_image_layout_does_not_recompile():
+  image = lambda n: [CFG.vision_start_token_id] + [CFG.image_token_id] * n + [CFG.vision_end_token_id]
   pixels = np.random.default_rng(3).normal(size=(32, CFG.vision.patch_dim)).astype(np.float32)
-  request = Request([5, 9, 11] + image + [7, 8], max_tokens=14, steps=4, pixel_values=pixels, image_grid_thw=grid)
-  engine = Engine(model(), ENGINES["fused"], slots=3, max_prompt=16, max_tokens=14, chunk=3)
+  wide = Request([5, 9, 11] + image(8) + [7, 8], max_tokens=14, steps=4, pixel_values=pixels,
+                 image_grid_thw=np.array([[1, 4, 8]]))
+  engine = Engine(model(), CONFIG, **SIZES)
   text = requests(3, 3)
-  outputs = engine.run([text[0], request, *text[1:]])
-  want = sampler.generate(model(), Prompts.from_lists([list(request.prompt)], pixel_values=pixels, image_grid_thw=grid),
-                          request.config(engine.config))
-  np.testing.assert_array_equal(outputs[1].tokens, want.tokens)
-  np.testing.assert_array_equal(outputs[1].nfe, want.nfe)
-
-
-def test_sampled_tokens_equal_generate_alone_with_the_request_seed():
-  config = SamplingConfig(length_bucket=16, temperature=0.9, top_k=40, top_p=0.95)
-  engine = Engine(model(), config, slots=3, max_prompt=16, max_tokens=10, chunk=2)
-  sent = [Request(r.prompt, max_tokens=10, steps=r.steps, seed=r.seed % 3, temperature=0.9, top_k=40, top_p=0.95)
-          for r in requests(6, 4, lengths=(9, 16))]
-  outputs = engine.run(sent)
-  for rid, request in enumerate(sent):
-    want = sampler.generate(model(), [list(request.prompt)], request.config(engine.config),
-                            rng=jax.random.key(request.seed))
+  outputs = engine.run([text[0], wide, *text[1:]])
+  before = dict(slots.TRACES)  # another grid, patch count and image-token count in the same buckets
+  small = Request([5] + image(4) + [7, 8, 9], max_tokens=14, remasking_strategy="threshold",
+                  pixel_values=pixels[:16], image_grid_thw=np.array([[1, 4, 4]]))
+  outputs.update(engine.run([small, text[1]]))
+  assert dict(slots.TRACES) == before
+  for rid, request in ((1, wide), (4, small)):
+    want = alone(engine, request, pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw)
     np.testing.assert_array_equal(outputs[rid].tokens, want.tokens)
+    np.testing.assert_array_equal(outputs[rid].nfe, want.nfe)
 
 
 def test_on_a_mesh_the_tokens_equal_one_device():
   sharded = shard_model(model(), make_mesh((4, 1, 2)))
-  sent = requests(6, 6)
-  engine = Engine(sharded, ENGINES["fused"], slots=4, max_prompt=16, max_tokens=14, chunk=3)
+  sent = requests(6, 6, (1, 8), decoders=BD)
+  engine = Engine(sharded, CONFIG, **{**SIZES, "slots": 4})
   engine.run(sent)
   before = dict(slots.TRACES)
   outputs = engine.run(sent)  # the slots come back on the shardings they went in with: no recompile
   assert dict(slots.TRACES) == before
-  want = Engine(model(), ENGINES["fused"], slots=4, max_prompt=16, max_tokens=14, chunk=3).run(sent)
-  for rid in want:
-    np.testing.assert_array_equal(outputs[rid + len(sent)].tokens, want[rid].tokens)
-    np.testing.assert_array_equal(outputs[rid + len(sent)].nfe, want[rid].nfe)
+  for i, request in enumerate(sent):
+    want = alone(engine, request)  # on one device
+    np.testing.assert_array_equal(outputs[i + len(sent)].tokens, want.tokens)
+    np.testing.assert_array_equal(outputs[i + len(sent)].nfe, want.nfe)
 
 
 def test_nothing_recompiles_after_warm_up():
-  engine = Engine(model(), ENGINES["fused"], slots=4, max_prompt=24, max_tokens=12, chunk=4)
-  engine.run([Request([5] * n, max_tokens=4) for n in (3, 12, 20)])  # one prompt per length bucket
+  engine = Engine(model(), CONFIG, **SIZES)
+  engine.warm_up()  # both algorithms, one prompt per length bucket
   before = dict(slots.TRACES)
-  batches = [requests(12, seed, lengths=(1, 24), gens=(3, 12)) for seed in range(8)]
+  batches = [requests(30, seed, lengths=(1, 16), gens=(3, 14)) for seed in range(8)]
   sent, outputs, _ = interleaved(engine, batches, steps_between=3)
-  assert len(outputs) == len(sent) == 96
+  assert len(outputs) == len(sent) == 240
   assert dict(slots.TRACES) == before
   for rid, request in sent.items():
     assert outputs[rid].tokens.shape == (1, request.max_tokens)
 
 
 def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
-  engine = Engine(model(), ENGINES["fused"], slots=3, max_prompt=16, max_tokens=14, chunk=3)
+  engine = Engine(model(), CONFIG, **SIZES)
   sent = [Request(r.prompt, max_tokens=14) for r in requests(5, 5)]  # one token per forward: none ends in a step
-  alone = engine.run(sent)
+  first = engine.run(sent)
   ids = [engine.submit(r) for r in sent]  # three decode, two wait
   assert not engine.step().finished
   assert engine.cancel(ids[1]) and engine.cancel(ids[4]) and not engine.cancel(ids[4])
@@ -143,24 +156,34 @@ def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
   outputs = engine.run()
   assert sorted(outputs) == [ids[0], ids[2], ids[3]]
   for i in (0, 2, 3):
-    np.testing.assert_array_equal(outputs[ids[i]].tokens, alone[i].tokens)
+    np.testing.assert_array_equal(outputs[ids[i]].tokens, first[i].tokens)
 
 
 @pytest.mark.parametrize("request_, message", [
-    (Request([5] * 3, max_tokens=13), "max_tokens"),
+    (Request([5] * 3, max_tokens=15), "max_tokens"),
     (Request([5] * 17, max_tokens=4), "max_prompt"),
     (Request([], max_tokens=4), "prompt lengths"),
     (Request([5] * 3, max_tokens=4, steps=0), "steps"),
     (Request([5] * 3, max_tokens=4, remasking_strategy="top"), "remasking_strategy"),
+    (Request([5] * 3, max_tokens=4, confidence_threshold=1.0), "confidence_threshold"),
     (Request([5] * 3, max_tokens=4, temperature=-1.0), "temperature"),
+    (Request([5] * 3, max_tokens=4, temperature=float("nan")), "temperature"),
     (Request([5] * 3, max_tokens=4, top_k=-2), "top_k"),
     (Request([5] * 3, max_tokens=4, top_p=1.5), "top_p"),
     (Request([5] * 3, max_tokens=4, seed=-1), "seed"),
+    (Request([5] * 3, max_tokens=4, seed=2 ** 32), "seed"),
     (Request([5] * 3, max_tokens=4, algorithm="beam"), "algorithm"),
 ])
-def test_a_bad_request_raises_and_changes_nothing(request_, message):
-  engine = Engine(model(), ENGINES["fused"], slots=2, max_prompt=16, max_tokens=12, chunk=3)
-  with pytest.raises(ValueError, match=message):
+def test_a_bad_request_raises_one_line_and_changes_nothing(request_, message):
+  engine = Engine(model(), CONFIG, **SIZES)
+  with pytest.raises(ValueError, match=message) as raised:
     engine.submit(request_)
+  assert "\n" not in str(raised.value)
   assert engine.waiting == 0
   assert len(engine.run([Request([5] * 3, max_tokens=4)])) == 1
+
+
+@pytest.mark.parametrize("setting", [{"temperature": 0.5}, {"algorithm": "autoregressive"}, {"steps": 4}])
+def test_a_per_request_setting_in_the_engine_config_raises(setting):
+  with pytest.raises(ValueError, match=f"{next(iter(setting))} is set per request"):
+    Engine(model(), SamplingConfig(**setting))

@@ -1,0 +1,86 @@
+"""Per-row sampling settings (`remask.propose` with arrays): in a batch mixing greedy and sampled rows with
+different settings, every row gets bit for bit what it gets alone with its key (the serving engine relies on it)
+and the tokens of the one-setting computation the sampler ran before; a greedy row is the argmax and its
+probability; a greedy program compiles no sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dvl_jax.diffusion import remask, sampler_common
+from dvl_jax.diffusion.sampling_config import SamplingConfig
+
+# (temperature, top_k, top_p) per row: greedy (its filters ignored), each filter alone, both, top-k 1, top-p 0
+SETTINGS = [(0.0, 0, 1.0), (0.7, 0, 1.0), (0.9, 5, 1.0), (1.3, 40, 0.8), (1.0, 0, 0.5), (0.0, 3, 0.5),
+            (2.0, 1, 1.0), (1.1, 0, 0.0), (0.5, 100, 0.9)]
+
+
+def one_setting(logits, key, temperature, top_k, top_p):
+  """One row `[1, n, V]` with Python-number settings, filtered the way the sampler did before settings were per
+  row (`lax.top_k` for the k-th largest, each step skipped when it is a no-op)."""
+  if temperature == 0:
+    return jnp.argmax(logits, -1).astype(jnp.int32), jnp.max(jax.nn.softmax(logits, -1), -1)
+  if temperature != 1.0:
+    logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    logits = remask._top_p(logits, top_p)
+  x0 = jax.random.categorical(key, logits[0], axis=-1)[None]
+  return x0.astype(jnp.int32), jnp.take_along_axis(jax.nn.softmax(logits, -1), x0[..., None], -1)[..., 0]
+
+
+LOGITS = jnp.asarray(np.random.default_rng(0).normal(size=(len(SETTINGS), 6, 64)).astype(np.float32) * 3)
+KEYS = jax.random.split(jax.random.key(7), len(SETTINGS))
+propose = jax.jit(remask.propose)
+
+
+def settings(rows):
+  """`propose`'s keyword arguments for (temperature, top_k, top_p) rows."""
+  t, k, p = zip(*rows)
+  return {"temperature": np.array(t, np.float32), "top_k": np.array(k, np.int32), "top_p": np.array(p, np.float32)}
+
+
+def test_each_row_samples_with_its_own_settings_as_it_would_alone():
+  x0, p0 = propose(LOGITS, KEYS, **settings(SETTINGS))
+  for i, setting in enumerate(SETTINGS):
+    alone_x, alone_p = propose(LOGITS[i:i + 1], KEYS[i:i + 1], **settings([setting]))
+    np.testing.assert_array_equal(x0[i], alone_x[0])  # bit for bit: what the serving engine promises
+    np.testing.assert_array_equal(p0[i], alone_p[0])
+    want_x, want_p = one_setting(LOGITS[i:i + 1], KEYS[i], *setting)
+    np.testing.assert_array_equal(x0[i], want_x[0])
+    # compiled and fused differently (XLA contracts a constant temperature into the softmax): a few ulp apart
+    np.testing.assert_allclose(p0[i], want_p[0], rtol=1e-6)
+  argmax = np.asarray(jnp.argmax(LOGITS, -1))
+  sampled = settings(SETTINGS)["temperature"] > 0
+  assert (np.asarray(x0)[sampled] != argmax[sampled]).any()  # the sampled rows did sample
+  np.testing.assert_array_equal(x0[6], argmax[6])  # top-k 1 and top-p 0 keep only the argmax
+  np.testing.assert_array_equal(x0[7], argmax[7])
+  np.testing.assert_array_equal(p0[6], np.ones(6, np.float32))
+
+
+def test_a_greedy_row_is_the_argmax_and_its_probability():
+  """Alone among greedy rows (the cheap branch) or among sampled ones, whatever its own top-k / top-p."""
+  greedy_x, greedy_p = propose(LOGITS, KEYS, **settings([(0.0, k, p) for _, k, p in SETTINGS]))
+  mixed_x, mixed_p = propose(LOGITS, KEYS, **settings(SETTINGS))
+  t = settings(SETTINGS)["temperature"]
+  probs = np.exp(LOGITS - LOGITS.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_array_equal(greedy_x, np.argmax(LOGITS, -1))
+  np.testing.assert_allclose(greedy_p, probs.max(-1), rtol=1e-6)
+  np.testing.assert_array_equal(mixed_x[t == 0], greedy_x[t == 0])
+  np.testing.assert_array_equal(mixed_p[t == 0], greedy_p[t == 0])
+
+
+def test_a_greedy_program_compiles_no_sampling():
+  """No sort (top-k / top-p) in the decision a greedy sampler compiles, whereas a sampled one has them: the
+  compile key keeps whether rows may sample, and the values themselves are arrays."""
+  logits = jnp.zeros((2, 4, 32), jnp.float32)
+  sampling = remask.Sampling.of(jax.random.split(jax.random.key(0), 2), 0.7, 3, 0.9)
+  hlo = lambda config: jax.jit(sampler_common.propose, static_argnums=0).lower(
+      sampler_common.compile_key(config), logits, sampling, jnp.zeros(2, jnp.int32)).as_text()
+  assert "stablehlo.sort" not in hlo(SamplingConfig())
+  assert "stablehlo.sort" in hlo(SamplingConfig(temperature=0.5))
+  assert sampler_common.compile_key(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9)) == \
+      sampler_common.compile_key(SamplingConfig(temperature=1.5))
