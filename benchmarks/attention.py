@@ -41,10 +41,9 @@ DEFAULTS = {
 
 
 def bd3_spec(batch: int, length: int, block_size: int) -> AttentionSpec:
-  seg = jnp.ones((batch, length), jnp.int32)
-  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  return AttentionSpec(q_idx=idx, kv_idx=idx, q_seg=seg, kv_seg=seg, kind="bd3_train", block_size=block_size,
-                       half_len=length // 2)
+  """The training mask as the loss builds it: positional, so splash runs it and pallas_gpu skips its empty tiles."""
+  return AttentionSpec.self_attention(jnp.ones((batch, length), jnp.int32), kind="bd3_train", block_size=block_size,
+                                      half_len=length // 2)
 
 
 def useful_flops(spec: AttentionSpec, heads: int, head_dim: int) -> float:
