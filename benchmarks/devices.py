@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,30 +69,27 @@ def known(kind: str) -> tuple[float, float] | None:
   return None
 
 
-def measured_bandwidth_gbs(nbytes: int, repeats: int = 5) -> float:
-  """GB/s of an on-device copy of `nbytes` (read once, written once), best of `repeats`."""
-  x = jnp.zeros((nbytes // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a + 1.0)
-  jax.block_until_ready(copy(x))
+def best_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
+  """The fastest of `repeats` calls of `fn` after a first (compiling) one, each waited for."""
+  jax.block_until_ready(fn())
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(copy(x))
+    jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - start)
-  return 2 * x.nbytes / best / 1e9
+  return best
 
 
-def measured_peak_tflops(n: int, dtype: jnp.dtype, repeats: int = 5) -> float:
-  """TFLOP/s of an `n x n` by `n x n` matmul in `dtype`, best of `repeats`."""
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best / 1e12
+def measured_bandwidth_gbs(nbytes: int) -> float:
+  """GB/s of an on-device copy of `nbytes` (read once, written once)."""
+  x, copy = jnp.zeros((nbytes // 4,), jnp.float32), jax.jit(lambda a: a + 1.0)
+  return 2 * x.nbytes / best_seconds(lambda: copy(x)) / 1e9
+
+
+def measured_peak_tflops(n: int, dtype: jnp.dtype) -> float:
+  """TFLOP/s of an `n x n` by `n x n` matmul in `dtype`."""
+  a, matmul = jnp.ones((n, n), dtype), jax.jit(lambda x: x @ x)
+  return 2 * n ** 3 / best_seconds(lambda: matmul(a)) / 1e12
 
 
 def limits(bandwidth_gbs: float | None, peak_tflops: float | None, *, copy_bytes: int, matmul_n: int
