@@ -33,8 +33,6 @@ from dvl_jax.models.interface import DiffusionLM
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
 
-PER_REQUEST = ("algorithm", "remasking_strategy", "steps", "confidence_threshold", "temperature", "top_k", "top_p")
-
 
 @dataclasses.dataclass
 class _Active:
@@ -60,19 +58,17 @@ class _Pool:
 class Engine:
   """`slots` requests of each algorithm decode at once, each in a row of its pool's KV cache of `max_len` slots.
 
-  `config`: what every request shares (mode, block size, positions, `length_bucket`); the per-request settings
-  (`PER_REQUEST`) stay at their defaults here and come with each `Request`. Its `max_len` is the cache length
-  (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the longest prompt (it
-  bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may ask (default
+  `config`: what every request shares (mode, block size, `length_bucket`, AR's `positions`: None for the
+  model's); the engine never reads its per-request settings (algorithm, strategy, steps, threshold, temperature,
+  top-k, top-p: each `Request` carries its own; a server may take them as its defaults). Its `max_len` is the
+  cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the
+  longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may ask (default
   `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`: decoding forwards
   per `step` (the latency of admitting a request and of handing out blocks).
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16):
-    for name in PER_REQUEST:
-      if getattr(config, name) != getattr(SamplingConfig(), name):
-        raise ValueError(f"{name} is set per request (Request.{name}), not in the engine's SamplingConfig")
     if slots < 1 or chunk < 1:
       raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
     graphdef, self.state = nnx.split(model)
@@ -163,10 +159,11 @@ class Engine:
   def _pool(self, algorithm: str) -> _Pool:
     """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""
     if algorithm not in self._pools:
-      config = dataclasses.replace(self.config, algorithm=algorithm).resolve(self.model.config)
-      may_sample = compile_key(dataclasses.replace(config, temperature=1.0))
-      static = programs.Static(algorithm_of(config), self.graphdef, may_sample, self._placement)
-      idle = self._prefill(Request([self.model.config.pad_token_id], max_tokens=1, algorithm=algorithm), self.slots)
+      pad = self.model.config.pad_token_id
+      widest = Request([pad], max_tokens=self.config.gen_length, algorithm=algorithm, temperature=1.0)
+      config = compile_key(widest.config(self.config).resolve(self.model.config))  # rows may sample
+      static = programs.Static(algorithm_of(config), self.graphdef, config, self._placement)
+      idle = self._prefill(Request([pad], max_tokens=1, algorithm=algorithm), self.slots)
       idle = idle._replace(prompt=idle.prompt._replace(lengths=np.zeros(self.slots, np.int32)))
       cache = kv_cache.init(self.model.config, self.slots, self.config.max_len, self._placement.cache)
       self._pools[algorithm] = _Pool(static, programs.empty(static, self.state, cache, idle), list(range(self.slots)))

@@ -20,8 +20,8 @@ class Request:
   `prompt`: token ids (images: the Hugging Face convention, image-token ids in the prompt with `pixel_values`
   `[N, patch_dim]` and `image_grid_thw` `[n_images, 3]`). `max_tokens` is the gen length. `algorithm`
   ("block_diffusion" or "autoregressive"), the remasking strategy, `steps` and `confidence_threshold` (block
-  diffusion), `temperature` / `top_p` / `top_k` (0: greedy) and `seed` are per request; what every request
-  shares (mode, block size, positions, length bucket) is the engine's `SamplingConfig`.
+  diffusion), `temperature` / `top_p` / `top_k` (temperature 0: greedy) and `seed` are per request; what every
+  request shares (mode, block size, length bucket, AR's positions) is the engine's `SamplingConfig`.
   """
 
   prompt: Sequence[int]
@@ -49,7 +49,8 @@ class Request:
     return dataclasses.replace(engine, gen_length=self.max_tokens, remasking_strategy=self.remasking_strategy,
                                steps=self.steps, confidence_threshold=self.confidence_threshold,
                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                               algorithm=self.algorithm)
+                               algorithm=self.algorithm,
+                               positions=engine.positions if self.algorithm == "autoregressive" else None)
 
 
 class Result(NamedTuple):

@@ -183,7 +183,11 @@ def test_a_bad_request_raises_one_line_and_changes_nothing(request_, message):
   assert len(engine.run([Request([5] * 3, max_tokens=4)])) == 1
 
 
-@pytest.mark.parametrize("setting", [{"temperature": 0.5}, {"algorithm": "autoregressive"}, {"steps": 4}])
-def test_a_per_request_setting_in_the_engine_config_raises(setting):
-  with pytest.raises(ValueError, match=f"{next(iter(setting))} is set per request"):
-    Engine(model(), SamplingConfig(**setting))
+def test_the_engine_config_per_request_settings_change_no_request():
+  """A server keeps its defaults there: a request's own settings decide (M-RoPE positions reach AR requests only,
+  so block-diffusion ones still run)."""
+  defaults = dataclasses.replace(CONFIG, algorithm="autoregressive", positions="mrope", temperature=0.7, steps=3)
+  sent = requests(3, 7, (1, 8), (14,), DECODERS[:1])
+  outputs = Engine(model(), defaults, **SIZES).run(sent)
+  for rid, want in Engine(model(), CONFIG, **SIZES).run(sent).items():
+    np.testing.assert_array_equal(outputs[rid].tokens, want.tokens)
