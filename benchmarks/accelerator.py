@@ -97,17 +97,19 @@ class Shapes:
 
 
 def shapes(tiny: bool) -> Shapes:
+  """The accelerator shapes of the module docstring, or tiny ones that run in seconds on a CPU."""
   if tiny:
     cfg = tiny_text_config(param_dtype="bfloat16", compute_dtype="bfloat16")
-    t = cfg.text
-    return Shapes("tiny", (256,), (t.num_heads, t.num_kv_heads, t.head_dim), cfg, (2,), 16, 5,
-                  tiny_text_config(compute_dtype="bfloat16"), 2, 32, 1, 16 * 2**20, 256)
+    return Shapes(name="tiny", lengths=(256,), heads=(cfg.text.num_heads, cfg.text.num_kv_heads, cfg.text.head_dim),
+                  sampler=cfg, batches=(2,), gen=16, prompt=5, train=tiny_text_config(compute_dtype="bfloat16"),
+                  train_rows=2, train_length=32, repeats=1, copy_bytes=16 * 2**20, matmul_n=256)
   t = QWEN25_VL_3B.text
   sampler_cfg = QWEN25_VL_3B.replace(family="qwen2", vision=None, position_mode="flat", param_dtype="bfloat16",
                                      compute_dtype="bfloat16", text=dataclasses.replace(t, tie_word_embeddings=False))
-  train_cfg = train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None)
-  return Shapes("full", (2048, 8192, 16384), (t.num_heads, t.num_kv_heads, t.head_dim), sampler_cfg, (1, 8, 32),
-                256, 64, train_cfg, 8, 1024, 2, 2**30, 8192)
+  return Shapes(name="full", lengths=(2048, 8192, 16384), heads=(t.num_heads, t.num_kv_heads, t.head_dim),
+                sampler=sampler_cfg, batches=(1, 8, 32), gen=256, prompt=64,
+                train=train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None), train_rows=8,
+                train_length=1024, repeats=2, copy_bytes=2**30, matmul_n=8192)
 
 
 @dataclasses.dataclass
@@ -204,7 +206,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
 def attention_backends() -> tuple[str, ...]:
   """xla first (the others are compared with it), then the platform's kernels."""
   platform = jax.default_backend()
-  found = CPU_BACKENDS if platform == "cpu" else attention.DEFAULTS[platform][0]
+  found = CPU_BACKENDS if platform == "cpu" else attention.DEFAULTS.get(platform, ((),))[0]
   return ("xla",) + tuple(b for b in found if b != "xla")
 
 
