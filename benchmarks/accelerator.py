@@ -8,11 +8,12 @@ at tiny shapes on a CPU in seconds (the test does, so the script cannot rot).
   speed against xla, the fraction of its own tiles the backend never computes. GPU: the own Pallas kernel,
   cuDNN, xla; TPU: splash, xla; CPU: the Pallas kernels interpreted. "auto" marks the one `attend()` picks.
 - train: one stage-2 (BD3-LM) `TrainStep` of `benchmarks/train.py`'s 1b decoder (hidden 2048, 16 layers, GQA
-  16 / 2, 151,936-row vocabulary; 1.3B params, text only), bf16 compute on fp32 master weights, 8 rows of
-  L = 1024 (the decoder runs over 2L = 2048). MFU = FLOPs / median step time / peak, FLOPs as
-  `benchmarks/train.py`'s `matmul_flops` counts them: 6 x rows x (2L x layers x (h x head_dim x (2 q heads +
-  2 kv heads) + 3 x h x mlp) + L x h x vocab), the weights' matmuls (decoder over 2L, lm_head over the noised
-  L), forward and backward; attention's QK / PV products are not counted. tokens/s: rows x L per second.
+  16 / 2, 151,936-row vocabulary; 1.3B params, text only), bf16 compute on fp32 master weights, 4 rows of
+  L = 1024 (the decoder runs over 2L = 2048; about 27 GB by estimate, 21 of them weights, gradients and
+  AdamW state). MFU = FLOPs / median step time / peak, FLOPs as `benchmarks/train.py`'s `matmul_flops`
+  counts them: 6 x rows x (2L x layers x (h x head_dim x (2 q heads + 2 kv heads) + 3 x h x mlp) + L x h x
+  vocab), the weights' matmuls (decoder over 2L, lm_head over the noised L), forward and backward;
+  attention's QK / PV products are not counted. tokens/s: rows x L per second.
 - sampler: `dvl.generate` on a randomly initialised Qwen2.5-VL-3B-shaped text model (36 layers, hidden 2048,
   GQA 16 / 2, 151,936-row vocabulary) in bf16, batch 1, 8, 32, 256 new tokens, `benchmarks/sampling.py`'s
   settings (AR; static, dynamic, threshold; reference vs fused commit). Its lm_head is untied (the 3B ties
@@ -108,7 +109,7 @@ def shapes(tiny: bool) -> Shapes:
                                      compute_dtype="bfloat16", text=dataclasses.replace(t, tie_word_embeddings=False))
   return Shapes(name="full", lengths=(2048, 8192, 16384), heads=(t.num_heads, t.num_kv_heads, t.head_dim),
                 sampler=sampler_cfg, batches=(1, 8, 32), gen=256, prompt=64,
-                train=train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None), train_rows=8,
+                train=train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None), train_rows=4,
                 train_length=1024, repeats=2, copy_bytes=2**30, matmul_n=8192)
 
 
