@@ -1,8 +1,8 @@
 """`dvl serve`: a converted checkpoint behind an OpenAI-compatible HTTP API, batched continuously by `dvl.Engine`.
 
-The engine compiles its programs before the port opens (a warm-up request), so the first client does not pay
-for it. SIGTERM / Ctrl-C stop accepting connections, let in-flight requests finish for up to --grace-period
-seconds, cancel the rest and exit 0.
+The engine compiles its programs for text requests before the port opens (`--warm-up`), so the first client
+does not pay for them. SIGTERM / Ctrl-C stop accepting connections, let in-flight requests finish for up to
+--grace-period seconds, cancel the rest and exit 0.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       "dvl.suggest_mesh for --slots (default: one device)")
   engine.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="cast the weights to this dtype while loading (default: the checkpoint's stored dtype)")
+  engine.add_argument("--warm-up", default=None,
+                      help="algorithms (comma-separated) whose text programs compile for every prompt-length bucket "
+                      "before the port opens, or none (image requests still compile on first use) (default: "
+                      "--algorithm's)")
   add_pixel_bounds(engine)
   limits = cmd.add_argument_group("limits and faults")
   limits.add_argument("--max-queue", type=int, default=d["max_queue"], help="requests that may wait for a slot; "
@@ -101,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
   config = config.resolve(processor.config)
   model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
   engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk)
-  engine.run([dvl.Request([processor.config.pad_token_id], max_tokens=1)])  # compile before the port opens
+  warm = args.warm_up or config.algorithm
+  if warm != "none":
+    engine.warm_up(warm.split(","))
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   settings = Settings(name, api_key=args.api_key or os.environ.get("DVL_API_KEY"), max_queue=args.max_queue,
                       request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
