@@ -69,7 +69,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--batch-size", type=int, default=8,
                    help="requests decoded together; in text mode the first of each batch streams and the others "
                    "print when their batch ends (default: 8)")
-  _add_sampling_options(cmd.add_argument_group("sampling options (dvl.SamplingConfig)"))
+  add_sampling_options(cmd.add_argument_group("sampling options (dvl.SamplingConfig)"))
   cmd.add_argument("--seed", type=int, default=0, help="PRNG seed of sampling (temperature > 0) (default: 0)")
   cmd.add_argument("--mesh", default=None,
                    help="device mesh data,fsdp,tensor (e.g. 1,2,4), or auto: dvl.suggest_mesh for the batch size "
@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   return cmd
 
 
-def _add_sampling_options(group: Any) -> None:
+def add_sampling_options(group: Any) -> None:
   """One `--field-name` per `SamplingConfig` field, typed and defaulted by the field itself."""
   hints = typing.get_type_hints(SamplingConfig)
   for field in dataclasses.fields(SamplingConfig):
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                        [[_open_image(p) for p in r.images] for r in chunk])
     _check_fits(inputs, config, processor.config, _label(args, start, len(chunk)))
     if model is None:
-      model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, batch_size), dtype=args.dtype)
+      model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, batch_size), dtype=args.dtype)
     live = None if args.json else _LiveText(processor.tokenizer, processor.config.eos_token_id)
     if live and args.requests:
       print(f"[{start + 1}/{len(requests)}] {chunk[0].prompt}", flush=True)
@@ -207,7 +207,8 @@ def _label(args: argparse.Namespace, start: int, rows: int) -> str:
   return f"{args.requests}: request{'s' * (rows > 1)} {start + 1}{f'-{start + rows}' * (rows > 1)}: "
 
 
-def _mesh(spec: str | None, model_cfg: Any, batch: int) -> Any:
+def load_mesh(spec: str | None, model_cfg: Any, batch: int) -> Any:
+  """The mesh `--mesh` names for `batch` rows (None: one device; "auto": `suggest_mesh`), for `dvl.load`."""
   if spec is None:
     return None
   from dvl_jax.parallel.mesh import make_mesh

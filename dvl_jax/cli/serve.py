@@ -15,7 +15,7 @@ import socket
 from typing import Any
 
 from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
-from dvl_jax.cli.generate import _add_sampling_options, _mesh
+from dvl_jax.cli.generate import add_sampling_options, load_mesh
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": 1024, "chunk": 16, "max_queue": 64,
@@ -79,7 +79,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       "file:///... image URLs (default: none; only data: URLs, never network fetches)")
   cmd.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's log level (default: info)")
-  _add_sampling_options(cmd.add_argument_group(
+  add_sampling_options(cmd.add_argument_group(
       "decoding defaults (dvl.SamplingConfig)", "--gen-length is the longest answer a request may ask and its "
       "default max_tokens; a request's own algorithm, remasking_strategy, steps, confidence_threshold, "
       "temperature, top_p and top_k override these."))
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
   processor = load_processor(args)
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   config = config.resolve(processor.config)
-  model = dvl.load(args.checkpoint, mesh=_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
+  model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
   engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk)
   warm = args.warm_up or config.algorithm
   if warm != "none":
