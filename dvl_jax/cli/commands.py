@@ -24,10 +24,11 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: str) -> argparse.ArgumentParser:
+def _checkpoint_command(sub, name: str, description: str, *, src: str, dtype: str,
+                        src_optional: bool = False) -> argparse.ArgumentParser:
   """A src -> dst checkpoint command with the options convert and export share."""
   cmd = sub.add_parser(name, help=description)
-  cmd.add_argument("src", help=src)
+  cmd.add_argument("src", nargs="?" if src_optional else None, help=src)
   cmd.add_argument("dst", help="output directory (written atomically)")
   cmd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=dtype)
   cmd.add_argument("--overwrite", action="store_true", help="replace an existing dst (default: refuse)")
@@ -40,16 +41,35 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (default: off)")
   sub = parser.add_subparsers(dest="command", required=True)
 
-  conv = _checkpoint_command(sub, "convert", "HF / DiffusionVL safetensors checkpoint -> dvl (Orbax) checkpoint",
-                             src="directory with config.json and *.safetensors (any layout of spec §8)",
-                             dtype="parameter dtype of the output (default: the config's param_dtype, float32)")
+  conv = _checkpoint_command(sub, "convert", "HF / DiffusionVL safetensors checkpoint, or an LM + a SigLIP tower "
+                             "(--lm/--vision) -> dvl (Orbax) checkpoint",
+                             src="directory with config.json and *.safetensors (any layout of spec §8); "
+                             "leave it out with --lm/--vision",
+                             dtype="parameter dtype of the output (default: the config's param_dtype, float32)",
+                             src_optional=True)
+  conv.add_argument("--lm", default=None,
+                    help="instead of src: a Qwen2 / Qwen2.5 language model checkpoint (e.g. Qwen2.5-7B-Instruct) "
+                    "to start DiffusionVL-Qwen from, with --vision (default: none, convert src)")
+  conv.add_argument("--vision", default=None,
+                    help="with --lm: a SigLIP checkpoint (e.g. siglip2-so400m-patch14-384); its last layer, "
+                    "pooling head and text half are dropped (default: none)")
+  conv.add_argument("--stage", type=int, choices=[1, 2], default=1,
+                    help="with --lm: the training stage the checkpoint starts: 1 square images, projector only; "
+                    "2 anyres_max_4 with a new image_newline (default: 1)")
+  conv.add_argument("--projector", default=None,
+                    help="with --lm --stage 2: stage 1's mm_projector.bin (default: a newly drawn projector)")
+  conv.add_argument("--seed", type=int, default=0,
+                    help="with --lm: seed of the new projector and image_newline (default: 0)")
   conv.add_argument("--mask-token-id", type=int, default=None,
                     help="mask token id when config.json has none (default: 151671, DiffusionVL's)")
+  conv.add_argument("--image-token-id", type=int, default=None,
+                    help="image token id when config.json has none (default: 151655, Qwen2.5-VL's <|image_pad|>)")
   conv.add_argument("--block-size", type=int, default=None,
                     help="BD3-LM block size when config.json has none (default: 8)")
   conv.add_argument("--position-mode", choices=["mrope", "flat"], default=None,
                     help="position mode (default: mrope for Qwen2.5-VL, flat for DiffusionVL)")
-  _checkpoint_command(sub, "export", "dvl (Orbax) checkpoint -> HF Qwen2.5-VL safetensors checkpoint",
+  _checkpoint_command(sub, "export", "dvl (Orbax) checkpoint -> HF safetensors checkpoint (the family's "
+                      "transformers layout: Qwen2.5-VL, Qwen2, LLaVA-OneVision)",
                       src="dvl checkpoint directory (from `dvl convert` or training)",
                       dtype="dtype of the exported tensors (default: keep the checkpoint dtype)")
   generate_cli.add_parser(sub)
@@ -90,10 +110,17 @@ def _run(args: argparse.Namespace) -> int:
   import dvl_jax as dvl
 
   if args.command == "convert":
-    overrides = {k: v for k, v in (("mask_token_id", args.mask_token_id), ("block_size", args.block_size),
-                                   ("position_mode", args.position_mode)) if v is not None}
-    dvl.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-                **overrides)
+    overrides = {k: v for k, v in (("mask_token_id", args.mask_token_id), ("image_token_id", args.image_token_id),
+                                   ("block_size", args.block_size), ("position_mode", args.position_mode))
+                 if v is not None}
+    if _from_lm(args):
+      from checkpoints_convert import convert_from_lm
+
+      convert_from_lm(args.lm, args.vision, args.dst, projector=args.projector, stage=args.stage, dtype=args.dtype,
+                      seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite, **overrides)
+    else:
+      dvl.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                  **overrides)
     print(f"wrote {args.dst}")
   elif args.command == "export":
     dvl.export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
@@ -128,6 +155,27 @@ def _run(args: argparse.Namespace) -> int:
       print("block-diffusion decoding missed the demo's bar (>= 90% exact match, within 5 points of AR)")
       return 1
   return 0
+
+
+def _from_lm(args: argparse.Namespace) -> bool:
+  """Whether `dvl convert` starts DiffusionVL-Qwen from --lm + --vision (else it converts src); a mixture of
+  the two forms, or an option of one given to the other, is a usage error."""
+  if args.lm is None and args.vision is None:
+    lm_only = [o for o, v in (("--projector", args.projector), ("--stage", args.stage != 1 or None),
+                              ("--seed", args.seed != 0 or None)) if v is not None]
+    if lm_only:
+      raise ValueError(f"{', '.join(lm_only)} apply only with --lm/--vision; add --lm DIR --vision DIR")
+    if args.src is None:
+      raise ValueError("give a source checkpoint directory and dst, or --lm DIR --vision DIR and dst")
+    return False
+  if args.lm is None or args.vision is None:
+    given, missing = ("--lm", "--vision") if args.vision is None else ("--vision", "--lm")
+    raise ValueError(f"{given} needs {missing}: DiffusionVL-Qwen starts from a language model and a SigLIP tower")
+  if args.src is not None:
+    raise ValueError(f"a positional source ({args.src}) and --lm/--vision both given; use one of the two forms")
+  if args.projector is not None and args.stage != 2:
+    raise ValueError("--projector (stage 1's mm_projector.bin) starts stage 2; add --stage 2")
+  return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
