@@ -62,9 +62,9 @@ class Engine:
   model's); the engine never reads its per-request settings (algorithm, strategy, steps, threshold, temperature,
   top-k, top-p: each `Request` carries its own; a server may take them as its defaults). Its `max_len` is the
   cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the
-  longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may ask (default
-  `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`: decoding forwards
-  per `step` (the latency of admitting a request and of handing out blocks).
+  longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may
+  ask (default `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`:
+  decoding forwards per `step` (the latency of admitting a request and of handing out blocks).
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
@@ -151,7 +151,8 @@ class Engine:
 
   def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
     """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
-    `generate`), so that serving then never waits for a compile; the warm-up requests leave no trace."""
+    `generate`), so that serving text then never waits for a compile (an image request compiles an `insert` per
+    pair of prompt and patch-row buckets on first use); the warm-up outputs are dropped."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
     self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)

@@ -1,14 +1,15 @@
 """The serving engine's device side: a fixed number of slots, each a row of one donated KV cache, and the
-jitted programs over them (JetStream's prefill / insert / generate).
+jitted programs over them (JetStream's prefill / insert / generate); the engine keeps one such pool per algorithm.
 
-The slots' state is the sampler's own loop state over `S` rows: the algorithm's per-row constants (`rows`) and
-its loop carry (the KV cache `[layers, S, max_len, kv_heads, head_dim]` first). An idle slot is a dead row
-(prompt length 0, done from the start), as the sampler pads a batch. Three programs, each traced once per
-shape and counted in `TRACES`:
+The slots' state is the sampler's own loop state over `S` rows: the algorithm's per-row constants (`rows`, with
+each row's sampling settings and key: requests with different ones share the programs) and its loop carry (the
+KV cache `[layers, S, max_len, kv_heads, head_dim]` first). An idle slot is a dead row (prompt length 0, done
+from the start), as the sampler pads a batch. Four programs, each traced once per shape and counted in `TRACES`:
 
-* `empty`: every slot idle (once per engine);
+* `empty`: every slot idle (once per pool);
 * `insert`: the sampler's own prefill and first carry for one request, on a one-row cache, written over one
-  slot; the other slots keep their state (once per prompt-length bucket);
+  slot; the other slots keep their state (once per prompt-length bucket, and with images once per pair of
+  prompt and patch-row buckets: not per image layout);
 * `release`: a slot's row marked done (a cancelled request);
 * `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (`chunk`),
   then each slot's tokens so far; rows are independent, so a request decodes as it would alone.
