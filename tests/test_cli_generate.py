@@ -233,6 +233,13 @@ def test_bench_runs_the_script_with_the_remaining_arguments(monkeypatch):
   assert calls == [[sys.executable, script, "--small", "--gen", "8"]] and os.path.isfile(script)
 
 
+def test_bench_lists_exactly_the_runnable_scripts_of_benchmarks():
+  """Every script with a `__main__` entry in benchmarks/ is a `dvl bench` name, and every name is such a script."""
+  runnable = {os.path.splitext(f)[0] for f in os.listdir(bench_cli.FOLDER)
+              if f.endswith(".py") and '__name__ == "__main__"' in open(os.path.join(bench_cli.FOLDER, f)).read()}
+  assert set(bench_cli.BENCHMARKS) == runnable
+
+
 def test_bench_without_the_benchmarks_folder_says_so(monkeypatch, tmp_path):
   monkeypatch.setattr(bench_cli, "FOLDER", str(tmp_path))
   code, _, err = dvl_main("bench", "train")
