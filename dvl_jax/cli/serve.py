@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
   processor = load_processor(args)
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
-  config = config.resolve(processor.config)
+  config.resolve(processor.config)  # checks the options against the model before it loads; the engine keeps
+  # the config unresolved, so AR requests take the model's positions (M-RoPE) and block diffusion flat ones
   model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
   engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk)
   warm = args.warm_up or config.algorithm

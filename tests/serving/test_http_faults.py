@@ -216,8 +216,8 @@ def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch):
   """`dvl serve` in this process's main thread (where signals land), with the session server's engine settings
   (its compiles are reused) and a slower step, so the request is still decoding when SIGTERM arrives."""
-  step = Engine.step
-  monkeypatch.setattr(Engine, "step", lambda self: (time.sleep(0.03), step(self))[1])
+  step, configs = Engine.step, []
+  monkeypatch.setattr(Engine, "step", lambda self: (configs.append(self.config), time.sleep(0.03), step(self))[2])
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -244,6 +244,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch)
                "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--log-level", "warning"])
   thread.join(60)
   assert code == 0 and refused == [True]
+  assert configs[0].positions is None  # unresolved: AR requests take the model's (M-RoPE), as dvl.generate does
   events = [line for line in lines if line]
   assert events[-1] == "data: [DONE]"  # the in-flight request finished
   assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == GEN
