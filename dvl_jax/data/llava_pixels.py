@@ -39,10 +39,11 @@ def crops_to_patch_rows(crops: np.ndarray, patch_size: int) -> np.ndarray:
   return np.ascontiguousarray(x.reshape(n * g * g, c * patch_size**2), dtype=np.float32)
 
 
-def pixel_rows(images: Sequence[Any], vision: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pixel_rows(images: Sequence[Any], vision: Any, processor: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """PIL images -> (`pixel_values` patch rows `[N, C*p*p]` float32, `image_sizes` `[n, 2]` (height, width),
-  crops per image `[n]`), the inputs of `anyres.anyres_layout` and the model."""
-  processor = image_processor(vision)
+  crops per image `[n]`), the inputs of `anyres.anyres_layout` and the model; `processor` defaults to
+  `image_processor(vision)`."""
+  processor = image_processor(vision) if processor is None else processor
   crops, sizes, counts = [], [], []
   for image in images:
     out = processor(image, return_tensors="np")

@@ -1,16 +1,18 @@
 """`dvl.Processor`: prompts with `<image>` markers + images -> padded model inputs.
 
-Tokenizer and image processor are transformers' own (never re-implemented): the slow PIL
-`Qwen2VLImageProcessor` with the checkpoint's pixel bounds (spec §2.1, see `pixel_bounds`). Prompts use
-the LLaVA convention of one `<image>` per image; each marker becomes the image-token id repeated once per
-merged patch (the HF convention the model takes), exactly as the repo's `tokenizer_image_token` splits
-and joins text chunks around `-200` (spec §9.2).
+Tokenizer and image processor are transformers' own (never re-implemented); the image processor and the
+token count of each image are the model family's (its `data.image_inputs` hook: Qwen2.5-VL's slow PIL
+`Qwen2VLImageProcessor` with the checkpoint's pixel bounds, spec §2.1, see `pixel_bounds`; DiffusionVL-Qwen's
+anyres crops). Prompts use the LLaVA convention of one `<image>` per image; each marker becomes the image-token
+id repeated once per image token (the HF convention the model takes), exactly as the repo's
+`tokenizer_image_token` splits and joins text chunks around `-200` (spec §9.2).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from types import ModuleType
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,6 +34,11 @@ class Processor:
   def __init__(self, tokenizer: Any, image_processor: Any, config: ModelConfig):
     self.tokenizer, self.image_processor, self.config = tokenizer, image_processor, config
 
+  @property
+  def images(self) -> ModuleType:
+    """The family's image hook (`data.image_inputs`)."""
+    return _family(self.config).host_images
+
   @classmethod
   def from_pretrained(cls, ckpt_dir: str, *, min_pixels: int | None = None, max_pixels: int | None = None
                       ) -> "Processor":
@@ -39,17 +46,15 @@ class Processor:
     checkpoint's pixel bounds (`pixel_bounds`; an argument overrides its bound); `ckpt_dir` may be a
     `gs://` URL (its side files are cached locally)."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     ckpt_dir = storage.local_side_files(ckpt_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, "tokenizer.json")):
       raise FileNotFoundError(f"{ckpt_dir} has no tokenizer.json; convert a checkpoint that ships its tokenizer")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt_dir)
     config = ModelConfig.load(os.path.join(ckpt_dir, "config.json"))
-    min_pixels, max_pixels = pixel_bounds(ckpt_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=config.vision.patch_size,
-        temporal_patch_size=config.vision.temporal_patch_size, merge_size=config.vision.spatial_merge_size)
+    family = _family(config)
+    image_processor = None if not family.images else family.host_images.image_processor(
+        ckpt_dir, config.vision, min_pixels=min_pixels, max_pixels=max_pixels)
     return cls(tokenizer, image_processor, config)
 
   def encode(self, prompt: str, num_images: int) -> np.ndarray:
@@ -65,29 +70,31 @@ class Processor:
     return np.asarray(ids, np.int64)
 
   def preprocess_images(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Images -> `pixel_values` `[N_patches, patch_dim]` float32 and `image_grid_thw` `[N_images, 3]`."""
-    out = self.image_processor(images=list(images), return_tensors="np")
-    return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+    """Images -> `pixel_values` `[N_rows, patch_dim]` float32 and `image_grid_thw` `[N_images, k]`."""
+    return self.images.preprocess(self.image_processor, images, self.config.vision)[:2]
 
   def __call__(self, prompts: str | Sequence[str], images: Sequence[Sequence[Any]] | None = None,
                *, pad_to: int | None = None) -> dict[str, np.ndarray | None]:
     """Batch of prompts (and per-prompt image lists) -> `input_ids`/`attention_mask` `[B, L]`,
-    `pixel_values` `[N_patches, patch_dim]`, `image_grid_thw` `[N_images, 3]` (None without images)."""
+    `pixel_values` `[N_rows, patch_dim]`, `image_grid_thw` `[N_images, k]` (None without images): what
+    `dvl.generate` takes (it builds the family's layout from `image_grid_thw`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     images = [[] for _ in prompts] if images is None else [list(x) for x in images]
     if len(images) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
     flat_images = [im for row in images for im in row]
     pixels = grids = None
+    tokens = np.zeros(0, np.int64)
     if flat_images:
-      pixels, grids = self.preprocess_images(flat_images)
+      pixels, grids, tokens = self.images.preprocess(self.image_processor, flat_images, self.config.vision)
     rows, start = [], 0
     for prompt, row_images in zip(prompts, images):
-      row_grids = None if grids is None else grids[start:start + len(row_images)]
+      # one (count, 1, 1) "grid" per image with merge unit 1: each marker becomes `count` image tokens
+      counts = tokens[start:start + len(row_images)]
       start += len(row_images)
-      rows.append(expand_image_placeholders(self.encode(prompt, len(row_images)), row_grids,
-                                            image_token_id=self.config.image_token_id,
-                                            merge_unit=self.config.vision.merge_unit))
+      rows.append(expand_image_placeholders(self.encode(prompt, len(row_images)),
+                                            np.stack([counts, np.ones_like(counts), np.ones_like(counts)], -1),
+                                            image_token_id=self.config.image_token_id, merge_unit=1))
     length = max(len(r) for r in rows) if pad_to is None else pad_to
     if any(len(r) > length for r in rows):
       raise ValueError(f"a prompt has {max(len(r) for r in rows)} tokens, more than pad_to={length}")
@@ -97,6 +104,13 @@ class Processor:
       input_ids[i, :len(r)], attention_mask[i, :len(r)] = r, 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
             "image_grid_thw": grids}
+
+
+def _family(config: ModelConfig) -> Any:
+  """The config's `models.families.Family`: the registry is a layer above this one, so it is looked up late."""
+  from dvl_jax.models import families
+
+  return families.get(config.family)
 
 
 def pixel_bounds(ckpt_dir: str, *, min_pixels: int | None = None, max_pixels: int | None = None

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dvl_jax.core.config import ModelConfig
-from dvl_jax.core.vision_layout import VisionLayout, vision_layout
+from dvl_jax.core.vision_layout import VisionLayout
+from dvl_jax.models import families
 
 ALGORITHMS = ("block_diffusion", "autoregressive")
 STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "threshold")
@@ -104,7 +105,8 @@ class Prompts:
   """A batch of prompts: right-padded `ids` `[B, W]`, `lengths` `[B]`, optional images.
 
   Images follow the Hugging Face convention (image-token ids in `ids`, `pixel_values` `[N, patch_dim]`,
-  `image_grid_thw` `[n_images, 3]`); `vision` is the precomputed layout (built from the grid if absent).
+  `image_grid_thw` `[n_images, 3]`, or the family's image metadata, e.g. DiffusionVL-Qwen's (height, width));
+  `vision` is the precomputed layout (built from `image_grid_thw` by the family's image hook if absent).
   """
 
   ids: np.ndarray
@@ -168,9 +170,8 @@ class Prompts:
       if vision is None:
         if self.image_grid_thw is None:
           raise ValueError("pixel_values given without image_grid_thw (or a precomputed `vision` layout)")
-        rows = round_up(pixels.shape[0], PATCH_BUCKET)
-        pixels = np.pad(pixels, ((0, rows - pixels.shape[0]), (0, 0)))
-        vision = vision_layout(np.asarray(self.image_grid_thw), model_cfg.vision, pad_patches=rows)
+        pixels, vision = families.get(model_cfg.family).host_images.layout(
+            pixels, self.image_grid_thw, model_cfg.vision, PATCH_BUCKET)
     return Prompts(ids, lengths, pixels, self.image_grid_thw, vision)
 
 

@@ -2,7 +2,8 @@
 
 A family is one folder under `dvl_jax/models/` with its modules (implementing `interface.DiffusionLM`), its
 Hugging Face config reader / writer (`hf_config`: `from_hf(dict, **overrides)`, `to_hf(cfg)`) and its
-checkpoint key map (`key_map`: `RULES`, `LAYOUTS`, `SIDE_FILES`, see `dvl_jax.models.key_map`). The config's
+checkpoint key map (`key_map`: `RULES`, `LAYOUTS`, `SIDE_FILES`, see `dvl_jax.models.key_map`), plus, for a family
+that takes images, its host-side image hook (`images`, `dvl_jax.data.image_inputs`). The config's
 `family` field names it; a checkpoint's `config.json` `model_type` picks it when converting. Entries are
 import paths, so listing a family imports nothing.
 """
@@ -27,6 +28,7 @@ class Family:
   hf_model_types: tuple[str, ...]  # config.json `model_type` values this family reads
   description: str
   vision_config: str = ""  # a class in the family's `vision_config` module; "" = core.config.VisionConfig
+  images: str = ""  # import path of its host-side image hook (`dvl_jax.data.image_inputs`); "" = no images
 
   def module(self, name: str) -> ModuleType:
     return importlib.import_module(f"{self.package}.{name}")
@@ -41,6 +43,13 @@ class Family:
     return getattr(self.module("vision_config"), self.vision_config) if self.vision_config else VisionConfig
 
   @property
+  def host_images(self) -> ModuleType:
+    """The hook that turns images into this family's model inputs and layouts (`dvl_jax.data.image_inputs`)."""
+    if not self.images:
+      raise ValueError(f"the {self.name} family takes no images ({self.description})")
+    return importlib.import_module(self.images)
+
+  @property
   def hf_config(self) -> ModuleType:
     return self.module("hf_config")
 
@@ -52,13 +61,14 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen2_5_vl", "dvl_jax.models.qwen25vl", "Qwen25VL",
            ("qwen2_5_vl", "diffusionvl_qwenvl", "llada_qwen"),
-           "Qwen2.5-VL / DiffusionVL-QwenVL: Qwen ViT + PatchMerger + Qwen2.5 decoder"),
+           "Qwen2.5-VL / DiffusionVL-QwenVL: Qwen ViT + PatchMerger + Qwen2.5 decoder",
+           images="dvl_jax.data.qwen_images"),
     Family("qwen2", "dvl_jax.models.qwen2", "Qwen2LM", ("qwen2",),
            "Qwen2 / Qwen2.5 text-only LM (a block-diffusion LM; no vision tower)"),
     Family("diffusionvl_qwen", "dvl_jax.models.diffusionvl_qwen", "DiffusionVLQwen",
            ("diffusionvl_qwen", "llava_qwen", "llava_onevision"),
            "DiffusionVL-Qwen / LLaVA-OneVision: SigLIP + mlp2x_gelu + anyres packing + Qwen2.5 decoder",
-           vision_config="SiglipVisionConfig"),
+           vision_config="SiglipVisionConfig", images="dvl_jax.data.llava_images"),
 )}
 
 
