@@ -42,9 +42,9 @@ class Processor:
   @classmethod
   def from_pretrained(cls, ckpt_dir: str, *, min_pixels: int | None = None, max_pixels: int | None = None
                       ) -> "Processor":
-    """Loads the tokenizer files `dvl convert` copied next to the params, the model config and the
-    checkpoint's pixel bounds (`pixel_bounds`; an argument overrides its bound); `ckpt_dir` may be a
-    `gs://` URL (its side files are cached locally)."""
+    """Loads the tokenizer files `dvl convert` copied next to the params, the model config and its family's
+    image processor (none for a text-only family; Qwen2.5-VL's with the checkpoint's `pixel_bounds`, an
+    argument overriding its bound); `ckpt_dir` may be a `gs://` URL (its side files are cached locally)."""
     from transformers import PreTrainedTokenizerFast
 
     ckpt_dir = storage.local_side_files(ckpt_dir)
