@@ -1,7 +1,8 @@
 """Sampling speed: AR decoding vs block diffusion (static / dynamic / threshold, reference vs fused), on one
 device or over `('data', 'fsdp', 'tensor')` meshes.
 
-A random ~56M-parameter Qwen2.5 text model (hidden 512, 8 layers, GQA 8/2, 32k vocabulary) decodes
+A random ~56M-parameter Qwen2.5 text model (hidden 512, 8 layers, GQA 8/2, 32k vocabulary; `--vocab full`: the
+151,680 rows of the real checkpoints, 179M parameters, most of them in the embedding and the lm_head) decodes
 `--gen` tokens for `--batch` prompts of different lengths. Its lm_head is scaled so confidences spread
 over (0, 1) as in a trained model (at the default init every position has confidence ~1/vocab and
 dynamic / threshold decoding would fix one token per pass); the EOS logit is pinned to 0, so the
@@ -14,26 +15,36 @@ output (a separate commit pass per block, `mode="reference"`), speed-up in NFE o
 setting (static, steps 8, reference), compile seconds, XLA's peak buffer estimate per device (arguments +
 outputs + temporaries), and the params' and the KV cache's bytes on one device.
 
+`--split` profiles one more run of each setting and splits its decoding loop's time per forward into decoder /
+lm_head / proposal / other (by the named scope of each XLA op; the prefill is left out), next to the time one
+full read of the decoder's and the lm_head's weights takes (a forward cannot be faster than reading them).
+
 `--mesh` takes shapes (`2,1,4`), `auto` (`suggest_mesh` for the largest batch) or `1` (one device). On
 CPU, fake devices must exist before jax starts; they share the host's cores, so their tokens/s measure
 the sharded program's overhead, not a speed-up (memory per device is real):
 
-    python benchmarks/sampling.py [--batch 1 8] [--gen 256] [--repeats 2] [--small]
+    python benchmarks/sampling.py [--batch 1 8] [--gen 256] [--repeats 2] [--small] [--vocab full] [--split]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sampling.py --mesh 1 1,1,8 2,1,4
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import glob
 import os
+import re
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.profiler import ProfileData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,9 +69,13 @@ SETTINGS = {
 }
 
 
-def bench_model(small: bool, lm_head_scale: float) -> Any:
+FULL_VOCAB = 151_680  # Qwen2.5-VL's embedding rows
+SCOPES = ("decoder", "lm_head", "proposal")  # named scopes of the models' and samplers' ops; the rest is "other"
+
+
+def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None) -> Any:
   cfg = tiny_config()
-  vocab = 4096 if small else 32768
+  vocab = vocab or (4096 if small else 32768)
   hidden = 256 if small else 512
   text = dataclasses.replace(cfg.text, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                              num_layers=4 if small else 8, num_heads=8, num_kv_heads=2, rope_theta=1e6,
@@ -78,6 +93,79 @@ def peak_bytes(lowered: jax.stages.Lowered) -> tuple[float, int]:
   seconds = time.perf_counter() - start
   m = compiled.memory_analysis()
   return seconds, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def loop_scopes(hlo: str) -> dict[str, str]:
+  """Instruction name -> scope of the compiled program's decoding-loop ops. XLA passes drop the name of some
+  ops (dots among them): such an op takes that of its first named user (inside a fusion: of the fused parameter
+  it feeds). Control flow is left out (its events span the
+  ops inside)."""
+  named, users, calls, params, ops = {}, collections.defaultdict(list), {}, {}, []
+  computation = ""
+  for line in hlo.splitlines():
+    start = re.match(r"(?:ENTRY )?%?([\w.-]+) \(", line)
+    if start:
+      computation = start.group(1)
+    head = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = .*? ([a-z][\w-]*)\((.*)", line)
+    if not head:
+      continue
+    name, opcode, rest = head.groups()
+    if opcode == "parameter":
+      params[computation, int(rest.split(")")[0])] = name
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    if op_name:
+      named[name] = op_name.group(1)
+    callee = re.search(r"calls=%([\w.-]+)", rest)
+    calls[name] = callee and callee.group(1)
+    for i, operand in enumerate(re.findall(r"%([\w.-]+)", rest.split("), ")[0])):
+      users[operand].append((name, i))
+    if opcode not in ("while", "conditional", "call", "parameter", "get-tuple-element", "tuple", "bitcast"):
+      ops.append(name)
+
+  def op_name(name: str, depth: int = 0) -> str:
+    if name in named or depth > 8:
+      return named.get(name, "")
+    for user, i in users[name]:
+      found = op_name(params.get((calls[user], i), user), depth + 1)
+      if found:
+        return found
+    return ""
+
+  scopes = {}
+  for name in ops:
+    full = op_name(name)
+    if "decode_loop" in full:
+      scopes[name] = next((s for s in SCOPES if f"/{s}/" in full), "other")
+  return scopes
+
+
+def split(model: Any, prompts: Prompts, config: SamplingConfig) -> dict[str, float]:
+  """Each scope's share of the decoding loop's op time in a profile of one `generate`."""
+  scopes = loop_scopes(sampler.lower(model, prompts, config).compile().as_text())
+  with tempfile.TemporaryDirectory() as folder:
+    jax.profiler.start_trace(folder)
+    sampler.generate(model, prompts, config)
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+  spent = collections.Counter()
+  for line in (line for plane in data.planes for line in plane.lines):
+    for event in line.events:
+      op = dict(event.stats).get("hlo_op")
+      spent[scopes.get(op, "")] += event.duration_ns if op in scopes else 0
+  total = sum(spent.values()) or 1
+  return {scope: spent[scope] / total for scope in (*SCOPES, "other")}
+
+
+def read_ms(tree: Any, repeats: int = 5) -> float:
+  """Milliseconds one pass over every array of `tree` takes (a max-reduction: one read of each byte)."""
+  read = jax.jit(lambda t: [jnp.max(a) for a in jax.tree.leaves(t)])
+  jax.block_until_ready(read(tree))
+  best = np.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(read(tree))
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
 
 
 def placed(model: Any, choice: str, batch: int) -> tuple[str, Any]:
@@ -100,8 +188,9 @@ def mib_per_device(tree: object) -> float:
   return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == device) / 2**20
 
 
-def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> list[tuple]:
-  """One table row per setting for `batch` prompts (the same on every mesh) on `model`'s devices."""
+def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> tuple[list[tuple], list[tuple]]:
+  """One table row per setting for `batch` prompts (the same on every mesh) on `model`'s devices, and one row
+  of its per-forward split if `args.split`."""
   rng = np.random.default_rng(batch)
   bs = model.config.block_size
   lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
@@ -123,8 +212,12 @@ def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> list[t
         cpu[name] = min(cpu[name], time.process_time() - start_cpu)
   original = outs.get("static s8 reference (original)")
   params = mib_per_device(nnx.state(model))
-  rows = []
+  rows, splits = [], []
   for name, out in outs.items():
+    if args.split:
+      per_forward = wall[name] / out.forwards * 1e3
+      shares = split(model, prompts, configs[name])
+      splits.append((name, mesh, batch, f"{per_forward:.1f}", *(f"{per_forward * x:.1f}" for x in shares.values())))
     decoded = float(out.tokens_per_forward @ out.nfe)
     is_fused = configs[name].mode == "fused" and configs[name].algorithm == "block_diffusion"
     orig_nfe = out.nfe + (blocks if is_fused else 0)
@@ -133,7 +226,14 @@ def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> list[t
                  f"{np.mean(out.tokens_per_forward):.2f}", f"{np.mean(out.nfe):.1f}", f"{np.mean(orig_nfe):.1f}",
                  gain, f"{compile_s[name]:.1f}", f"{peak[name] / 2**20:.0f}", f"{params:.1f}",
                  f"{mib_per_device(out.cache):.1f}"))
-  return rows
+  return rows, splits
+
+
+def table(header: tuple[str, ...], rows: list[tuple]) -> None:
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  for r in rows:
+    print("| " + " | ".join(str(x) for x in r) + " |")
 
 
 def main() -> None:
@@ -142,27 +242,33 @@ def main() -> None:
   parser.add_argument("--gen", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--small", action="store_true", help="a ~3M model for a quick check")
+  parser.add_argument("--vocab", default=None, help=f'vocabulary rows: a number or "full" ({FULL_VOCAB:,}); '
+                      "default 32768 (4096 with --small)")
+  parser.add_argument("--split", action="store_true", help="profile each setting: ms per forward in decoder / "
+                      "lm_head / proposal / other")
   parser.add_argument("--lm-head-scale", type=float, default=40.0)
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   parser.add_argument("--mesh", nargs="+", default=["1"], help='"1" (one device), "auto" or data,fsdp,tensor')
   args = parser.parse_args()
 
-  model = bench_model(args.small, args.lm_head_scale)
+  vocab = FULL_VOCAB if args.vocab == "full" else args.vocab and int(args.vocab)
+  model = bench_model(args.small, args.lm_head_scale, vocab)
   params = sum(x.size for path, x in jax.tree.leaves_with_path(nnx.state(model))
                if model.param_group(path_names(path)) == "language")
   print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {model.config.block_size}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
-  rows = []
+  rows, splits = [], []
   for mesh in args.mesh:
     label, on_mesh = placed(model, mesh, max(args.batch))
     for batch in args.batch:
-      rows += bench(on_mesh, label, batch, args)
-  header = ("setting", "mesh", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
-            "compile s", "peak MiB", "params MiB/dev", "cache MiB/dev")
-  print("| " + " | ".join(header) + " |")
-  print("|" + "---|" * len(header))
-  for r in rows:
-    print("| " + " | ".join(str(x) for x in r) + " |")
+      new_rows, new_splits = bench(on_mesh, label, batch, args)
+      rows, splits = rows + new_rows, splits + new_splits
+  table(("setting", "mesh", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
+         "compile s", "peak MiB", "params MiB/dev", "cache MiB/dev"), rows)
+  if args.split:
+    print(f"\none read of the weights: decoder layers {read_ms(nnx.state(model.text.layers)):.1f} ms, "
+          f"lm_head {read_ms(nnx.state(model.lm_head)):.1f} ms")
+    table(("setting", "mesh", "batch", "ms/forward", *(f"{s} ms" for s in SCOPES), "other ms"), splits)
 
 
 if __name__ == "__main__":

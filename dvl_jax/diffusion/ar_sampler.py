@@ -139,7 +139,9 @@ def step(ctx: _Context, c: _Carry) -> _Carry:
   spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, ctx.max_len, kind="causal")
   hidden, kv = ctx.model.decode(x, pos, spec, kv_cache.pinned(c.cache, ctx.placement.cache), return_kv=True)
   cache = kv_cache.write(c.cache, kv, slot, active, ctx.placement.cache)
-  token, _ = sampler_common.propose(ctx.config, ctx.model.logits(hidden), r.keys, c.nfe)
+  logits = ctx.model.logits(hidden)
+  with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
+    token, _ = sampler_common.propose(ctx.config, logits, r.keys, c.nfe)
   new = token[:, 0]
   tokens = _put(c.tokens, jnp.where(active, c.t, ctx.config.gen_length)[:, None], new[:, None])
   ends = ((c.t + 1) % ctx.config.block_size == 0) | (new == cfg.eos_token_id) | (c.t + 1 == r.gen)

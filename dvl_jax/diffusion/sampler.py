@@ -250,7 +250,9 @@ def denoise(ctx: _Context, c: _Carry, hidden: jax.Array, rows_on: jax.Array
   """One denoising decision (spec §6.4-§6.5) for the current block of the `rows_on` `[B]` rows from its hidden
   states `[B, bs, H]` -> the carry's new (ids, masked, decoded_at)."""
   window = _window(c.blk * ctx.bs, ctx.bs)
-  x0, p0 = sampler_common.propose(ctx.config, ctx.model.logits(hidden), ctx.rows.keys, c.nfe)
+  logits = ctx.model.logits(hidden)
+  with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
+    x0, p0 = sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.nfe)
   masked = _at(c.masked, window)
   scheduled = _at(ctx.rows.schedule, jnp.minimum(c.step, ctx.bs)[:, None])[:, 0]
   pick = remask.select(p0, masked & rows_on[:, None], scheduled, strategy="low_confidence_dynamic",

@@ -47,14 +47,16 @@ class DecoderLM(nnx.Module):
              *, return_kv: bool = False) -> tuple[jax.Array, KV | None]:
     """Decoder over embeddings with `[B, L]` (flat) or `[3, B, L]` (M-RoPE) positions."""
     t = self.config.text
-    cos, sin = text_rope(positions, t.head_dim, t.rope_theta, t.mrope_section, dtypes(self.config)[1])
-    return self.text(embeds, cos, sin, spec, cache, return_kv=return_kv)
+    with jax.named_scope("decoder"):  # names the decoder's ops in profiles (`benchmarks/sampling.py --split`)
+      cos, sin = text_rope(positions, t.head_dim, t.rope_theta, t.mrope_section, dtypes(self.config)[1])
+      return self.text(embeds, cos, sin, spec, cache, return_kv=return_kv)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """lm_head (tied or not) in the compute dtype, returned in fp32 (spec §10.7)."""
-    if self.lm_head is None:
-      return self.text.embed_tokens.attend(hidden).astype(jnp.float32)
-    return self.lm_head(hidden).astype(jnp.float32)
+    with jax.named_scope("lm_head"):
+      if self.lm_head is None:
+        return self.text.embed_tokens.attend(hidden).astype(jnp.float32)
+      return self.lm_head(hidden).astype(jnp.float32)
 
   def positions(self, input_ids: Any, image_grid_thw: Any, attention_mask: Any,
                 mode: str | jax.Array) -> jax.Array:
