@@ -245,21 +245,65 @@ def block_pass(ctx: _Context, c: _Carry, cache: KV, return_kv: bool) -> tuple[ja
   return forward(ctx, c.ids, window, window < ctx.limit[:, None], start, cache, return_kv)
 
 
-def denoise(ctx: _Context, c: _Carry, hidden: jax.Array, rows_on: jax.Array
+def batch_decisions(ctx: _Context, c: _Carry, flag: jax.Array, rows_on: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(does any row's `flag` `[B]` hold, the most masked positions a `rows_on` `[B]` row has in its current block)
+  in one reduction over the rows: on a mesh, one all-reduce per step decides both."""
+  masked = jnp.sum(_at(c.masked, _window(c.blk * ctx.bs, ctx.bs)) & rows_on[:, None], axis=1)
+  most = jnp.max(jnp.stack([flag.astype(jnp.int32), masked], axis=1), axis=0)
+  return most[0] > 0, most[1]
+
+
+def denoise(ctx: _Context, c: _Carry, hidden: jax.Array, rows_on: jax.Array, widest: jax.Array
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One denoising decision (spec §6.4-§6.5) for the current block of the `rows_on` `[B]` rows from its hidden
-  states `[B, bs, H]` -> the carry's new (ids, masked, decoded_at)."""
+  states `[B, bs, H]`, none of which has more than `widest` `[]` masked positions -> the carry's new (ids,
+  masked, decoded_at)."""
   window = _window(c.blk * ctx.bs, ctx.bs)
-  logits = ctx.model.logits(hidden)
-  with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    x0, p0 = sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.nfe)
   masked = _at(c.masked, window)
+  x0, p0 = proposals(ctx, c, hidden, masked & rows_on[:, None], widest)
   scheduled = _at(ctx.rows.schedule, jnp.minimum(c.step, ctx.bs)[:, None])[:, 0]
   pick = remask.select(p0, masked & rows_on[:, None], scheduled, strategy="low_confidence_dynamic",
                        threshold=ctx.rows.threshold[:, None])
   return (_put(c.ids, window, jnp.where(pick, x0, _at(c.ids, window))),
           _put(c.masked, window, masked & ~pick),
           _put(c.decoded_at, window, jnp.where(pick, c.nfe[:, None], _at(c.decoded_at, window))))
+
+
+def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, widest: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  """Token and confidence `[B, bs]` at every `masked` `[B, bs]` position of the block (other positions: zeros)
+  from its hidden states `[B, bs, H]`; no row has more than `widest` `[]` masked positions.
+
+  Greedy decoding runs the lm_head and the proposal at the masked positions only: they are gathered, in order,
+  to the narrowest of a few compiled widths (`widths`) that holds every row's. Sampling draws its noise per
+  position of the whole block, so it keeps all `bs` (its tokens then do not depend on the other rows')."""
+  if ctx.config.temperature > 0:
+    return propose(ctx, c, hidden)
+  order = jnp.argsort(~masked, axis=1, stable=True)  # masked positions first, in order
+  zeros = jnp.zeros(masked.shape, jnp.int32)
+
+  def at(width: int) -> Any:
+    def gathered() -> tuple[jax.Array, jax.Array]:
+      slots = order[:, :width]
+      x0, p0 = propose(ctx, c, jnp.take_along_axis(hidden, slots[..., None], axis=1))
+      return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
+    return gathered
+
+  sizes = widths(ctx.bs)
+  narrowest = jnp.sum(jnp.array(sizes) < widest)  # the first width that holds every row's masked positions
+  return jax.lax.switch(narrowest, [at(w) for w in sizes])
+
+
+def widths(bs: int) -> tuple[int, ...]:
+  """The compiled widths of `proposals`: powers of two below `bs`, and `bs`."""
+  return tuple(2 ** i for i in range(bs.bit_length()) if 2 ** i < bs) + (bs,)
+
+
+def propose(ctx: _Context, c: _Carry, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """lm_head and proposal (`sampler_common.propose`) of hidden states `[B, n, H]` -> tokens, confidences `[B, n]`."""
+  logits = ctx.model.logits(hidden)
+  with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
+    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.nfe)
 
 
 def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -286,7 +330,8 @@ def reference_step(ctx: _Context, c: _Carry) -> _Carry:
   hidden, kv = block_pass(ctx, c, c.cache, True)
   commit, denoising = active & c.pending, active & ~c.pending
   cache = kv_cache.write(c.cache, kv, c.blk * ctx.bs, commit, ctx.placement.cache)
-  ids, masked, decoded_at = jax.lax.cond(jnp.any(denoising), lambda: denoise(ctx, c, hidden, denoising),
+  any_denoising, widest = batch_decisions(ctx, c, denoising, denoising)
+  ids, masked, decoded_at = jax.lax.cond(any_denoising, lambda: denoise(ctx, c, hidden, denoising, widest),
                                          lambda: (c.ids, c.masked, c.decoded_at))
   clean, last = block_state(ctx, ids, masked, c.blk)
   report(ctx, denoising & clean, c.blk, ids)
@@ -302,9 +347,10 @@ def fused_step(ctx: _Context, c: _Carry) -> _Carry:
   commits it in the same forward (`fused_pass`)."""
   active = ~c.done
   commit = active & c.pending
-  hidden, cache = jax.lax.cond(jnp.any(commit), functools.partial(fused_pass, ctx, c, commit),
+  any_commit, widest = batch_decisions(ctx, c, commit, active)
+  hidden, cache = jax.lax.cond(any_commit, functools.partial(fused_pass, ctx, c, commit),
                                lambda cache: (block_pass(ctx, c, cache, False)[0], cache), c.cache)
-  ids, masked, decoded_at = denoise(ctx, c, hidden, active)
+  ids, masked, decoded_at = denoise(ctx, c, hidden, active, widest)
   clean, last = block_state(ctx, ids, masked, c.blk)
   finished = active & clean
   report(ctx, finished, c.blk, ids)
