@@ -35,19 +35,28 @@ def write_prefix(cache: KV, kv: KV, sharding: jax.sharding.Sharding | None = Non
 
 def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: jax.sharding.Sharding | None = None
           ) -> KV:
-  """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`.
+  """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`, which
+  must lie inside the cache.
 
-  One scatter per (layer, row) under `vmap`: its batch dimensions are explicit and leading, so a
-  row-sharded cache is updated in place on each device (a scatter indexed by global row ids would
-  all-gather the update). `sharding` (the cache's, on a mesh) pins the cache, the new K/V and the result:
-  left to itself the partitioner may shard the write like the attention that produced the K/V and then
+  In place: every row writes a window of `n` slots (a disabled row writes back what the window holds), one
+  dynamic-update-slice per (layer, row) under `vmap`. Its batch dimensions are explicit and leading, so a
+  row-sharded cache is updated in place on each device (a scatter indexed by global row ids would all-gather
+  the update); a write that may drop slots would copy the whole cache every step instead (XLA selects between
+  the updated and the old cache). `sharding` (the cache's, on a mesh) pins the cache, the new K/V and the
+  result: left to itself the partitioner may shard the write like the attention that produced the K/V and then
   all-gather the whole cache back.
   """
   cache, kv = pinned(cache, sharding), pinned(kv, sharding)
   n, max_len = kv[0].shape[2], cache[0].shape[2]
-  slots = jnp.where(enabled[:, None], starts[:, None] + jnp.arange(n), max_len)  # max_len: dropped
-  row = jax.vmap(lambda c, x, s: c.at[s].set(x.astype(c.dtype), mode="drop"))  # c [B, max_len, ...]
-  return pinned(tuple(jax.vmap(row, in_axes=(0, 0, None))(c, x, slots) for c, x in zip(cache, kv)), sharding)
+  starts = jnp.clip(starts, 0, max_len - n)
+
+  def row(c: jax.Array, x: jax.Array, start: jax.Array, on: jax.Array) -> jax.Array:  # c [max_len, ...], x [n, ...]
+    kept = jax.lax.dynamic_slice_in_dim(c, start, n)
+    return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(on, x.astype(c.dtype), kept), start, axis=0)
+
+  layer = jax.vmap(row)  # over rows
+  return pinned(tuple(jax.vmap(layer, in_axes=(0, 0, None, None))(c, x, starts, enabled) for c, x in zip(cache, kv)),
+                sharding)
 
 
 def put_row(cache: KV, row: KV, index: jax.Array) -> KV:
