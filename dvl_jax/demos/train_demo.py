@@ -9,8 +9,8 @@
 4. `dvl eval`'s evaluator (task `synthetic`) scores held-out questions (another seed of the generator):
    AR greedy decoding of the source model vs static / dynamic / threshold block-diffusion decoding of the
    finetuned one, in two tables: the one- to three-word answers, which end inside the first 8-token block
-   and leave nothing to decode in parallel, and the 17-19-word "cells" answers, where block diffusion
-   decodes several tokens per forward. Both stages train on every question kind, the long answers included.
+   and leave nothing to decode in parallel, and the 17-19-word "cells" answers, long enough for block
+   diffusion to decode several tokens per forward. Both stages train on every question kind, the long answers included.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ class DemoSize:
 
 
 VOCAB_SIZE = 128  # the generator's ~50 words, the chat markup and the reserved ids
-# FULL: 1000 AR steps learn the long answers (AR: 93% exact match on them, 97% on the short ones); at 500
-# stage-2 steps block diffusion still decodes them about one token per forward and mostly wrong, hence 900
-# (not yet measured: the lead's idle-CPU run settles it; 800 + 500 steps took 7 min 43 s).
+# FULL: 1000 AR steps learn the long answers (AR: 93% exact match on them, 97% on the short ones); block
+# diffusion still decodes them about one token per forward and mostly wrong (1% after 500 stage-2 steps, 8%
+# after 750), hence as many stage-2 steps as 15 minutes allow (800 + 500 steps took 7 min 43 s).
 FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=1000, diffusion_steps=900,
                 diffusion_learning_rate=3e-4)
 QUICK = DemoSize(train_examples=256, eval_examples=16, ar_steps=40, diffusion_steps=40)
@@ -112,7 +112,8 @@ def _train(workdir: str, config: Any, progress: bool) -> str:
 def evaluate(model: Any, processor: Any, examples: list[synthetic.Example], sampling: dict[str, Any],
              batch_size: int = 32) -> dict[str, float]:
   """Exact match of the decoded answer, tokens per forward (decoded tokens / model forwards) overall and
-  on the three-word descriptions, and tok/s."""
+  on the three-word descriptions, and tok/s: notebooks/train_tiny.ipynb's evaluation (the demo itself
+  ends with the evaluator's, `evaluate_splits`)."""
   import dvl_jax as dvl
 
   config = dvl.SamplingConfig(gen_length=8, length_bucket=16, **sampling)
