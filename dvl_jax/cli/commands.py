@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="end this invocation after N steps with a checkpoint (default: run to the end)")
   train.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
-  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (<15 min, 2 cores)",
+  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (~8 min, 2 cores)",
                         description="Trains a small Qwen2.5-VL as an AR VLM on synthetic visual QA, exports it to "
                         "PyTorch/HF, converts it back, finetunes it with the BD3-LM objective and compares AR and "
                         "block-diffusion decoding on held-out questions.")
@@ -152,8 +152,7 @@ def _run(args: argparse.Namespace) -> int:
 
     out = train_demo.run(args.workdir, quick=args.quick, seed=args.seed)
     if not args.quick and not train_demo.passed(out["results"]):
-      print("block-diffusion decoding missed the demo's bar (>= 90% exact match, within 2 points of AR, "
-            "short and long answers)")
+      print("block-diffusion decoding missed the demo's bar (>= 90% exact match, within 5 points of AR)")
       return 1
   return 0
 
