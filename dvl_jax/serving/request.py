@@ -11,6 +11,7 @@ import numpy as np
 from dvl_jax.diffusion.sampling_config import GenerateOutput, SamplingConfig
 
 SEEDS = 2 ** 32  # `jax.random.key` keeps 32 bits of a seed: larger ones would collide silently
+_DEFAULTS = SamplingConfig()  # a request left alone decodes as dvl.generate does by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,14 +26,14 @@ class Request:
   """
 
   prompt: Sequence[int]
-  max_tokens: int = 128
-  remasking_strategy: str = "low_confidence_static"
-  steps: int = 8
-  confidence_threshold: float = 0.85
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-  algorithm: str = "block_diffusion"
+  max_tokens: int = _DEFAULTS.gen_length
+  remasking_strategy: str = _DEFAULTS.remasking_strategy
+  steps: int = _DEFAULTS.steps
+  confidence_threshold: float = _DEFAULTS.confidence_threshold
+  temperature: float = _DEFAULTS.temperature
+  top_p: float = _DEFAULTS.top_p
+  top_k: int = _DEFAULTS.top_k
+  algorithm: str = _DEFAULTS.algorithm
   seed: int = 0
   pixel_values: Any = None
   image_grid_thw: Any = None

@@ -3,9 +3,7 @@ thread for the whole session: the HTTP tests share its engine, hence its compile
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import socket
 import threading
 import time
@@ -16,6 +14,7 @@ import pytest
 import uvicorn
 
 import dvl_jax as dvl
+from dvl_jax.evaluation.client import png_data_url as png_url_of
 from dvl_jax.serving.http import MediaLimits, Settings, create_app
 from dvl_jax.testing.tiny import save_tiny_checkpoint
 from tests.data.helpers import make_processor, noise_image
@@ -56,9 +55,7 @@ class Served:
 
 
 def png_data_url(width: int, height: int, seed: int = 0) -> str:
-  buf = io.BytesIO()
-  noise_image(width, height, seed).save(buf, "PNG")
-  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+  return png_url_of(noise_image(width, height, seed))
 
 
 @pytest.fixture(scope="session")
