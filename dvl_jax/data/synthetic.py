@@ -3,11 +3,14 @@
 Questions ask for the colour, the shape, the number of copies, (with one copy) the position, or a
 description ("three blue squares"), with one- to three-word answers; none can be guessed without the
 image. The descriptions are the default kinds' longest answers. The opt-in kind "cells" ("Where are the
-shapes?") describes every cell in reading order ("top left one red circle top right zero shapes ..."), 17
-to 19 words: an answer long enough for block diffusion to decode several tokens per forward, whose fixed
-structure (the positions) is what a parallel decoder can fill in confidently. It is drawn only when asked
-for (`kinds=ALL_KINDS`), so the default splits stay as they were, and it uses only words the other kinds
-already have, so `corpus()` and every tokenizer built from it are unchanged. The design keeps the task learnable
+shapes?") describes every cell in reading order, each as its place and two words ("top left red circle top
+right zero shapes ..."): 16 words whatever the scene, an answer long enough for block diffusion to decode
+several tokens per forward. Its width is fixed so that every word's position is known before any word is
+decoded: a parallel decoder fills in the places confidently and each cell's two words from that cell's image
+token alone (with "one red circle" for an occupied cell and "zero shapes" for an empty one, a later word's
+position depended on how many cells before it were occupied, and block diffusion learned it far slower than
+AR did). It is drawn only when asked for (`kinds=ALL_KINDS`), so the default splits stay as they were, and it
+uses only words the other kinds already have, so `corpus()` and every tokenizer built from it are unchanged. The design keeps the task learnable
 by a from-scratch 4-layer model within the demo's CPU budget, which the first version (up to three
 different shapes, questions binding one attribute to another) was not:
 
@@ -46,6 +49,7 @@ ITEM_EXTENT = (0.7, 0.95)
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_KINDS = ("color", "shape", "position", "count", "describe")  # drawn by default
 ALL_KINDS = (*QUESTION_KINDS, "cells")
+CELL_WORDS = 4  # words per cell in a "cells" answer: the place (two) and "COLOR SHAPE" or "zero shapes"
 QUESTIONS = {"color": "What color do you see?", "shape": "What shape do you see?",
              "position": "Where is the shape?", "count": "How many shapes are there?",
              "describe": "Describe the image.", "cells": "Where are the shapes?"}
@@ -70,10 +74,11 @@ class Example:
 
 
 def answer(kind: str, items: Sequence[Item]) -> str:
-  """The answer to the `kind` question about a scene (position: of its first item)."""
+  """The answer to the `kind` question about a scene (position: of its first item; cells: `CELL_WORDS` words
+  per cell)."""
   if kind == "cells":
     held = {item.cell: item for item in items}
-    return " ".join(f"{place} one {held[cell].color} {held[cell].shape}" if cell in held else f"{place} zero shapes"
+    return " ".join(f"{place} {held[cell].color} {held[cell].shape}" if cell in held else f"{place} zero shapes"
                     for cell, place in enumerate(POSITIONS))
   if kind == "describe":
     return f"{NUMBERS[len(items)]} {items[0].color} {items[0].shape}{'s' if len(items) > 1 else ''}"

@@ -1,5 +1,6 @@
-"""The generator's opt-in long answers ("cells"): 16 or more tokens with the demo's tokenizer, every word in its
-vocabulary, and drawing them leaves the default splits and the corpus as they were."""
+"""The generator's opt-in long answers ("cells"): fixed width, so that every word's position is known before
+decoding (16 tokens with the demo's tokenizer, each cell's words at the same offsets in every answer), every word
+in the demo's vocabulary, and drawing them leaves the default splits and the corpus as they were."""
 
 import re
 
@@ -7,17 +8,23 @@ import numpy as np
 
 from dvl_jax.data import synthetic
 from dvl_jax.data.word_tokenizer import word_tokenizer
-from dvl_jax.demos.train_demo import VOCAB_SIZE, demo_model_config
+from dvl_jax.demos.train_demo import GEN_LENGTH, VOCAB_SIZE, demo_model_config
 
 
-def test_cells_answers_are_long_and_in_the_demo_vocabulary():
+def test_cells_answers_have_a_fixed_width_and_fixed_offsets():
   tokenizer = word_tokenizer(synthetic.corpus(), demo_model_config(VOCAB_SIZE))
-  cells = synthetic.examples(30, seed=1, kinds=("cells",))
-  lengths = {len(e.items): len(tokenizer(e.answer)["input_ids"]) for e in cells}
-  assert lengths == {1: 17, 2: 18, 3: 19}  # 4 cells x (2 position words + "zero shapes" | "one COLOR SHAPE")
+  cells = synthetic.examples(40, seed=1, kinds=("cells",))
+  assert {len(e.items) for e in cells} == {1, 2, 3}  # every scene size, all with the same width
+  width = synthetic.CELL_WORDS * len(synthetic.POSITIONS)
+  assert width == 16 and width + 1 <= GEN_LENGTH  # the demo decodes the answer and its EOS
   for e in cells:
-    ids = tokenizer(e.question + " " + e.answer)["input_ids"]
-    assert tokenizer.unk_token_id not in ids and tokenizer.decode(tokenizer(e.answer)["input_ids"]) == e.answer
+    ids = tokenizer(e.answer)["input_ids"]
+    assert len(ids) == width and tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == e.answer
+    words, held = e.answer.split(), {item.cell: item for item in e.items}
+    for cell, place in enumerate(synthetic.POSITIONS):
+      at = synthetic.CELL_WORDS * cell
+      what = [held[cell].color, held[cell].shape] if cell in held else ["zero", "shapes"]
+      assert words[at:at + synthetic.CELL_WORDS] == [*place.split(), *what], (cell, e.answer)
 
 
 def test_cells_are_opt_in_and_add_no_word():
