@@ -1,6 +1,7 @@
 """Stage 1, connector alignment (spec §7.2): stage 2's recipe (configs/stage2.py) except next-token CE
-with only the projector (PatchMerger) training at lr 1e-3, global batch 128 without micro-batches, and
-no block-aligned EOS (AR objective)."""
+with only the projector (PatchMerger; DiffusionVL-Qwen's mlp2x_gelu) training at lr 1e-3, global batch 128
+without micro-batches, and no block-aligned EOS (AR objective). DiffusionVL-Qwen's square images come from
+its stage-1 start (`dvl convert --lm ... --vision ...`)."""
 
 import os
 

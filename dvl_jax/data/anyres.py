@@ -149,3 +149,32 @@ def image_token_counts(image_sizes: Sequence[Sequence[int]], vision: Any,
   crops = [None] * len(image_sizes) if crops is None else list(crops)
   return np.array([len(anyres_layout([hw], vision, None if c is None else [c]).newline)
                    for hw, c in zip(image_sizes, crops)], np.int64)
+
+
+def sharded_anyres_layout(shard_sizes: Sequence[np.ndarray], shard_used: Sequence[np.ndarray], shard_rows: int,
+                          vision: Any) -> AnyresLayout:
+  """The packing of a training batch whose patch rows are `len(shard_sizes)` chunks of `shard_rows` rows, chunk k
+  holding the crops of the images of (height, width) `shard_sizes[k]` `[n_k, 2]` then zeros; image i of shard k
+  keeps its first `shard_used[k][i]` tokens (truncation). Tokens in batch order, padded to a size fixed by
+  `shard_rows` and the chunk count: an image of n crops has at most `n * (grid**2 + grid)` tokens (the grid map
+  is at most its crops' features, with at most `grid` newlines per crop row)."""
+  t = vision.tokens_per_crop
+  if shard_rows % t:
+    raise ValueError(f"shard_rows={shard_rows} must be a multiple of the {t} patch rows of a crop")
+  parts = []
+  for k, (sizes, used) in enumerate(zip(shard_sizes, shard_used)):
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2).tolist()
+    first = k * shard_rows
+    for hw, n in zip(sizes, np.asarray(used, np.int64).reshape(-1)):
+      one = anyres_layout([hw], vision)
+      parts.append((one.source[:n] + first, one.wy[:n], one.wx[:n], one.newline[:n]))
+      first += crops_per_image(hw, vision) * t
+    if first > (k + 1) * shard_rows:
+      raise ValueError(f"shard {k}'s crops take {first - k * shard_rows} rows, more than shard_rows={shard_rows}")
+  size = len(shard_sizes) * (shard_rows + shard_rows // vision.grid)
+  empty = (np.zeros((0, 4), np.int32), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros(0, bool))
+  source, wy, wx, newline = (np.concatenate([e, *(p[i] for p in parts)]) for i, e in enumerate(empty))
+  pad = size - len(newline)
+  return AnyresLayout(source=np.pad(source, ((0, pad), (0, 0))).astype(np.int32),
+                      wy=np.pad(wy, ((0, pad), (0, 0))), wx=np.pad(wx, ((0, pad), (0, 0))),
+                      newline=np.pad(newline, (0, pad)))

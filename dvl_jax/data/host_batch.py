@@ -19,14 +19,14 @@ from dvl_jax.data.buckets import PlannedBatch
 from dvl_jax.data.dataset_index import DatasetIndex
 from dvl_jax.data.labels import IGNORE
 from dvl_jax.data.samples import SampleEncoder
-from dvl_jax.data.sharded_layout import sharded_vision_layout
 
 
 class HostBatcher:
   """Builds `input_ids`, `labels`, `attention_mask` `[len(owned) * B / K, L]`, `pixel_values`
-  `[len(owned) * patches, patch_dim]` and the global ViT layout (every process computes the same one)
-  for the batch shards `owned` of the `num_shards` shards of a planned batch. `bad_rows` lists the
-  `(row_id, BadRow)` that became dead rows.
+  `[len(owned) * patches, patch_dim]` and the global image layout (the family's `sharded_layout`; every
+  process computes the same one) for the batch shards `owned` of the `num_shards` shards of a planned
+  batch. `bad_rows` lists the `(row_id, BadRow)` that became dead rows; `pixel_rows` `[2]` counts the real
+  and all pixel rows of the whole batch (padding metrics).
 
   With `micro_batches=A` the planned batch (planned with `num_shards * A` shards) is cut into A
   micro-batches stacked on a new leading axis; micro-batch `a` of batch shard `s` is plan shard
@@ -45,10 +45,11 @@ class HostBatcher:
     a = self.micro_batches
     chunks = np.split(planned.rows, self.num_shards * a)
     micro = [self._batch(planned.length, planned.patches, chunks[i::a]) for i in range(a)]
-    out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if k not in ("vision", "bad_rows")}
+    out = {k: np.stack([m[k] for m in micro]) for k in micro[0] if k not in ("vision", "bad_rows", "pixel_rows")}
     if "vision" in micro[0]:
       out["vision"] = jax.tree.map(lambda *x: np.stack(x), *[m["vision"] for m in micro])
     out["bad_rows"] = [bad for m in micro for bad in m["bad_rows"]]
+    out["pixel_rows"] = sum(m["pixel_rows"] for m in micro)
     return out
 
   def _batch(self, length: int, budget: int, shards: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -69,13 +70,14 @@ class HostBatcher:
         out["attention_mask"][row, :len(ids)] = alive
         pixels[offset:offset + len(px)] = px
         offset, row = offset + len(px), row + 1
+    shapes = [[self.index.shapes[i] for i in rows] for rows in shards]
     if budget:
-      shapes = [[self.index.shapes[i] for i in rows] for rows in shards]
-      layout = sharded_vision_layout([np.array([g for row in shard for g in row.grids]) for shard in shapes],
-                                     [np.array([u for row in shard for u in row.used_tokens]) for shard in shapes],
-                                     budget, cfg.vision)
+      layout = self.encoder.images.sharded_layout(
+          [np.array([g for row in shard for g in row.grids]) for shard in shapes],
+          [np.array([u for row in shard for u in row.used_tokens], np.int64) for shard in shapes], budget, cfg.vision)
       out["pixel_values"], out["vision"] = pixels, layout
     out["bad_rows"] = bad_rows
+    out["pixel_rows"] = np.array([sum(row.patches for shard in shapes for row in shard), len(shards) * budget])
     return out
 
   def _row(self, i: int, bad_rows: list) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:

@@ -14,8 +14,9 @@ worker processes with `worker_count`); placement on devices happens in the consu
 
 Batch dict (the losses' input, `dvl_jax.diffusion.loss`): `input_ids`, `labels`, `attention_mask`
 `[B, L]` int32 with `L` a bucket length; with images also `pixel_values` `[K * P, patch_dim]` float32
-(K batch shards of P patches, each zero-padded) and `vision`, the matching `VisionLayout`
-(replicated).
+(K batch shards of P pixel rows, each zero-padded) and `vision`, the matching layout of the model family
+(its image hook's `sharded_layout`: Qwen2.5-VL's `VisionLayout`, DiffusionVL-Qwen's `AnyresLayout`;
+replicated).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from dvl_jax.data.host_batch import HostBatcher
 from dvl_jax.data.llava_json import read_rows
 from dvl_jax.data.processor import Processor
 from dvl_jax.data.samples import SampleEncoder
-from dvl_jax.core.vision_layout import VisionLayout
 from dvl_jax.parallel.rules import RULES
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class DataConfig:
   (`dvl_jax/training/run_config.py`). `buckets=None` picks `num_buckets` lengths (multiples of
   `length_multiple` and of the block size) minimising padding on the data. `square_pad` and
   `block_aligned_eos` are the training settings of spec §2.1 / §4.5 (turn EOS padding off for AR
-  training). min/max pixels belong to the `Processor`.
+  training; `square_pad` None: the model family's default, see `SampleEncoder`). min/max pixels
+  belong to the `Processor`.
   """
 
   batch_size: int = 256      # global, all processes
@@ -61,7 +62,7 @@ class DataConfig:
   buckets: tuple[int, ...] | None = None
   num_buckets: int = 4
   length_multiple: int = 64
-  square_pad: bool = True
+  square_pad: bool | None = None
   block_aligned_eos: bool = True
   group_by_modality: bool = True
   shuffle: bool = True
@@ -169,18 +170,19 @@ class DataIterator:
     host = next(self._host)
     for row_id, error in host.pop("bad_rows"):
       self.bad_rows.add(error, row_id)
+    self._patches += host.pop("pixel_rows")
     self._tokens += (host["attention_mask"].sum(), host["attention_mask"].size)
     micro = self._micro
     rows_shape = (*micro, self._pipeline.config.batch_size // (micro or (1,))[0], host["input_ids"].shape[-1])
     batch = {k: jax.make_array_from_process_local_data(self._rows, host[k], rows_shape)
              for k in ("input_ids", "labels", "attention_mask")}
     if "pixel_values" in host:
-      layout: VisionLayout = host["vision"]
-      self._patches += ((layout.image_segments > 0).sum(), layout.image_segments.size)
-      patches_shape = (*layout.image_segments.shape, host["pixel_values"].shape[-1])
-      batch["pixel_values"] = jax.make_array_from_process_local_data(self._rows, host["pixel_values"], patches_shape)
+      local = host["pixel_values"]  # this process's batch shards, all of the same number of rows
+      shards, owned = self._pipeline.num_shards, len(self._pipeline.batcher.owned)
+      patches_shape = (*local.shape[:-2], local.shape[-2] // owned * shards, local.shape[-1])
+      batch["pixel_values"] = jax.make_array_from_process_local_data(self._rows, local, patches_shape)
       batch["vision"] = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape), layout)
+          lambda x: jax.make_array_from_process_local_data(self._replicated, x, x.shape), host["vision"])
     return batch
 
   def get_state(self) -> dict[str, Any]:

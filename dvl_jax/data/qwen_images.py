@@ -7,11 +7,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from dvl_jax.core.config import VisionConfig
 from dvl_jax.core.vision_layout import VisionLayout, tokens_per_image, vision_layout
-from dvl_jax.data.image_inputs import ImageInputs
+from dvl_jax.data.image_inputs import ImageInputs, ImageShape
 from dvl_jax.data.processor import pixel_bounds
+from dvl_jax.data.sharded_layout import sharded_vision_layout
+
+TRAINING_SQUARE_PAD = True  # DiffusionVL-QwenVL trains with `image_aspect_ratio pad` (spec §7.1)
+sharded_layout = sharded_vision_layout  # a training batch's window layout, per-shard chunks
 
 
 def image_processor(ckpt_dir: str, vision: VisionConfig, *, min_pixels: int | None = None,
@@ -27,6 +32,18 @@ def preprocess(processor: Any, images: Sequence[Any], vision: VisionConfig) -> I
   out = processor(images=list(images), return_tensors="np")
   grids = out["image_grid_thw"].astype(np.int64)
   return ImageInputs(out["pixel_values"].astype(np.float32), grids, tokens_per_image(grids, vision))
+
+
+def image_shape(processor: Any, width: int, height: int, vision: VisionConfig) -> ImageShape:
+  """The `(1, gh, gw)` patch grid `smart_resize` gives (ValueError for an image it refuses)."""
+  h, w = smart_resize(height, width, factor=processor.patch_size * processor.merge_size,
+                      min_pixels=processor.size["shortest_edge"], max_pixels=processor.size["longest_edge"])
+  gh, gw = h // processor.patch_size, w // processor.patch_size
+  return ImageShape((1, gh, gw), gh * gw // vision.merge_unit, gh * gw)
+
+
+def size_bounds(processor: Any) -> tuple[int, int]:
+  return processor.min_pixels, processor.max_pixels
 
 
 def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: VisionConfig, bucket: int

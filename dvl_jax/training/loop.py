@@ -136,10 +136,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, resume: bool = Fal
       bar.update(1)
     checkpoints.wait()
     if config.save_model and end == total:
-      images = processor.image_processor
+      bounds = None if processor.image_processor is None else processor.images.size_bounds(processor.image_processor)
       path = saving.save(trainer.model(state), os.path.join(workdir, "model"),
-                         side_files_from=config.init_checkpoint,
-                         pixel_bounds=(images.min_pixels, images.max_pixels))
+                         side_files_from=config.init_checkpoint, pixel_bounds=bounds)
       log.info("wrote the trained model to %s", path)
   finally:
     bar.close()

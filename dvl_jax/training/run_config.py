@@ -19,7 +19,6 @@ import ml_collections
 from ml_collections import config_dict
 
 from dvl_jax.data.pipeline import DataConfig
-from dvl_jax.data.processor import MAX_PIXELS, MIN_PIXELS
 from dvl_jax.training.optimizer import OptimizerConfig
 
 T = TypeVar("T")
@@ -48,8 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = dataclass_section(DataConfig, skip=("seed",))  # the run's `seed` orders the data
   c.data.json = ""                   # LLaVA-format .json / .jsonl
   c.data.image_folder = ""           # image paths in the JSON are relative to it ("" = the JSON's folder)
-  c.data.min_pixels = MIN_PIXELS     # the Processor's image size bounds
-  c.data.max_pixels = MAX_PIXELS
+  # Qwen2.5-VL's image size bounds (the Processor's); None: the checkpoint's, else DiffusionVL's defaults
+  # (data.processor.MIN_PIXELS / MAX_PIXELS). Families with fixed-size crops (DiffusionVL-Qwen) take none.
+  c.data.min_pixels = config_dict.placeholder(int)
+  c.data.max_pixels = config_dict.placeholder(int)
   return c
 
 

@@ -31,3 +31,16 @@ def qa_row(row_id: str, question: str, answer: str, image=None) -> dict:
   if image is not None:
     row["image"] = image
   return row
+
+
+def make_llava_processor(stage: int = 2) -> Processor:
+  """The tiny DiffusionVL-Qwen family's processor: stage 1's square crops (flat, no newline) or stage 2's anyres."""
+  import dataclasses
+
+  from dvl_jax.data.llava_pixels import image_processor
+  from dvl_jax.testing.tiny import tiny_siglip_config
+
+  cfg = tiny_siglip_config()
+  if stage == 1:
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_aspect_ratio="square", patch_merge_type="flat"))
+  return Processor(word_tokenizer(CORPUS, cfg), image_processor(cfg.vision), cfg)

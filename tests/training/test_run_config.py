@@ -113,5 +113,5 @@ def test_the_stage_files_set_the_spec_recipes():
   data2, data1 = from_section(DataConfig, stage2.data), from_section(DataConfig, stage1.data)
   assert (data2.batch_size, data2.micro_batches, data2.max_length, data2.block_aligned_eos) == (256, 8, 8192, True)
   assert (data1.batch_size, data1.micro_batches, data1.max_length, data1.block_aligned_eos) == (128, 1, 8192, False)
-  assert data1.square_pad and data2.square_pad and data2.group_by_modality
+  assert data1.square_pad is None and data2.square_pad is None and data2.group_by_modality  # the family's own
   assert (stage1.stage, stage2.stage) == ("stage1", "stage2")
