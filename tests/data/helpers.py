@@ -44,3 +44,35 @@ def make_llava_processor(stage: int = 2) -> Processor:
   if stage == 1:
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_aspect_ratio="square", patch_merge_type="flat"))
   return Processor(word_tokenizer(CORPUS, cfg), image_processor(cfg.vision), cfg)
+
+
+LLAVA_SIZES = [(44, 44), (120, 40), (30, 100), (90, 90), (60, 130), (130, 70), (20, 20), (100, 60)]  # (width, height)
+
+
+def llava_rows(n: int) -> list[dict]:
+  """Rows over the images `i.png` of `LLAVA_SIZES` (every aspect ratio; some rows with two images) and text-only
+  rows, for the DiffusionVL-Qwen family's training data."""
+  rows = []
+  for i in range(n):
+    if i % 5 == 4:
+      rows.append(qa_row(f"t{i}", "Tell me more about it .", "It rolls ."))
+      continue
+    row = qa_row(f"r{i}", "What is this ?", "A big red ball ." if i % 2 else "A ball", f"{i % len(LLAVA_SIZES)}.png")
+    if i % 3 == 2:
+      row["image"] = [row["image"], f"{(i + 3) % len(LLAVA_SIZES)}.png"]
+      row["conversations"][0]["value"] += " <image>"
+    rows.append(row)
+  return rows
+
+
+def write_llava_dataset(root, n: int) -> str:
+  """`llava_rows(n)` as `root/train.json` with its images next to it; returns the JSON's path."""
+  import json
+  import os
+
+  for i, (w, h) in enumerate(LLAVA_SIZES):
+    noise_image(w, h, seed=i).save(os.path.join(root, f"{i}.png"))
+  path = os.path.join(root, "train.json")
+  with open(path, "w") as f:
+    json.dump(llava_rows(n), f)
+  return path
