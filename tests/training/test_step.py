@@ -15,7 +15,7 @@ from dvl_jax.models.interface import path_names
 from dvl_jax.training.optimizer import OptimizerConfig
 from dvl_jax.training.state import stage
 from dvl_jax.training.step import TrainStep
-from tests.training.helpers import pipeline, synthetic_rows, tiny_model
+from tests.training.helpers import flat_params, pipeline, run_steps, synthetic_rows, tiny_model
 
 ROWS = synthetic_rows(32)
 OPT = OptimizerConfig(learning_rate=1e-3, vision_learning_rate=2e-4, warmup_ratio=0.0, eps=1e-16)
@@ -26,27 +26,14 @@ def _batches(n, mesh=None, **changes):
   return [next(it) for _ in range(n)]
 
 
-def _flat(model):
-  from flax import nnx
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
-
-
 def _run(name, batches, *, mesh=None, opt=OPT, model=None, loss_chunk_size=0):
-  model = model or tiny_model()
-  if mesh is not None:
-    model = shard_model(model, mesh)
-  trainer = TrainStep(model, stage(name), opt, total_steps=10, mesh=mesh, loss_chunk_size=loss_chunk_size)
-  state, metrics = trainer.init(model), []
-  for batch in batches:
-    state, m = trainer(state, batch, jax.random.key(0))
-    metrics.append(jax.device_get(m))
-  return trainer, state, metrics
+  return run_steps(name, batches, model or tiny_model(), opt, mesh=mesh, loss_chunk_size=loss_chunk_size)
 
 
 def test_stage1_trains_only_the_projector_and_keeps_no_optimizer_state_for_the_rest():
-  before = _flat(tiny_model())
+  before = flat_params(tiny_model())
   trainer, state, _ = _run("stage1", _batches(3))
-  after = _flat(trainer.model(state))
+  after = flat_params(trainer.model(state))
   moved = {k for k in before if not np.array_equal(before[k], after[k])}
   merger = {k for k in before if k.startswith("['visual']['merger']")}
   assert moved == merger and len(merger) == 5
@@ -60,10 +47,10 @@ def test_stage2_moves_every_param_and_the_vision_tower_at_its_own_learning_rate(
   """Adam's first update is lr * g / (|g| + eps): |delta| = the group's learning rate wherever |g| >> eps
   (eps 1e-16 here: the key bias has a near-zero gradient, softmax being shift-invariant)."""
   model = tiny_model()
-  before = _flat(model)
+  before = flat_params(model)
   opt = dataclasses.replace(OPT, projector_learning_rate=projector_lr)
   trainer, state, metrics = _run("stage2", _batches(1), model=model, opt=opt)
-  after = _flat(trainer.model(state))
+  after = flat_params(trainer.model(state))
   assert metrics[0]["lr"] == pytest.approx(1e-3)
   for k in before:
     delta = np.abs(after[k] - before[k])
@@ -99,10 +86,10 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
   batch = next(b for b in _batches(4) if "pixel_values" in b)
   poisoned = dict(batch, pixel_values=batch["pixel_values"].at[0, 0].set(jnp.nan))
   model = tiny_model()
-  before = _flat(model)
+  before = flat_params(model)
   trainer, state, metrics = _run("stage2", [poisoned], model=model)
   assert metrics[0]["finite"] == 0 and int(state.step) == 0
-  after = _flat(trainer.model(state))
+  after = flat_params(trainer.model(state))
   assert all(np.array_equal(before[k], after[k]) for k in before)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))
 
