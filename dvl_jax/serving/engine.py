@@ -8,9 +8,9 @@ made on its first request; the params are shared). The device programs are `dvl_
 pieces (`dvl_jax.serving.slots`) with each row's own strategy, steps, threshold, temperature / top-k / top-p
 and key, so a request's tokens are those of `dvl.generate` on it alone under `request.config(engine.config)`
 (rng `jax.random.key(request.seed)`), whatever shares the slots and whenever it arrives. After warm-up (per
-algorithm, one `insert` compile per prompt-length bucket and one `generate`: `warm_up`) nothing recompiles. A
-model whose params are on a mesh (`dvl.load(ckpt, mesh=...)`) serves on it: slots sharded over `data` like a
-sampled batch, same tokens.
+algorithm, one `insert` compile per prompt-length bucket and one `generate` per cache view: `warm_up`) nothing
+recompiles. A model whose params are on a mesh (`dvl.load(ckpt, mesh=...)`) serves on it: slots sharded over
+`data` like a sampled batch, same tokens.
 """
 
 from __future__ import annotations
@@ -64,13 +64,16 @@ class Engine:
   cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the
   longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may
   ask (default `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`:
-  decoding forwards per `step` (the latency of admitting a request and of handing out blocks).
+  decoding forwards per `step` (the latency of admitting a request and of handing out blocks). `views`: how many
+  cache lengths a decoding chunk may attend to (`max_len`, its half, its quarter, ..., whole blocks): each chunk
+  takes the shortest that holds every busy request, so attention costs what the requests in the slots need, at
+  one `generate` compile per view.
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
-               max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16):
-    if slots < 1 or chunk < 1:
-      raise ValueError(f"slots and chunk must be >= 1, got slots={slots}, chunk={chunk}")
+               max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, views: int = 4):
+    if slots < 1 or chunk < 1 or views < 1:
+      raise ValueError(f"slots, chunk and views must be >= 1, got slots={slots}, chunk={chunk}, views={views}")
     graphdef, self.state = nnx.split(model)
     self._placement = Placement.of(model.config, self.state)
     if self._placement.batch(slots) != slots:
@@ -81,6 +84,7 @@ class Engine:
     bs = config.block_size or model.config.block_size
     max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
     self.config = dataclasses.replace(config, block_size=bs, gen_length=max_tokens, max_len=max_len)
+    self.views = sorted({min(round_up(-(-max_len // 2 ** k), bs), max_len) for k in range(views)})
     self._pools: dict[str, _Pool] = {}
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, _Active] = {}
@@ -134,8 +138,8 @@ class Engine:
     pieces, finished = [], []
     for pool in self._pools.values():
       if pool.slot_of:
-        pool.slots, view = programs.generate(pool.static, self.chunk, self.state, pool.slots)
-        p, f = self._hand_out(pool, jax.device_get(view))
+        pool.slots, out = programs.generate(pool.static, self.chunk, self._view(pool), self.state, pool.slots)
+        p, f = self._hand_out(pool, jax.device_get(out))
         pieces += p
         finished += f
     return Result(admitted, pieces, finished)
@@ -151,11 +155,21 @@ class Engine:
 
   def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
     """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
-    `generate`), so that serving text then never waits for a compile (an image request compiles an `insert` per
-    pair of prompt and patch-row buckets on first use); the warm-up outputs are dropped."""
+    `generate` per cache view), so that serving text then never waits for a compile (an image request compiles an
+    `insert` per pair of prompt and patch-row buckets on first use); the warm-up outputs are dropped."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
+    algorithms = list(algorithms)
     self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)
+    for pool in (self._pools[a] for a in algorithms):
+      for view in self.views:  # every slot is idle now: no forward runs, the program compiles
+        pool.slots, _ = programs.generate(pool.static, self.chunk, view, self.state, pool.slots)
+
+  def _view(self, pool: _Pool) -> int:
+    """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block)."""
+    need = max(round_up(self._requests[rid].length + self._requests[rid].gen, self.config.block_size)
+               for rid in pool.slot_of)
+    return next((v for v in self.views if v >= need), self.views[-1])
 
   def _pool(self, algorithm: str) -> _Pool:
     """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""
@@ -186,22 +200,22 @@ class Engine:
                             remask.Sampling.of(keys, config.temperature, config.top_k, config.top_p),
                             algorithm_of(config).inputs(self.model, prompts, config))
 
-  def _hand_out(self, pool: _Pool, view: dict[str, np.ndarray]) -> tuple[list, list]:
+  def _hand_out(self, pool: _Pool, out: dict[str, np.ndarray]) -> tuple[list, list]:
     """(pieces, finished) from each busy slot's tokens so far; finished requests free their slots."""
     pieces, finished = [], []
     bs, blocks = self.config.block_size, pool.static.config.algorithm == "block_diffusion"
     for rid, slot in list(pool.slot_of.items()):
       a = self._requests[rid]
-      decoded = view["steps"][slot, :a.gen] >= 0
+      decoded = out["steps"][slot, :a.gen] >= 0
       final = a.gen if decoded.all() else int(np.argmin(decoded))  # the decoded prefix
       offset = a.length if blocks else 0  # pieces end at whole blocks: absolute ones, AR's of generated tokens
       while (end := min(a.emitted + bs - (offset + a.emitted) % bs, a.gen)) <= final and a.emitted < final:
-        pieces.append((rid, view["tokens"][slot, a.emitted:end]))
+        pieces.append((rid, out["tokens"][slot, a.emitted:end]))
         a.emitted = end
-      if view["done"][slot]:
+      if out["done"][slot]:
         if a.emitted < final:
-          pieces.append((rid, view["tokens"][slot, a.emitted:final]))
-        row = lambda k: view[k][slot:slot + 1]
+          pieces.append((rid, out["tokens"][slot, a.emitted:final]))
+        row = lambda k: out[k][slot:slot + 1]
         finished.append((rid, GenerateOutput.build(row("tokens")[:, :a.gen], row("decoded"), row("nfe"),
                                                    int(row("nfe")[0]), row("steps")[:, :a.gen],
                                                    self.model.config.eos_token_id)))

@@ -12,7 +12,8 @@ from the start), as the sampler pads a batch. Four programs, each traced once pe
   prompt and patch-row buckets: not per image layout);
 * `release`: a slot's row marked done (a cancelled request);
 * `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (`chunk`),
-  then each slot's tokens so far; rows are independent, so a request decodes as it would alone.
+  then each slot's tokens so far; rows are independent, so a request decodes as it would alone. It attends to a
+  prefix of the cache that holds every busy request (once per such `view` length: a few, `Engine(views=...)`).
 """
 
 from __future__ import annotations
@@ -102,14 +103,24 @@ def release(static: Static, slots: Slots, index: jax.Array) -> Slots:
   return _pinned(static.placement, Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True))))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("slots",))
-def generate(static: Static, max_forwards: int, state: Any, slots: Slots) -> tuple[Slots, dict[str, jax.Array]]:
-  """At most `max_forwards` decoding forwards over all slots -> the slots and, per slot, tokens `[S, G]`,
-  `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
+def generate(static: Static, max_forwards: int, view: int, state: Any, slots: Slots
+             ) -> tuple[Slots, dict[str, jax.Array]]:
+  """At most `max_forwards` decoding forwards over all slots, attending to the first `view` cache slots only ->
+  the slots and, per slot, tokens `[S, G]`, `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and
+  `done` `[S]`.
+
+  `view` must hold every busy slot's decoded span (`P + G` rounded up to a block): a row never reads or writes a
+  cache slot past it, so its tokens are those of the full cache, while each forward's attention costs what the
+  longest busy request needs rather than the longest any request may have (the cache is sized for `max_prompt`
+  + `max_tokens`). The loop runs on a copy of the first `view` slots, written back at the end."""
   TRACES["generate"] += 1
   place = static.placement
   model = merged(static.graphdef, state, place)
-  ctx = static.algorithm.context(model, static.config, place, False, slots.carry[0][0].shape[2], slots.rows)
-  carry = static.algorithm.chunk(ctx, slots.carry, max_forwards)
+  cache = slots.carry[0]
+  narrow = kv_cache.pinned(tuple(c[:, :, :view] for c in cache), place.cache)
+  ctx = static.algorithm.context(model, static.config, place, False, view, slots.rows)
+  carry = static.algorithm.chunk(ctx, type(slots.carry)(narrow, *slots.carry[1:]), max_forwards)
   out = static.algorithm.outputs(ctx, carry, static.config.gen_length)
-  return _pinned(place, Slots(slots.rows, carry)), {**out, "done": carry.done}
+  cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n, 0, axis=2) for c, n in zip(cache, carry[0]))
+  return _pinned(place, Slots(slots.rows, type(carry)(cache, *carry[1:]))), {**out, "done": carry.done}

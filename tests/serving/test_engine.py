@@ -68,19 +68,24 @@ def alone(engine, request, **images):
 
 
 # Each mode's batches of arrivals: block diffusion and AR, greedy and sampled, mixed prompt and gen lengths, each
-# mode in one prompt bucket (every bucket and gen length is one more compile of `dvl.generate` alone)
+# mode in one prompt bucket (every bucket and gen length is one more compile of `dvl.generate` alone); the first
+# block-diffusion requests are short, so their chunks attend to a shorter cache view until longer ones arrive
 BD, AR = DECODERS[:-1], DECODERS[-1:]
-ARRIVALS = {"fused": lambda: [requests(4, 0, (1, 8), decoders=BD) + requests(2, 10, (1, 8), (14,), AR),
+ARRIVALS = {"fused": lambda: [requests(4, 0, (1, 8), (6,), BD) + requests(2, 10, (1, 8), (14,), AR),
                               requests(3, 1, (1, 8), decoders=BD) + requests(1, 11, (1, 8), (14,), AR),
                               requests(3, 2, (1, 8), decoders=BD) + requests(2, 12, (1, 8), (14,), AR)],
             "reference": lambda: [requests(3, seed, (9, 16), (14,), BD) for seed in range(3)]}
 
 
 @pytest.mark.parametrize("mode", list(ARRIVALS))
-def test_tokens_equal_generate_alone_with_interleaved_arrivals(mode):
+def test_tokens_equal_generate_alone_with_interleaved_arrivals(mode, monkeypatch):
   engine = Engine(model(), dataclasses.replace(CONFIG, mode=mode), **SIZES)
+  views, generate = [], slots.generate
+  monkeypatch.setattr(slots, "generate", lambda static, n, view, *rest: views.append(view) or
+                      generate(static, n, view, *rest))
   sent, outputs, pieces = interleaved(engine, ARRIVALS[mode]())
   assert sorted(outputs) == sorted(sent)
+  assert max(views) == engine.config.max_len and (mode == "reference" or min(views) < max(views))  # fused: short first
   stopped, differs = 0, 0
   for rid, request in sent.items():
     out, want = outputs[rid], alone(engine, request)
