@@ -38,22 +38,28 @@ class Sampling(NamedTuple):
     return cls(keys, np.full(b, temperature, np.float32), np.full(b, top_k, np.int32), np.full(b, top_p, np.float32))
 
 
+CONFIDENCES = ("sampled", "softmax")  # spec §7.5: DiffusionVL-QwenVL / DiffusionVL-Qwen and LLaDA-BD3LM
+
+
 def propose(logits: jax.Array, keys: jax.Array, *, temperature: float | jax.Array, top_k: int | jax.Array,
-            top_p: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+            top_p: float | jax.Array, confidence: str = "sampled") -> tuple[jax.Array, jax.Array]:
   """logits `[B, n, V]` (fp32), one PRNG key per row `[B]` -> tokens `[B, n]` int32, confidence `[B, n]`.
 
   `temperature`, `top_k`, `top_p`: one value per row `[B]`, or one for every row. A row at temperature 0 is
   greedy (confidence = softmax prob of the argmax). A sampled row's logits are divided by its temperature,
   filtered by top-k (keep >= k-th largest) and top-p (smallest prefix of the sorted distribution reaching p, the
   first token always kept), then sampled; the confidence is the sampled token's probability under that modified
-  distribution (DiffusionVL-QwenVL). The filters and the sampling run only when some row samples (`lax.cond`),
+  distribution with `confidence="sampled"` (DiffusionVL-QwenVL), under the unmodified `softmax(logits)` with
+  "softmax" (DiffusionVL-Qwen, LLaDA-BD3LM; spec §6.5, §7.5). The filters and the sampling run only when some row samples (`lax.cond`),
   each filter only when some sampled row asks for it: an all-greedy batch pays for the argmax and its softmax.
   The branches change no value of a row that does not use them, so a row gets the same bits whatever the others
   ask (one compiled program serves every mix: the serving engine's slots).
   """
   b = logits.shape[0]
   temperature, top_k, top_p = (jnp.broadcast_to(jnp.asarray(v), (b,)) for v in (temperature, top_k, top_p))
-  return jax.lax.cond(jnp.any(temperature > 0), lambda: _sample(logits, keys, temperature, top_k, top_p),
+  if confidence not in CONFIDENCES:
+    raise ValueError(f"unknown confidence {confidence!r}; use one of {CONFIDENCES}")
+  return jax.lax.cond(jnp.any(temperature > 0), lambda: _sample(logits, keys, temperature, top_k, top_p, confidence),
                       lambda: greedy(logits))
 
 
@@ -64,8 +70,8 @@ def greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x0.astype(jnp.int32), jnp.take_along_axis(probs, x0[..., None], axis=-1)[..., 0]
 
 
-def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
+def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+            confidence: str) -> tuple[jax.Array, jax.Array]:
   """`propose` when some row samples: the sampled rows' tokens and confidences, the greedy rows' from `greedy`."""
   per_row = lambda v: v.reshape((-1,) + (1,) * (logits.ndim - 1))
   sampled = temperature > 0
@@ -74,7 +80,8 @@ def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: j
   z = jax.lax.cond(jnp.any(sampled & (top_p < 1)),
                    lambda z: jnp.where(per_row(top_p < 1), _top_p(z, per_row(top_p)), z), lambda z: z, z)
   x0 = jax.vmap(lambda key, lg: jax.random.categorical(key, lg, axis=-1))(keys, z)
-  p0 = jnp.take_along_axis(jax.nn.softmax(z, axis=-1), x0[..., None], axis=-1)[..., 0]
+  p0 = jnp.take_along_axis(jax.nn.softmax(z if confidence == "sampled" else logits, axis=-1), x0[..., None],
+                           axis=-1)[..., 0]
   gx, gp = greedy(logits)
   rows = per_row(sampled)[..., 0]
   return jnp.where(rows, x0.astype(jnp.int32), gx), jnp.where(rows, p0, gp)

@@ -104,11 +104,12 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
             ) -> tuple[jax.Array, jax.Array]:
   """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's settings `sampling`
   and its key folded with its forward count `[B]`: fresh randomness per forward, and a row samples as it would
-  alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy decision only."""
+  alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy decision only;
+  `config.confidence` None (not resolved against a model) is "sampled"."""
   if config.temperature == 0:
     return remask.greedy(logits)
-  return remask.propose(logits, jax.vmap(jax.random.fold_in)(sampling.keys, count),
-                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+  return remask.propose(logits, jax.vmap(jax.random.fold_in)(sampling.keys, count), temperature=sampling.temperature,
+                        top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled")
 
 
 def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | None) -> Any:

@@ -14,6 +14,7 @@ import numpy as np
 
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.core.vision_layout import VisionLayout
+from dvl_jax.diffusion.remask import CONFIDENCES
 from dvl_jax.models import families
 
 ALGORITHMS = ("block_diffusion", "autoregressive")
@@ -37,8 +38,10 @@ class SamplingConfig:
   `remasking_strategy`: "low_confidence_static" / "low_confidence_dynamic" (spec §6.4) or "threshold"
     (Fast-dLLM v2 style: every masked position with confidence > `confidence_threshold`, at least one
     per step; `steps` is then unused).
-  `block_size` None and `positions` None take the model config's values (`positions` is always "flat"
-    for block diffusion, as in DiffusionVL). `length_bucket` pads prompts to a multiple of it;
+  `confidence`: what a sampled token's confidence is at temperature > 0 (spec §6.5, §7.5): "sampled" (its
+    probability under the temperature / top-k / top-p distribution, DiffusionVL-QwenVL) or "softmax" (under
+    the unmodified softmax, DiffusionVL-Qwen). `block_size`, `positions` and `confidence` None take the model's
+    values (`positions` is always "flat" for block diffusion, as in DiffusionVL; `confidence` its family's). `length_bucket` pads prompts to a multiple of it;
     `max_len` is the KV-cache length (default: prompt bucket + `gen_length`, rounded up to a block).
   The device mesh is not an option here: sampling runs where the model's params are, so a mesh shape
   (the CLI's / config's `mesh`, or `dvl.suggest_mesh(cfg, batch=...)`) goes to
@@ -56,6 +59,7 @@ class SamplingConfig:
   top_p: float = 1.0
   algorithm: str = "block_diffusion"
   positions: str | None = None
+  confidence: str | None = None
   length_bucket: int = 64
   max_len: int | None = None
 
@@ -65,6 +69,8 @@ class SamplingConfig:
     _one_of("mode", self.mode, MODES)
     if self.positions is not None:
       _one_of("positions", self.positions, POSITIONS)
+    if self.confidence is not None:
+      _one_of("confidence", self.confidence, CONFIDENCES)
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if self.gen_length < 1:
@@ -83,12 +89,13 @@ class SamplingConfig:
       raise ValueError(f"block_size {self.block_size} does not divide the cache length max_len={self.max_len}")
 
   def resolve(self, model_cfg: ModelConfig) -> "SamplingConfig":
-    """Fills `block_size` and `positions` from the model config (validated again)."""
+    """Fills `block_size`, `positions` and `confidence` from the model config (validated again)."""
     positions = self.positions or ("flat" if self.algorithm == "block_diffusion" else model_cfg.position_mode)
     if self.algorithm == "block_diffusion" and positions != "flat":
       raise ValueError("block diffusion uses flat positions (spec §3.2); positions='mrope' is only for "
                        "algorithm='autoregressive'")
-    return dataclasses.replace(self, block_size=self.block_size or model_cfg.block_size, positions=positions)
+    return dataclasses.replace(self, block_size=self.block_size or model_cfg.block_size, positions=positions,
+                               confidence=self.confidence or families.get(model_cfg.family).confidence)
 
   def cache_len(self, prompt_width: int) -> int:
     """KV-cache slots: `max_len`, or the prompt bucket plus `gen_length` rounded up to a whole block."""

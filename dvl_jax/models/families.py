@@ -29,6 +29,9 @@ class Family:
   description: str
   vision_config: str = ""  # a class in the family's `vision_config` module; "" = core.config.VisionConfig
   images: str = ""  # import path of its host-side image hook (`dvl_jax.data.image_inputs`); "" = no images
+  # a sampled token's confidence at temperature > 0 (spec §7.5; `SamplingConfig.confidence`): "sampled" = its
+  # probability under the temperature / top-k / top-p distribution, "softmax" = under the unmodified softmax
+  confidence: str = "sampled"
 
   def module(self, name: str) -> ModuleType:
     return importlib.import_module(f"{self.package}.{name}")
@@ -68,7 +71,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("diffusionvl_qwen", "dvl_jax.models.diffusionvl_qwen", "DiffusionVLQwen",
            ("diffusionvl_qwen", "llava_qwen", "llava_onevision"),
            "DiffusionVL-Qwen / LLaVA-OneVision: SigLIP + mlp2x_gelu + anyres packing + Qwen2.5 decoder",
-           vision_config="SiglipVisionConfig", images="dvl_jax.data.llava_images"),
+           vision_config="SiglipVisionConfig", images="dvl_jax.data.llava_images", confidence="softmax"),
 )}
 
 
