@@ -11,11 +11,13 @@ decoding to its batch's longest answer). With `--checkpoint` the same requests t
 `--concurrency` (`dvl.generate`, gen length = the batch's longest `max_tokens`: a row that is done waits for
 the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no stream), each
 batch shape compiled in an untimed pass first. Each algorithm of `--algorithms` runs the whole workload (the
-server takes `algorithm` per request).
+server takes `algorithm` per request). `--repeats R` runs R rounds of every row back to back and ends with each
+row's median and the median of the rounds' continuous / static ratios: on a shared machine a ratio of neighbours
+is much steadier than either rate.
 
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
-        [--concurrency 8 | --request-rate 4] [--answers 8,16,64,128] [--image-fraction 0.25]
+        [--concurrency 8 | --request-rate 4] [--answers 8,16,64,128] [--image-fraction 0.25] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ async def one_request(client: Any, body: dict[str, Any]) -> Timing:
 
 
 async def through_server(url: str, key: str | None, model: str, jobs: list[Job], algorithm: str, concurrency: int,
-                         rate: float | None, seed: int) -> tuple[list[Timing], float]:
+                         rate: float | None, seed: int, warm: bool = True) -> tuple[list[Timing], float]:
   import httpx
 
   headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -120,7 +122,8 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
       async with gate:
         return await one_request(client, chat_body(job, model, algorithm))
 
-    await asyncio.gather(*(gated(job) for job in jobs))  # untimed: every prompt bucket and image shape compiles
+    if warm:  # untimed: every prompt bucket and image shape compiles
+      await asyncio.gather(*(gated(job) for job in jobs))
     waits = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(jobs))) if rate else np.zeros(len(jobs))
 
     async def scheduled(job: Job, wait: float) -> Timing:
@@ -132,36 +135,42 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
     return list(timings), time.perf_counter() - start
 
 
-def static_batches(checkpoint: str, jobs: list[Job], algorithm: str, batch: int, pixels: tuple | None
-                   ) -> tuple[list[Timing], float]:
+class StaticBatches:
   """The same jobs through `dvl.generate`, `batch` at a time (a closed loop: the next batch starts when the
-  previous one is done); each batch shape runs once untimed first."""
-  from PIL import Image
+  previous one is done); the first `run` of a job list compiles each batch shape outside the timing."""
 
-  import dvl_jax as dvl
+  def __init__(self, checkpoint: str, batch: int, pixels: tuple | None):
+    import dvl_jax as dvl
 
-  processor = dvl.Processor.from_pretrained(checkpoint, **({} if pixels is None else
-                                                           dict(min_pixels=pixels[0], max_pixels=pixels[1])))
-  model = dvl.load(checkpoint)
-  groups = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
+    self.processor = dvl.Processor.from_pretrained(checkpoint, **({} if pixels is None else
+                                                                 dict(min_pixels=pixels[0], max_pixels=pixels[1])))
+    self.model, self.batch, self.compiled = dvl.load(checkpoint), batch, set()
 
-  def run(group: list[Job]) -> Any:
+  def _generate(self, group: list[Job], algorithm: str) -> Any:
+    from PIL import Image
+
+    import dvl_jax as dvl
+
     images = [[Image.open(io.BytesIO(j.image)).convert("RGB")] if j.image else [] for j in group]
-    inputs = processor([dvl.generation_prompt(j.question, len(i)) for j, i in zip(group, images)], images)
+    inputs = self.processor([dvl.generation_prompt(j.question, len(i)) for j, i in zip(group, images)], images)
     config = dvl.SamplingConfig(gen_length=max(j.max_tokens for j in group), algorithm=algorithm)
-    return dvl.generate(model, inputs, config)
+    return dvl.generate(self.model, inputs, config)
 
-  for group in groups:
-    run(group)  # compile every batch shape outside the timing
-  timings, start = [], time.perf_counter()
-  for group in groups:
-    tic = time.perf_counter()
-    out = run(group)
-    seconds = time.perf_counter() - tic
-    for row, job in enumerate(group):
-      tokens = int(min(out.lengths[row], job.max_tokens))
-      timings.append(Timing(seconds, tokens, seconds, [], int(out.nfe[row])))
-  return timings, time.perf_counter() - start
+  def run(self, jobs: list[Job], algorithm: str) -> tuple[list[Timing], float]:
+    groups = [jobs[i:i + self.batch] for i in range(0, len(jobs), self.batch)]
+    if algorithm not in self.compiled:
+      for group in groups:
+        self._generate(group, algorithm)
+      self.compiled.add(algorithm)
+    timings, start = [], time.perf_counter()
+    for group in groups:
+      tic = time.perf_counter()
+      out = self._generate(group, algorithm)
+      seconds = time.perf_counter() - tic
+      for row, job in enumerate(group):
+        tokens = int(min(out.lengths[row], job.max_tokens))
+        timings.append(Timing(seconds, tokens, seconds, [], int(out.nfe[row])))
+    return timings, time.perf_counter() - start
 
 
 def row(name: str, algorithm: str, timings: list[Timing], wall: float, streamed: bool = True) -> str:
@@ -198,7 +207,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--pixels", default=None, help="min,max pixels of the static rows' processor, as given to "
                       "dvl serve (default: the checkpoint's bounds)")
   parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="rounds of every row, alternating server and static batches; with more than one, a last "
+                      "table gives each row's median output tok/s and continuous / static ratio (default: 1)")
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
 
   import httpx
 
@@ -208,20 +222,41 @@ def main(argv: list[str] | None = None) -> None:
   jobs = workload(args.num_requests, [int(a) for a in args.answers.split(",")], (low, high), args.image_fraction,
                   args.seed)
   pixels = tuple(int(p) for p in args.pixels.split(",")) if args.pixels else None
+  static = StaticBatches(args.checkpoint, args.concurrency, pixels) if args.checkpoint else None
   arrival = f"Poisson {args.request_rate}/s" if args.request_rate else f"concurrency {args.concurrency}"
   print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image")
   lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
            "ITL ms p50 / p99 | latency ms p50 / p99 | tokens / forward |", "|---|---|---|---|---|---|---|---|---|"]
-  for algorithm in args.algorithms.split(","):
-    timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
-                                               args.request_rate, args.seed))
-    lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
-    print(lines[-1], flush=True)
-    if args.checkpoint:
-      timings, wall = static_batches(args.checkpoint, jobs, algorithm, args.concurrency, pixels)
-      lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
+  rates: dict[tuple[str, str], list[float]] = {}  # (algorithm, batching) -> output tok/s per round
+  for round_ in range(args.repeats):
+    for algorithm in args.algorithms.split(","):
+      timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
+                                                 args.request_rate, args.seed, warm=round_ == 0))
+      lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
+      rates.setdefault((algorithm, "continuous"), []).append(sum(t.tokens for t in timings) / wall)
       print(lines[-1], flush=True)
+      if static is not None:
+        timings, wall = static.run(jobs, algorithm)
+        lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
+        rates.setdefault((algorithm, "static"), []).append(sum(t.tokens for t in timings) / wall)
+        print(lines[-1], flush=True)
   print("\n".join(lines))
+  if args.repeats > 1:
+    print(f"\nmedian over {args.repeats} rounds\n" + "\n".join(medians(rates)))
+
+
+def medians(rates: dict[tuple[str, str], list[float]]) -> list[str]:
+  """Each row's median output tok/s and, per algorithm, the median of the rounds' continuous / static ratios
+  (each round's pair ran back to back, so a ratio is steadier than either rate on a shared machine)."""
+  lines = ["| algorithm | continuous tok/s | static tok/s | continuous / static |", "|---|---|---|---|"]
+  for algorithm in dict.fromkeys(a for a, _ in rates):
+    cont, stat = rates[(algorithm, "continuous")], rates.get((algorithm, "static"))
+    if stat is None:
+      lines.append(f"| {algorithm} | {np.median(cont):.1f} | - | - |")
+      continue
+    ratio = np.median(np.array(cont) / np.array(stat))
+    lines.append(f"| {algorithm} | {np.median(cont):.1f} | {np.median(stat):.1f} | {ratio:.2f}x |")
+  return lines
 
 
 if __name__ == "__main__":
