@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
-from dvl_jax.diffusion.sampling_config import ALGORITHMS, MODES, POSITIONS, STRATEGIES, Prompts, SamplingConfig
+from dvl_jax.diffusion.sampling_config import (ALGORITHMS, CONFIDENCES, MODES, POSITIONS, STRATEGIES, Prompts,
+                                             SamplingConfig)
 
 SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended from the dataclass
     "gen_length": "tokens to generate per request",
@@ -38,10 +39,13 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
     "top_p": "sample from the smallest set of tokens with this probability mass (1: all)",
     "algorithm": "block_diffusion, or autoregressive: token-by-token decoding of the same model (the baseline)",
     "positions": "position ids; unset: flat for block diffusion, the checkpoint's position mode for autoregressive",
+    "confidence": "a sampled token's confidence (temperature > 0): its probability under the sampling distribution "
+                  "(sampled) or the unmodified softmax; unset: the model family's",
     "length_bucket": "prompts are padded to a multiple of this many tokens (one compile per bucket)",
     "max_len": "KV-cache length; unset: padded prompt + gen_length, rounded up to a block",
 }
-CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS}
+CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS,
+           "confidence": CONFIDENCES}
 
 
 @dataclasses.dataclass(frozen=True)
