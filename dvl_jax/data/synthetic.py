@@ -10,9 +10,9 @@ decoded: a parallel decoder fills in the places confidently and each cell's two 
 token alone (with "one red circle" for an occupied cell and "zero shapes" for an empty one, a later word's
 position depended on how many cells before it were occupied, and block diffusion learned it far slower than
 AR did). It is drawn only when asked for (`kinds=ALL_KINDS`), so the default splits stay as they were, and it
-uses only words the other kinds already have, so `corpus()` and every tokenizer built from it are unchanged. The design keeps the task learnable
-by a from-scratch 4-layer model within the demo's CPU budget, which the first version (up to three
-different shapes, questions binding one attribute to another) was not:
+uses only words the other kinds already have, so `corpus()` and every tokenizer built from it are unchanged.
+The design keeps the task learnable by a from-scratch 4-layer model within the demo's CPU budget, which the
+first version (up to three different shapes, questions binding one attribute to another) was not:
 
 - the four cells have different grey backgrounds, so each merged image token shows its own cell. The
   ViT has only 2-D RoPE and no absolute position, so on a uniform background "top left" could only be

@@ -106,7 +106,8 @@ def _train(workdir: str, config: Any, progress: bool) -> str:
 
 
 def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-  """Runs the four stages; prints and returns `{decoder: metrics}` plus the run directories."""
+  """Runs the four stages; prints the evaluator's tables and returns `{group: results}` (`evaluate`), the run
+  directory and the seconds it took."""
   import dvl_jax as dvl
 
   size = QUICK if quick else FULL
@@ -134,8 +135,8 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   diffusion_model = _train(os.path.join(workdir, "diffusion"), diffusion_config, progress)
 
   print(f"[4/4] dvl eval on {size.eval_examples} held-out questions (long and short answers apart)")
-  results = evaluate(source, diffusion_model, os.path.join(workdir, "eval"), data=f"{2000 + seed}:{size.eval_examples}:all",
-                     progress=progress)
+  results = evaluate(source, diffusion_model, os.path.join(workdir, "eval"),
+                     data=f"{2000 + seed}:{size.eval_examples}:all", progress=progress)
   print(f"total {time.perf_counter() - tic:.0f} s; runs in {workdir}")
   return {"results": results, "workdir": workdir, "seconds": time.perf_counter() - tic}
 
@@ -144,8 +145,8 @@ def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size
              progress: bool = True) -> dict[str, dict[str, Any]]:
   """The evaluator (`dvl eval --task synthetic --data DATA --log-samples`) on the held-out questions, the long
   answers and the short ones apart (`GROUPS`), since a batch decodes until its longest answer ends: AR
-  decoding of the source model, block diffusion of the finetuned one (same architecture, so a forward costs
-  about the same). Prints each group's evaluator table, then `results_table`; writes each group's
+  decoding of the source model, block diffusion of the finetuned one (`DATA`: the task's --data, "all" kinds
+  for both groups). Prints each group's evaluator table, then `results_table`; writes each group's
   results.json and per-sample logs to `out_dir/<group>`; returns `{group: results}`."""
   import dvl_jax as dvl
   from dvl_jax.evaluation.runner import InProcess, run
@@ -214,7 +215,7 @@ def passed(results: dict[str, dict[str, Any]]) -> bool:
   rows = combined(results)
   ar = rows["ar"]
   diffusion = [r for decoder, r in rows.items() if decoder != "ar"]
-  accurate = all(r["exact_match"] >= 0.9 and r["exact_match/long"] >= 0.9 and r["exact_match"] >= ar["exact_match"] - 0.02
-                 for r in diffusion)
+  accurate = all(r["exact_match"] >= 0.9 and r["exact_match/long"] >= 0.9
+                 and r["exact_match"] >= ar["exact_match"] - 0.02 for r in diffusion)
   fastest = max(rows[d]["tokens_per_s"] for d in ("dynamic", "threshold"))
   return accurate and fastest >= 1.5 * ar["tokens_per_s"]
