@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
-from dvl_jax.diffusion.sampling_config import (ALGORITHMS, CONFIDENCES, MODES, POSITIONS, STRATEGIES, Prompts,
-                                             SamplingConfig)
+from dvl_jax.diffusion.sampling_config import (ABLATION_SCHEDULES, ALGORITHMS, CONFIDENCES, MODES, POSITIONS,
+                                             STRATEGIES, Prompts, SamplingConfig)
 
 SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended from the dataclass
     "gen_length": "tokens to generate per request",
@@ -41,11 +41,13 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
     "positions": "position ids; unset: flat for block diffusion, the checkpoint's position mode for autoregressive",
     "confidence": "a sampled token's confidence (temperature > 0): its probability under the sampling distribution "
                   "(sampled) or the unmodified softmax; unset: the model family's",
+    "ablation_schedule": "the unmasking schedule when the answer fits in the prompt's one block: num_transfer over "
+                         "block_size or over gen_length tokens; unset: the model family's",
     "length_bucket": "prompts are padded to a multiple of this many tokens (one compile per bucket)",
     "max_len": "KV-cache length; unset: padded prompt + gen_length, rounded up to a block",
 }
 CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS,
-           "confidence": CONFIDENCES}
+           "confidence": CONFIDENCES, "ablation_schedule": ABLATION_SCHEDULES}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,17 +90,22 @@ def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tup
   Every strategy is `low_confidence_dynamic` over these: `low_confidence_static` is it with an infinite
   threshold (no position is ever above it), `threshold` with a schedule of ones (the most confident position is
   above the threshold whenever any is). `num_transfer(bs, steps)` is indexed by `min(step, bs)`: a block never
-  needs more than `bs` denoising passes, so entry `i` is the spec's entry `min(i, steps)`."""
-  bs = config.block_size
-  if config.remasking_strategy == "threshold":
-    schedule = np.ones(bs + 1, np.int32)
-  else:
-    sched = remask.num_transfer(bs, config.steps)
-    schedule = np.array([sched[min(i, config.steps)] for i in range(bs + 1)], np.int32)
+  needs more than `bs` denoising passes, so entry `i` is the spec's entry `min(i, steps)`. A row whose answer
+  fits in its prompt's one block (`P + G <= bs`) counts `num_transfer` over `G` tokens instead when
+  `config.ablation_schedule` is "gen_length" (spec §7.5)."""
+  bs, b = config.block_size, prompts.ids.shape[0]
+
+  def schedule(tokens: int) -> np.ndarray:
+    if config.remasking_strategy == "threshold":
+      return np.ones(bs + 1, np.int32)
+    sched = remask.num_transfer(tokens, config.steps)
+    return np.array([sched[min(i, config.steps)] for i in range(bs + 1)], np.int32)
+
+  one_block = (config.ablation_schedule == "gen_length") & (np.asarray(prompts.lengths) + config.gen_length <= bs)
+  schedules = np.where(one_block[:, None], schedule(config.gen_length), schedule(bs))
   static = config.remasking_strategy == "low_confidence_static"
   threshold = np.float32(np.inf if static else config.confidence_threshold)
-  b = prompts.ids.shape[0]
-  return np.tile(schedule, (b, 1)), np.full((b,), threshold, np.float32)
+  return schedules.astype(np.int32), np.full((b,), threshold, np.float32)
 
 
 # ---- the decoding loop ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dvl_jax.diffusion.remask import CONFIDENCES
 from dvl_jax.models import families
 
 ALGORITHMS = ("block_diffusion", "autoregressive")
+ABLATION_SCHEDULES = ("block_size", "gen_length")  # spec §7.5: DiffusionVL-QwenVL / DiffusionVL-Qwen, LLaDA-BD3LM
 STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "threshold")
 MODES = ("fused", "reference")
 POSITIONS = ("flat", "mrope")
@@ -40,9 +41,14 @@ class SamplingConfig:
     per step; `steps` is then unused).
   `confidence`: what a sampled token's confidence is at temperature > 0 (spec §6.5, §7.5): "sampled" (its
     probability under the temperature / top-k / top-p distribution, DiffusionVL-QwenVL) or "softmax" (under
-    the unmodified softmax, DiffusionVL-Qwen). `block_size`, `positions` and `confidence` None take the model's
-    values (`positions` is always "flat" for block diffusion, as in DiffusionVL; `confidence` its family's). `length_bucket` pads prompts to a multiple of it;
-    `max_len` is the KV-cache length (default: prompt bucket + `gen_length`, rounded up to a block).
+    the unmodified softmax, DiffusionVL-Qwen).
+  `ablation_schedule`: the unmasking schedule of a prompt whose answer fits in its one block (`P + gen_length
+    <= block_size`, spec §6.1's full-diffusion ablation; §6.7 quirk 3, §7.5): `num_transfer(block_size, steps)`
+    ("block_size", DiffusionVL-QwenVL) or `num_transfer(gen_length, steps)` ("gen_length", DiffusionVL-Qwen).
+  `block_size`, `positions`, `confidence` and `ablation_schedule` None take the model's values (`positions` is
+    always "flat" for block diffusion, as in DiffusionVL; the last two its family's). `length_bucket` pads
+    prompts to a multiple of it; `max_len` is the KV-cache length (default: prompt bucket + `gen_length`,
+    rounded up to a block).
   The device mesh is not an option here: sampling runs where the model's params are, so a mesh shape
   (the CLI's / config's `mesh`, or `dvl.suggest_mesh(cfg, batch=...)`) goes to
   `dvl.load(ckpt, mesh=dvl.make_mesh(shape))`.
@@ -60,6 +66,7 @@ class SamplingConfig:
   algorithm: str = "block_diffusion"
   positions: str | None = None
   confidence: str | None = None
+  ablation_schedule: str | None = None
   length_bucket: int = 64
   max_len: int | None = None
 
@@ -71,6 +78,8 @@ class SamplingConfig:
       _one_of("positions", self.positions, POSITIONS)
     if self.confidence is not None:
       _one_of("confidence", self.confidence, CONFIDENCES)
+    if self.ablation_schedule is not None:
+      _one_of("ablation_schedule", self.ablation_schedule, ABLATION_SCHEDULES)
     if self.steps < 1:
       raise ValueError(f"steps must be >= 1, got {self.steps}")
     if self.gen_length < 1:
@@ -89,13 +98,16 @@ class SamplingConfig:
       raise ValueError(f"block_size {self.block_size} does not divide the cache length max_len={self.max_len}")
 
   def resolve(self, model_cfg: ModelConfig) -> "SamplingConfig":
-    """Fills `block_size`, `positions` and `confidence` from the model config (validated again)."""
+    """Fills `block_size`, `positions`, `confidence` and `ablation_schedule` from the model config (validated
+    again)."""
     positions = self.positions or ("flat" if self.algorithm == "block_diffusion" else model_cfg.position_mode)
+    family = families.get(model_cfg.family)
     if self.algorithm == "block_diffusion" and positions != "flat":
       raise ValueError("block diffusion uses flat positions (spec §3.2); positions='mrope' is only for "
                        "algorithm='autoregressive'")
     return dataclasses.replace(self, block_size=self.block_size or model_cfg.block_size, positions=positions,
-                               confidence=self.confidence or families.get(model_cfg.family).confidence)
+                               confidence=self.confidence or family.confidence,
+                               ablation_schedule=self.ablation_schedule or family.ablation_schedule)
 
   def cache_len(self, prompt_width: int) -> int:
     """KV-cache slots: `max_len`, or the prompt bucket plus `gen_length` rounded up to a whole block."""

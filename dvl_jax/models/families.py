@@ -32,6 +32,9 @@ class Family:
   # a sampled token's confidence at temperature > 0 (spec §7.5; `SamplingConfig.confidence`): "sampled" = its
   # probability under the temperature / top-k / top-p distribution, "softmax" = under the unmodified softmax
   confidence: str = "sampled"
+  # the schedule of an answer inside the prompt's one block (spec §7.5; `SamplingConfig.ablation_schedule`):
+  # `num_transfer` over "block_size" or over "gen_length" tokens
+  ablation_schedule: str = "block_size"
 
   def module(self, name: str) -> ModuleType:
     return importlib.import_module(f"{self.package}.{name}")
@@ -71,7 +74,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("diffusionvl_qwen", "dvl_jax.models.diffusionvl_qwen", "DiffusionVLQwen",
            ("diffusionvl_qwen", "llava_qwen", "llava_onevision"),
            "DiffusionVL-Qwen / LLaVA-OneVision: SigLIP + mlp2x_gelu + anyres packing + Qwen2.5 decoder",
-           vision_config="SiglipVisionConfig", images="dvl_jax.data.llava_images", confidence="softmax"),
+           vision_config="SiglipVisionConfig", images="dvl_jax.data.llava_images", confidence="softmax",
+           ablation_schedule="gen_length"),
 )}
 
 

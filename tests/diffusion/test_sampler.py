@@ -21,7 +21,7 @@ from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.core.vision_layout import vision_layout
-from dvl_jax.testing.tiny import tiny_model
+from dvl_jax.testing.tiny import tiny_model, tiny_siglip_config
 
 CFG = tiny_config()
 BS, MASK, EOS = CFG.block_size, CFG.mask_token_id, CFG.eos_token_id
@@ -55,8 +55,10 @@ def _pass(graphdef):
   return run
 
 
-def oracle(model, prompt, gen, steps, strategy="low_confidence_static", tau=0.85, pixels=None, grid=None):
-  """Returns (tokens [gen], forwards incl. prefill, decoded blocks, forward index of each token)."""
+def oracle(model, prompt, gen, steps, strategy="low_confidence_static", tau=0.85, pixels=None, grid=None,
+           ablation="block_size"):
+  """Returns (tokens [gen], forwards incl. prefill, decoded blocks, forward index of each token); `ablation`
+  "gen_length": a one-block answer unmasks `gen` tokens over the steps instead of `BS` (spec §6.7 quirk 3)."""
   graphdef, state = nnx.split(model)
   p = len(prompt)
   nblk, total = (1, p + gen) if BS >= p + gen else (-(-(p + gen) // BS), -(-(p + gen) // BS) * BS)
@@ -66,7 +68,8 @@ def oracle(model, prompt, gen, steps, strategy="low_confidence_static", tau=0.85
   prompt_emb = model.embed(jnp.asarray(ids)[None], feats)
   todo = np.arange(ORACLE_LEN) >= p
   todo[total:] = False
-  sched = [BS // steps + (i < BS % steps) for i in range(steps)] + [BS // steps]
+  n = gen if ablation == "gen_length" and nblk == 1 and BS >= p + gen else BS
+  sched = [n // steps + (i < n % steps) for i in range(steps)] + [n // steps]
   forwards, passes, blocks = int(p // BS > 0), 0, 0
   decoded_at = np.full(ORACLE_LEN, -1)
   for blk in range(p // BS, nblk):
@@ -282,3 +285,21 @@ def test_select_rules():
 @pytest.mark.parametrize("steps, want", [(8, [1] * 9), (4, [2] * 5), (3, [3, 3, 2, 2]), (16, [1] * 8 + [0] * 9)])
 def test_transfer_schedule_vectors(steps, want):
   assert list(remask.num_transfer(8, steps)) == want  # spec §12
+
+
+def test_one_block_answers_count_the_schedule_over_gen_length_when_asked(model):
+  """Spec §6.7 quirk 3 / §7.5: DiffusionVL-Qwen unmasks a one-block answer with `num_transfer(gen_length, steps)`
+  (5 tokens over 3 steps: 2, 2, 1) where DiffusionVL-QwenVL uses `num_transfer(bs, steps)` (3, 3, 2)."""
+  prompts = [words(n, 300 + n) for n in (2, 13, 3)]  # rows 0 and 2: P + 5 <= 8, one block; row 1: several blocks
+  config = SamplingConfig(gen_length=5, steps=3, mode="reference", ablation_schedule="gen_length")
+  out = sampler.generate(model, Prompts.from_lists(prompts), config)
+  for i, prompt in enumerate(prompts):
+    tokens, forwards, _, decoded_at = oracle(model, prompt, 5, 3, ablation="gen_length")
+    np.testing.assert_array_equal(out.tokens[i], tokens)
+    np.testing.assert_array_equal(out.steps_per_token[i], decoded_at)
+    assert out.nfe[i] == forwards
+  block = sampler.generate(model, Prompts.from_lists(prompts), dataclasses.replace(config, ablation_schedule=None))
+  assert (out.nfe[[0, 2]] > block.nfe[[0, 2]]).all()  # fewer tokens per pass: more passes
+  np.testing.assert_array_equal(out.steps_per_token[1], block.steps_per_token[1])  # other rows: unchanged
+  assert SamplingConfig().resolve(CFG).ablation_schedule == "block_size"  # the family picks: Qwen2.5-VL
+  assert SamplingConfig().resolve(tiny_siglip_config()).ablation_schedule == "gen_length"  # DiffusionVL-Qwen
