@@ -122,5 +122,5 @@ def generate(static: Static, max_forwards: int, view: int, state: Any, slots: Sl
   ctx = static.algorithm.context(model, static.config, place, False, view, slots.rows)
   carry = static.algorithm.chunk(ctx, type(slots.carry)(narrow, *slots.carry[1:]), max_forwards)
   out = static.algorithm.outputs(ctx, carry, static.config.gen_length)
-  cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, n, 0, axis=2) for c, n in zip(cache, carry[0]))
+  cache = kv_cache.write_prefix(cache, carry[0], place.cache)
   return _pinned(place, Slots(slots.rows, type(carry)(cache, *carry[1:]))), {**out, "done": carry.done}
