@@ -40,3 +40,19 @@ def test_plot_writes_the_png_of_the_results(tmp_path):
       (name, r["speed"]["tokens_per_s"], r["metrics"]["exact_match"]) for name, r in results["decoders"].items()]
   # threshold@0.9 (140 tokens/s, 0.76) is slower and less accurate than dynamic (150, 0.78); the rest trade off
   assert [p["decoder"] for p in points if p["pareto"]] == ["ar", "dynamic", "threshold@0.5"]
+
+
+def test_plot_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+  """A notebook that evaluates and then draws its own figures keeps its inline backend and open figures."""
+  import matplotlib
+  from matplotlib import pyplot as plt
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")  # a backend other than the Agg a headless default resolves to
+  try:
+    figure = plt.figure()
+    pareto.plot(_results(), str(tmp_path / pareto.PLOT_FILE))
+    assert matplotlib.get_backend() == "svg" and plt.get_fignums() == [figure.number]
+  finally:
+    plt.close("all")
+    matplotlib.use(before)
