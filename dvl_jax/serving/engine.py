@@ -166,10 +166,11 @@ class Engine:
         pool.slots, _ = programs.generate(pool.static, self.chunk, view, self.state, pool.slots)
 
   def _view(self, pool: _Pool) -> int:
-    """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block)."""
+    """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block); the
+    longest view is the whole cache, which holds any admitted request."""
     need = max(round_up(self._requests[rid].length + self._requests[rid].gen, self.config.block_size)
                for rid in pool.slot_of)
-    return next((v for v in self.views if v >= need), self.views[-1])
+    return min(v for v in self.views if v >= need)
 
   def _pool(self, algorithm: str) -> _Pool:
     """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""
