@@ -18,7 +18,7 @@ from dvl_jax.data.bad_rows import UNREADABLE_IMAGE, BadRow
 from dvl_jax.data.buckets import PlannedBatch
 from dvl_jax.data.dataset_index import DatasetIndex
 from dvl_jax.data.labels import IGNORE
-from dvl_jax.data.samples import SampleEncoder
+from dvl_jax.data.samples import SampleEncoder, patch_dim
 
 
 class HostBatcher:
@@ -60,7 +60,7 @@ class HostBatcher:
         "labels": np.full((n, length), IGNORE, np.int32),
         "attention_mask": np.zeros((n, length), np.int32),
     }
-    pixels = np.zeros((len(self.owned) * budget, cfg.vision.patch_dim), np.float32)
+    pixels = np.zeros((len(self.owned) * budget, patch_dim(cfg)), np.float32)
     bad_rows, row = [], 0
     for s, k in enumerate(self.owned):
       offset = s * budget
@@ -91,4 +91,4 @@ class HostBatcher:
     except BadRow as e:
       bad_rows.append((record.id, e))
       ids = np.full(sum(shape.used_tokens), self.config.image_token_id, np.int64)
-      return ids, np.full_like(ids, IGNORE), 0, np.zeros((shape.patches, self.config.vision.patch_dim), np.float32)
+      return ids, np.full_like(ids, IGNORE), 0, np.zeros((shape.patches, patch_dim(self.config)), np.float32)

@@ -69,6 +69,11 @@ def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.I
   return canvas
 
 
+def patch_dim(config: Any) -> int:
+  """Length of a pixel row; 0 for a text-only family (no vision tower: every row is text)."""
+  return 0 if config.vision is None else config.vision.patch_dim
+
+
 class SampleEncoder:
   """Conversation template, labels, image splicing, truncation and block-aligned EOS for one row.
 
@@ -137,7 +142,7 @@ class SampleEncoder:
   def _pixels(self, images: list[Image.Image], shapes: list[ImageShape]) -> np.ndarray:
     """The images' pixel rows; the processor must make what `shapes` predicted (the batch plan relies on it)."""
     if not images:
-      return np.zeros((0, self.config.vision.patch_dim), np.float32)
+      return np.zeros((0, patch_dim(self.config)), np.float32)
     try:
       out = self.images.preprocess(self.processor.image_processor, images, self.config.vision)
     except (ValueError, OSError) as e:
