@@ -30,7 +30,7 @@ def _moved(before, after):
   return {k for k in before if not np.array_equal(before[k], after[k])}
 
 
-@pytest.mark.slow  # ~2 min of compiling on 2 cores (three training runs, four decoders)
+@pytest.mark.slow  # ~70 s of mostly compiling on 2 idle cores (three training runs, four decoders), 3 min loaded
 def test_quick_demo_runs_both_stages_from_a_text_lm_and_a_siglip_tower(tmp_path):
   workdir = str(tmp_path / "demo")
   command = "import sys; from dvl_jax import cli; sys.exit(cli.main(sys.argv[1:]))"
