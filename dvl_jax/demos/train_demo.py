@@ -6,9 +6,12 @@
    exactly what a user does with a Hub checkpoint;
 3. stage-2 diffusion finetuning (`dvl train`, BD3-LM, block-aligned EOS) turns it into a block-diffusion
    VLM;
-4. both answer held-out questions (another seed of the generator): AR greedy decoding of the source
-   model vs static / dynamic / threshold block-diffusion decoding, exact match, tokens per forward (also
-   on the three-word descriptions, the only answers long enough to decode several tokens per step), tok/s.
+4. `dvl eval`'s evaluator scores held-out questions (another seed of the generator): AR greedy decoding
+   of the source model vs static / dynamic / threshold block-diffusion decoding of the finetuned one, on
+   the 16-word "cells" answers and on the one- to three-word ones apart, in one table: exact match, tokens
+   per forward, NFE and tokens/s (compilation untimed).
+
+Both stages train on every question kind, the long answers included (one question in six).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any
 
 from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig
 from dvl_jax.data import synthetic
-from dvl_jax.data.chat_template import generation_prompt
 from dvl_jax.data.word_tokenizer import word_tokenizer
 
 
@@ -43,16 +45,18 @@ class DemoSize:
 
 
 VOCAB_SIZE = 128  # the generator's ~50 words, the chat markup and the reserved ids
+# FULL misses the bar since the long answers joined the mix (README, "Main job"): after 800 AR steps the model
+# names the shape right 76% of the time (the short kinds alone, same code and steps: 98%), so AR gets 57% of the
+# long answers and block diffusion 36% after 500 BD3-LM steps (1000 AR steps: 38% on the shape).
 FULL = DemoSize(train_examples=8192, eval_examples=256, ar_steps=800, diffusion_steps=500, diffusion_learning_rate=3e-4)
 QUICK = DemoSize(train_examples=256, eval_examples=32, ar_steps=40, diffusion_steps=40)
 
-DECODERS = {  # name -> SamplingConfig fields
-    "AR greedy (source model)": dict(algorithm="autoregressive"),
-    "block diffusion, static (8 steps)": dict(remasking_strategy="low_confidence_static", steps=8),
-    "block diffusion, dynamic (tau 0.85)": dict(remasking_strategy="low_confidence_dynamic",
-                                                confidence_threshold=0.85),
-    "block diffusion, threshold (tau 0.9)": dict(remasking_strategy="threshold", confidence_threshold=0.9),
-}
+# The held-out questions are evaluated in two groups, since a batch decodes until its longest answer ends: the
+# 16-word "cells" answers, where block diffusion decodes several tokens per forward, and the one- to three-word
+# ones, which end inside the first 8-token block and leave nothing to decode in parallel.
+GROUPS = {"long": ("cells",), "short": synthetic.QUESTION_KINDS}
+GEN_LENGTH = 24  # tokens: room for a long answer and its EOS (17)
+BATCH_SIZE = 16
 
 
 def demo_model_config(vocab_size: int) -> ModelConfig:
@@ -101,42 +105,16 @@ def _train(workdir: str, config: Any, progress: bool) -> str:
   return os.path.join(workdir, "model")
 
 
-def evaluate(model: Any, processor: Any, examples: list[synthetic.Example], sampling: dict[str, Any],
-             batch_size: int = 32) -> dict[str, float]:
-  """Exact match of the decoded answer, tokens per forward (decoded tokens / model forwards) overall and
-  on the three-word descriptions, and tok/s (after an untimed first batch)."""
-  import dvl_jax as dvl
-
-  config = dvl.SamplingConfig(gen_length=8, length_bucket=16, **sampling)
-  correct, tokens, forwards, seconds = 0, 0, 0, 0.0
-  described = [0, 0]  # tokens, forwards of the "describe" rows
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    inputs = processor([generation_prompt(ex.question) for ex in chunk], [[ex.image] for ex in chunk])
-    if start == 0:  # compile outside the timing (tokens/s used to include it and moved a lot between runs)
-      dvl.generate(model, inputs, config, tokenizer=processor.tokenizer)
-    tic = time.perf_counter()
-    out = dvl.generate(model, inputs, config, tokenizer=processor.tokenizer)
-    seconds += time.perf_counter() - tic
-    correct += sum(text.strip() == ex.answer for text, ex in zip(out.text, chunk))
-    tokens += int(out.lengths.sum())
-    forwards += int(out.nfe.sum())
-    for ex, length, nfe in zip(chunk, out.lengths, out.nfe):
-      if ex.kind == "describe":
-        described[0], described[1] = described[0] + int(length), described[1] + int(nfe)
-  return {"exact_match": correct / len(examples), "tokens_per_forward": tokens / forwards,
-          "tokens_per_forward_describe": described[0] / max(1, described[1]), "tokens_per_s": tokens / seconds}
-
-
 def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-  """Runs the four stages; prints and returns `{decoder: metrics}` plus the run directories."""
+  """Runs the four stages; prints the evaluator's tables and returns `{group: results}` (`evaluate`), the run
+  directory and the seconds it took."""
   import dvl_jax as dvl
 
   size = QUICK if quick else FULL
   workdir = workdir or tempfile.mkdtemp(prefix="dvl-demo-")
   tic = time.perf_counter()
-  data_json = synthetic.write_dataset(os.path.join(workdir, "data"), size.train_examples, seed=1000 + seed)
-  held_out = synthetic.examples(size.eval_examples, seed=2000 + seed)
+  data_json = synthetic.write_dataset(os.path.join(workdir, "data"), size.train_examples, seed=1000 + seed,
+                                      kinds=synthetic.ALL_KINDS)
   cfg = demo_model_config(VOCAB_SIZE)
   tokenizer = word_tokenizer(synthetic.corpus(), cfg)
   print(f"[1/4] AR training of a {cfg.text.num_layers}-layer Qwen2.5-VL on {size.train_examples} synthetic "
@@ -156,30 +134,88 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
                                 learning_rate=size.diffusion_learning_rate, size=size, seed=seed)
   diffusion_model = _train(os.path.join(workdir, "diffusion"), diffusion_config, progress)
 
-  print(f"[4/4] evaluation on {size.eval_examples} held-out questions")
-  processor = dvl.Processor.from_pretrained(source, min_pixels=synthetic.IMAGE_SIZE ** 2,
-                                            max_pixels=synthetic.IMAGE_SIZE ** 2)
-  models = {"source": dvl.load(source), "diffusion": dvl.load(diffusion_model)}
-  results = {}
-  for name, sampling in DECODERS.items():
-    model = models["source" if sampling.get("algorithm") == "autoregressive" else "diffusion"]
-    results[name] = evaluate(model, processor, held_out, sampling)
-  print(results_table(results))
+  print(f"[4/4] dvl eval on {size.eval_examples} held-out questions (long and short answers apart)")
+  results = evaluate(source, diffusion_model, os.path.join(workdir, "eval"),
+                     data=f"{2000 + seed}:{size.eval_examples}:all", progress=progress)
   print(f"total {time.perf_counter() - tic:.0f} s; runs in {workdir}")
   return {"results": results, "workdir": workdir, "seconds": time.perf_counter() - tic}
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
-  lines = ["| decoder | exact match | tokens / forward | tokens / forward, descriptions | tokens / s |",
-           "|---|---|---|---|---|"]
-  for name, r in results.items():
-    lines.append(f"| {name} | {100 * r['exact_match']:.1f}% | {r['tokens_per_forward']:.2f} | "
-                 f"{r['tokens_per_forward_describe']:.2f} | {r['tokens_per_s']:.0f} |")
+def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size: int = BATCH_SIZE,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+  """The evaluator (`dvl eval --task synthetic --data DATA --log-samples`) on the held-out questions, the long
+  answers and the short ones apart (`GROUPS`), since a batch decodes until its longest answer ends: AR
+  decoding of the source model, block diffusion of the finetuned one (`DATA`: the task's --data, "all" kinds
+  for both groups). Prints each group's evaluator table, then `results_table`; writes each group's
+  results.json and per-sample logs to `out_dir/<group>`; returns `{group: results}`."""
+  import dvl_jax as dvl
+  from dvl_jax.evaluation.runner import InProcess, run
+  from dvl_jax.evaluation.settings import EvalSettings
+
+  processor = dvl.Processor.from_pretrained(source, min_pixels=synthetic.IMAGE_SIZE ** 2,
+                                            max_pixels=synthetic.IMAGE_SIZE ** 2)
+  ar, block = InProcess(dvl.load(source), processor), InProcess(dvl.load(diffusion), processor)
+
+  def answer(task, samples, config, size):
+    return (ar if config.algorithm == "autoregressive" else block)(task, samples, config, size)
+
+  results = {}
+  for group, kinds in GROUPS.items():
+    settings = EvalSettings("synthetic", data=data, gen_length=GEN_LENGTH, batch_size=batch_size,
+                            out_dir=os.path.join(out_dir, group), log_samples=True)
+    samples = [s for s in settings.samples() if s.metadata["kind"] in kinds]
+    print(f"\n{group} answers ({', '.join(kinds)}): {len(samples)} questions")
+    results[group] = run(answer, settings, samples, progress=progress)
+  print("\n" + results_table(results))
+  return results
+
+
+def combined(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """Per decoder, over every group together: exact match, tokens/s (all tokens / all decoding seconds),
+  tokens per forward and NFE per answer; and each group's own, as `{metric}/{group}`."""
+  rows: dict[str, dict[str, float]] = {}
+  for decoder in next(iter(results.values()))["decoders"]:
+    n = tokens = forwards = seconds = correct = 0.0
+    row = {}
+    for group, r in results.items():
+      metrics, speed, count = r["decoders"][decoder]["metrics"], r["decoders"][decoder]["speed"], r["samples"]
+      row.update({f"exact_match/{group}": metrics["exact_match"], f"nfe/{group}": speed["nfe"],
+                  f"tokens_per_forward/{group}": speed["tokens_per_forward"],
+                  f"tokens_per_s/{group}": speed["tokens_per_s"]})
+      n, correct, forwards = n + count, correct + metrics["exact_match"] * count, forwards + speed["nfe"] * count
+      tokens += speed["tokens_per_forward"] * speed["nfe"] * count
+      seconds += speed["s_per_answer"] * count
+    rows[decoder] = {"exact_match": correct / n, "tokens_per_s": tokens / seconds,
+                     "tokens_per_forward": tokens / forwards, "nfe": forwards / n, **row}
+  return rows
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+  """One row per decoder: exact match and tokens/s over all answers (with the speed-up over AR), then per group
+  the exact match, tokens per forward, NFE per answer and tokens/s: where the speed-up comes from."""
+  rows, groups = combined(results), list(results)
+  head = ["decoder", "exact match", "tokens/s", "x AR"]
+  for group in groups:
+    head += [f"exact match, {group}", f"tokens/forward, {group}", f"NFE, {group}", f"tokens/s, {group}"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  ar = rows["ar"]["tokens_per_s"]
+  for decoder, r in rows.items():
+    cells = [decoder, f"{100 * r['exact_match']:.1f}%", f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / ar:.2f}"]
+    for group in groups:
+      cells += [f"{100 * r[f'exact_match/{group}']:.1f}%", f"{r[f'tokens_per_forward/{group}']:.2f}",
+                f"{r[f'nfe/{group}']:.1f}", f"{r[f'tokens_per_s/{group}']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def passed(results: dict[str, dict[str, float]]) -> bool:
-  """The demo's bar: every block-diffusion decoder >= 90% exact match and within 5 points of AR."""
-  ar = results["AR greedy (source model)"]["exact_match"]
-  diffusion = [r["exact_match"] for name, r in results.items() if name.startswith("block diffusion")]
-  return all(em >= 0.9 and em >= ar - 0.05 for em in diffusion)
+def passed(results: dict[str, dict[str, Any]]) -> bool:
+  """The demo's bar (issue #16): every block-diffusion decoder >= 90% exact match, on all answers and on the long
+  ones, and within 2 points of AR on all answers; the faster adaptive decoder (dynamic or threshold) >= 1.5x
+  AR's tokens/s on all answers."""
+  rows = combined(results)
+  ar = rows["ar"]
+  diffusion = [r for decoder, r in rows.items() if decoder != "ar"]
+  accurate = all(r["exact_match"] >= 0.9 and r["exact_match/long"] >= 0.9
+                 and r["exact_match"] >= ar["exact_match"] - 0.02 for r in diffusion)
+  fastest = max(rows[d]["tokens_per_s"] for d in ("dynamic", "threshold"))
+  return accurate and fastest >= 1.5 * ar["tokens_per_s"]

@@ -1,7 +1,7 @@
 """The demo's generated task (`dvl_jax.data.synthetic`): shapes in a 2x2 grid, exact-match scored.
 
 `--data SEED[:COUNT[:KINDS]]` picks the split: examples 0 .. COUNT-1 of generator seed SEED (default
-"2000:200"; `dvl demo` trains on seed 1000 and holds out "2000:256" with its default seed), drawing the
+"2000:200"; `dvl demo` trains on seed 1000 and holds out "2000:256:all" with its default seed), drawing the
 question kinds KINDS (comma-separated, or "all" to add the long "cells" answers; default: the generator's
 default kinds). The prompt is the question alone, as the demo trains (no post-prompt); an answer is right
 when, after the spec §9.2 clean-up, it is the reference character for character. Metrics: `exact_match` and
