@@ -96,8 +96,8 @@ def test_quickstart_runs_and_plots_the_trajectory_and_the_tau_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_train_tiny_runs_both_stages_and_plots_the_loss_curves(tmp_path):
-  size = ("dataclasses.replace(dvl.train_demo.QUICK, train_examples=128, eval_examples=32, ar_steps=10, "
-          "diffusion_steps=10)")
+  size = ("dataclasses.replace(dvl.train_demo.QUICK, train_examples=128, eval_examples=32, short_first_steps=10, "
+          "ar_steps=10, diffusion_steps=10)")
   nb = _run("train_tiny.ipynb", tmp_path, cell_timeout=900, parameters=f"import dataclasses\nSIZE = {size}")
   _assert_ran_clean(nb)
   assert _pngs(_outputs(nb, "loss")) == 1
@@ -105,6 +105,6 @@ def test_train_tiny_runs_both_stages_and_plots_the_loss_curves(tmp_path):
   table = "".join(o.get("data", {}).get("text/markdown", "") for o in _outputs(nb, "eval"))
   assert sum(line.startswith("| ") for line in table.splitlines()) == 5, table  # header + 4 decoders
   run = tmp_path / "work" / "train_tiny_run"
-  for stage in ("ar", "diffusion"):
+  for stage in ("ar_short", "ar", "diffusion"):
     with open(run / stage / "metrics.jsonl") as f:
       assert len(f.readlines()) >= 2, stage
