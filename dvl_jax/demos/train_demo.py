@@ -170,25 +170,26 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
 
 
 def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size: int = BATCH_SIZE,
+             groups: dict[str, tuple[str, ...]] = GROUPS, pixels: int | None = synthetic.IMAGE_SIZE ** 2,
              progress: bool = True) -> dict[str, dict[str, Any]]:
   """The evaluator (`dvl eval --task synthetic --data DATA --log-samples`) on the held-out questions, the long
-  answers and the short ones apart (`GROUPS`), since a batch decodes until its longest answer ends: AR
+  answers and the short ones apart (`groups`), since a batch decodes until its longest answer ends: AR
   decoding of the source model, block diffusion of the finetuned one (`DATA`: the task's --data, "all" kinds
-  for both groups). Prints each group's evaluator table, then `results_table`; writes each group's
+  for both groups), each with its own checkpoint's processor (`pixels`: Qwen2.5-VL's resize bounds; None for a
+  family without them). Prints each group's evaluator table, then `results_table`; writes each group's
   results.json and per-sample logs to `out_dir/<group>`; returns `{group: results}`."""
   import dvl_jax as dvl
   from dvl_jax.evaluation.runner import InProcess, run
   from dvl_jax.evaluation.settings import EvalSettings
 
-  processor = dvl.Processor.from_pretrained(source, min_pixels=synthetic.IMAGE_SIZE ** 2,
-                                            max_pixels=synthetic.IMAGE_SIZE ** 2)
-  ar, block = InProcess(dvl.load(source), processor), InProcess(dvl.load(diffusion), processor)
+  bounds = {} if pixels is None else dict(min_pixels=pixels, max_pixels=pixels)
+  ar, block = (InProcess(dvl.load(path), dvl.Processor.from_pretrained(path, **bounds)) for path in (source, diffusion))
 
   def answer(task, samples, config, size):
     return (ar if config.algorithm == "autoregressive" else block)(task, samples, config, size)
 
   results = {}
-  for group, kinds in GROUPS.items():
+  for group, kinds in groups.items():
     settings = EvalSettings("synthetic", data=data, gen_length=GEN_LENGTH, batch_size=batch_size,
                             out_dir=os.path.join(out_dir, group), log_samples=True)
     samples = [s for s in settings.samples() if s.metadata["kind"] in kinds]
@@ -253,8 +254,10 @@ def speedup_line(results: dict[str, dict[str, Any]]) -> str:
     best, ratio = speedup(results, group)
     parts.append(f"{group} answers: {best} {ratio:.2f}x AR's tokens/s at {rows[best][f'tokens_per_forward/{group}']:.2f} "
                  "tokens per forward")
-  verdict = "met" if speedup(results)[1] >= SPEEDUP_GOAL else "not met"
-  return f"block diffusion vs AR: {'; '.join(parts)} (goal {SPEEDUP_GOAL}x on the long answers: {verdict})"
+  line = f"block diffusion vs AR: {'; '.join(parts)}"
+  if "long" in results:
+    line += f" (goal {SPEEDUP_GOAL}x on the long answers: {'met' if speedup(results)[1] >= SPEEDUP_GOAL else 'not met'})"
+  return line
 
 
 SPEEDUP_GOAL = 1.5  # issue #16: dynamic or threshold decoding vs AR, tokens/s
