@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="end this invocation after N steps with a checkpoint (default: run to the end)")
   train.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
-  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (~10 min, 2 cores)",
+  demo = sub.add_parser("demo", help="turn an AR VLM into a block-diffusion VLM on CPU, end to end (~13 min, 2 cores)",
                         description="Trains a small Qwen2.5-VL as an AR VLM on synthetic visual QA, exports it to "
                         "PyTorch/HF, converts it back, finetunes it with the BD3-LM objective and compares AR and "
                         "block-diffusion decoding on held-out questions with dvl eval's evaluator (exact match, "
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--workdir", default=None, help="where to write data, runs and checkpoints (default: a temp dir)")
   demo.add_argument("--seed", type=int, default=0, help="seed of the data splits and the model (default: 0)")
   demo.add_argument("--quick", action="store_true",
-                    help="a ~2 minute run on less data (checks the pipeline; accuracy stays low) (default: off)")
+                    help="a ~3 minute run on less data (checks the pipeline; accuracy stays low) (default: off)")
   demo.add_argument("--from-lm", action="store_true",
                     help="instead: DiffusionVL-Qwen's two stages from a small text-only Qwen2 LM and a random SigLIP "
                     "tower (stage 1 the projector, stage 2 BD3-LM), then the same table (~15 min, 2 cores) "
