@@ -90,8 +90,9 @@ def save_siglip(dst: str, cfg: ModelConfig, *, depth: int = 4, seed: int = 0) ->
 
   torch.manual_seed(seed)
   hidden = cfg.text.hidden_size
-  config = transformers.SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=depth + 1,
-                                           num_attention_heads=4, image_size=synthetic.IMAGE_SIZE, patch_size=PATCH_SIZE)
+  config = transformers.SiglipVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                           num_hidden_layers=depth + 1, num_attention_heads=4,
+                                           image_size=synthetic.IMAGE_SIZE, patch_size=PATCH_SIZE)
   transformers.SiglipVisionModel(config).eval().save_pretrained(dst)
   return dst
 

@@ -46,7 +46,8 @@ def test_stop_and_resume_of_stage_2_equals_the_uninterrupted_run(setup):
 def _cli(stage, ckpt, data, workdir, *extra):
   argv = ["train", "--config", os.path.join(REPO, "configs", f"stage{stage}.py"), "--workdir", workdir, "--no-progress",
           f"--config.init_checkpoint={ckpt}", f"--config.data.json={data}", "--config.total_steps=6",
-          "--config.log_every=2", "--config.checkpoint_every=6", "--config.mesh=1,1,1", "--config.compute_dtype=float32",
+          "--config.log_every=2", "--config.checkpoint_every=6", "--config.mesh=1,1,1",
+          "--config.compute_dtype=float32",
           "--config.remat_policy=none", "--config.data.batch_size=8", "--config.data.length_multiple=8",
           "--config.data.num_threads=2", *extra]
   assert cli.main(argv) == 0
