@@ -48,6 +48,30 @@ def tokens_per_image(grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
   return np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=-1) // cfg.merge_unit
 
 
+def patch_rows(n: int, bucket: int, unit: int) -> int:
+  """Rows `n` patches are padded to under jit: the next power of two (at least `unit`) below `bucket`, a multiple
+  of `bucket` above it. Few shapes (few compiles), and a single small image is not padded to a whole bucket: the
+  tower's attention grows with the square of its rows."""
+  if n >= bucket:
+    return -(-n // bucket) * bucket
+  return max(unit, 1 << max(n - 1, 0).bit_length())
+
+
+def aligned_chunks(grid_thw: np.ndarray, rows: int, unit: int) -> int:
+  """The most equal chunks (a power of two, each a multiple of `unit` rows) that `rows` padded patch rows of
+  images `grid_thw` split into with no image across a chunk boundary (`VisionLayout.chunks`). A power of two
+  keeps the compiled variants few; batches of equal images get one chunk per image."""
+  ends = set(np.cumsum(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=-1)).tolist())
+  real = max(ends, default=0)
+  chunks = 1
+  while rows % (2 * chunks * unit) == 0:
+    size = rows // (2 * chunks)
+    if not all(edge >= real or edge in ends for edge in range(size, rows, size)):
+      break
+    chunks *= 2
+  return chunks
+
+
 def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, pad_patches: int | None = None) -> VisionLayout:
   """Window order, segments and rotary coordinates for images `grid_thw` `[n_images, 3]` (t, gh, gw)."""
   grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)

@@ -10,7 +10,7 @@ import numpy as np
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from dvl_jax.core.config import VisionConfig
-from dvl_jax.core.vision_layout import VisionLayout, tokens_per_image, vision_layout
+from dvl_jax.core.vision_layout import VisionLayout, aligned_chunks, patch_rows, tokens_per_image, vision_layout
 from dvl_jax.data.image_inputs import ImageInputs, ImageShape
 from dvl_jax.data.processor import pixel_bounds
 from dvl_jax.data.sharded_layout import sharded_vision_layout
@@ -48,7 +48,11 @@ def size_bounds(processor: Any) -> tuple[int, int]:
 
 def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: VisionConfig, bucket: int
            ) -> tuple[np.ndarray, VisionLayout]:
-  """Patch rows zero-padded to a multiple of `bucket` (a multiple of the merge unit), their window layout."""
-  rows = -(-pixel_values.shape[0] // bucket) * bucket
+  """Patch rows zero-padded to `patch_rows(n, bucket, merge unit)`, their window layout in the most equal
+  chunks no image crosses (`aligned_chunks`): the tower attends inside each chunk, so a batch of small images
+  costs their own attention, not that of all the rows at once."""
+  grid = np.asarray(image_grid_thw)
+  rows = patch_rows(pixel_values.shape[0], bucket, vision.merge_unit)
   pixel_values = np.pad(pixel_values, ((0, rows - pixel_values.shape[0]), (0, 0)))
-  return pixel_values, vision_layout(np.asarray(image_grid_thw), vision, pad_patches=rows)
+  window_layout = vision_layout(grid, vision, pad_patches=rows)
+  return pixel_values, window_layout.replace(chunks=aligned_chunks(grid, rows, vision.merge_unit))

@@ -7,6 +7,8 @@ The AR sampler reuses `propose` for its next token.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, NamedTuple
 
 import jax
@@ -139,9 +141,18 @@ def select(conf: jax.Array, masked: jax.Array, scheduled: jax.Array, *, strategy
   raise ValueError(f"unknown remasking strategy {strategy!r}")
 
 
+@functools.lru_cache(maxsize=64)
+def _default_keys(batch: int, impl: str) -> jax.Array:
+  """`row_keys(None, batch)`, made once per batch size (and key implementation): greedy calls pass no key."""
+  del impl  # part of the cache key only
+  return jax.random.split(jax.random.key(0), batch)
+
+
 def row_keys(rng: jax.Array | None, batch: int) -> jax.Array:
   """One typed PRNG key per row `[B]` from None (key 0), one key (split), or `batch` keys (kept)."""
-  rng = jax.random.key(0) if rng is None else jnp.asarray(rng)
+  if rng is None:
+    return _default_keys(batch, jax.config.jax_default_prng_impl)
+  rng = jnp.asarray(rng)
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)
   if rng.ndim == 0:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dvl_jax.diffusion import kv_cache, remask, streaming
+from dvl_jax.diffusion import kv_cache, remask, split_cache, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.diffusion.sampling_mesh import Placement, jit_sampler
 from dvl_jax.models.interface import KV, DiffusionLM
@@ -126,7 +126,7 @@ def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Sa
   """(the jitted program for the model's placement, its arguments, the number of real rows)."""
   cfg = model.config
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
-  graphdef, state = nnx.split(model)
+  graphdef, state = split_cache.split(model)
   place = Placement.of(cfg, state)
   b, w = prompts.ids.shape
   cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
@@ -165,9 +165,9 @@ def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt
   return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
 
 
-def merged(graphdef: Any, state: Any, placement: Placement) -> DiffusionLM:
+def merged(graph: split_cache.StaticGraph, state: Any, placement: Placement) -> DiffusionLM:
   """Inside jit: the model on its compute shardings."""
-  return nnx.merge(graphdef, placement.constrain_params(state))
+  return nnx.merge(graph.graphdef, placement.constrain_params(state))
 
 
 def embed(model: DiffusionLM, prompt: PromptArrays, placement: Placement) -> Prompt:

@@ -22,7 +22,7 @@ ABLATION_SCHEDULES = ("block_size", "gen_length")  # spec §7.5: DiffusionVL-Qwe
 STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "threshold")
 MODES = ("fused", "reference")
 POSITIONS = ("flat", "mrope")
-PATCH_BUCKET = 256  # pixel rows are padded to a multiple of this (a multiple of every merge unit)
+PATCH_BUCKET = 256  # pixel rows: padded to a multiple of this, or a power of two below it (`patch_rows`)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -162,7 +162,7 @@ class Prompts:
     return cls.from_lists(inputs)
 
   def bucketed(self, config: SamplingConfig, model_cfg: ModelConfig) -> "Prompts":
-    """Validated copy padded to the length bucket (and pixel rows to `PATCH_BUCKET`), with a layout."""
+    """Validated copy padded to the length bucket (and pixel rows by `PATCH_BUCKET`), with a layout."""
     lengths = np.asarray(self.lengths, np.int32).reshape(-1)
     if lengths.shape[0] != self.ids.shape[0]:
       raise ValueError(f"{lengths.shape[0]} lengths for {self.ids.shape[0]} prompts")

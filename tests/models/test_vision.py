@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.data.sharded_layout import sharded_vision_layout
 from dvl_jax.models.qwen25vl.vision import VisionTower
-from dvl_jax.core.vision_layout import num_patches, tokens_per_image, vision_layout
+from dvl_jax.core.vision_layout import aligned_chunks, num_patches, patch_rows, tokens_per_image, vision_layout
+from dvl_jax.data import qwen_images
 from dvl_jax.parallel.mesh import make_mesh
 
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
@@ -208,6 +209,33 @@ def test_chunked_layout_matches_one_sequence(tower):
   run = jax.jit(lambda s, x, lay: nnx.merge(graphdef, s)(x, lay))
   with jax.set_mesh(mesh):
     out = np.asarray(run(state, jax.device_put(px, rows), lay))
+  np.testing.assert_allclose(out[:len(ref)], ref, atol=1e-5, rtol=0)
+
+
+def test_patch_rows_and_aligned_chunks():
+  """Rows: a power of two (at least a merge unit) below the bucket, a multiple of it above. Chunks: the most
+  power-of-two chunks with every boundary at an image's end or in the padding."""
+  assert [patch_rows(n, 256, 4) for n in (1, 4, 5, 16, 17, 200, 256, 257, 600)] == [4, 4, 8, 16, 32, 256, 256, 512, 768]
+  assert aligned_chunks(np.array([[1, 4, 4]] * 16), 256, 4) == 16  # the demo's batch: one chunk per image
+  assert aligned_chunks(np.array([[1, 4, 4]] * 3), 64, 4) == 4  # the last chunk is padding
+  assert aligned_chunks(np.array([[1, 4, 4], [1, 4, 8]]), 64, 4) == 1  # ends at 16 and 48: 32 is inside
+  assert aligned_chunks(np.array([[1, 4, 8], [1, 4, 4]]), 64, 4) == 2  # the boundary at 32 is an end
+  assert aligned_chunks(np.array([[1, 4, 4], [1, 4, 8]]), 48, 4) == 1  # 48 rows have no power-of-two split
+  assert aligned_chunks(np.array([[1, 2, 2]] * 4), 16, 4) == 4  # chunks stay a whole merge unit
+  assert aligned_chunks(np.array([[1, 2, 2]] * 4), 16, 8) == 2
+
+
+@pytest.mark.parametrize("grid", [[[1, 4, 4]] * 5, [[1, 4, 8], [1, 4, 4], [1, 4, 4]], GRIDS["mixed"]])
+def test_sampling_layout_matches_hf(grid, tower, hf_tower):
+  """The samplers' layout (`qwen_images.layout`: padded rows of garbage, attention inside aligned chunks) gives
+  HF's tokens for the real rows."""
+  px = pixels(grid)
+  ref, _ = hf_forward(hf_tower, px, grid)
+  padded, lay = qwen_images.layout(px, np.array(grid), V, 256)
+  assert len(padded) == patch_rows(len(px), 256, V.merge_unit)
+  padded[len(px):] = 100.0  # padding never reaches a real token
+  graphdef, state = nnx.split(tower)
+  out = np.asarray(jax.jit(lambda s, x, lay: nnx.merge(graphdef, s)(x, lay))(state, padded, lay))
   np.testing.assert_allclose(out[:len(ref)], ref, atol=1e-5, rtol=0)
 
 
