@@ -8,8 +8,9 @@ whether an image is Qwen's grid of patches or LLaVA's crops.
 * `image_processor(ckpt_dir, vision, *, min_pixels=None, max_pixels=None)`: the transformers image processor
   of a converted checkpoint (bounds: the caller's overrides, `None` = the checkpoint's).
 * `preprocess(processor, images, vision) -> ImageInputs`.
-* `layout(pixel_values, image_grid_thw, vision, bucket) -> (pixel_values, layout)`: the rows padded where the
-  tower allows (to a multiple of `bucket` rows) and the precomputed layout the model's `image_features` takes.
+* `layout(pixel_values, image_grid_thw, vision, bucket, *, few_shapes=False) -> (pixel_values, layout)`: the rows
+  padded where the tower allows (by `bucket` rows) and the precomputed layout the model's `image_features` takes;
+  `few_shapes` (the server, where a compile stalls every request): as few distinct shapes as the tower allows.
 * `image_shape(processor, width, height, vision) -> ImageShape`: what `preprocess` makes of an image of that
   size, known from its header alone (training batches are planned before any pixel is decoded).
 * `sharded_layout(shard_grids, shard_used, shard_rows, vision)`: the layout of a training batch whose pixel rows

@@ -48,8 +48,9 @@ def size_bounds(processor: Any) -> None:
   del processor
 
 
-def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: Any, bucket: int) -> tuple[np.ndarray, AnyresLayout]:
+def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: Any, bucket: int, *, few_shapes: bool = False
+           ) -> tuple[np.ndarray, AnyresLayout]:
   """The rows as they are (the tower runs whole crops: a padded crop would cost a crop's forward) and the packing
-  of images of (height, width) `image_grid_thw`; `bucket` is for patch-row towers."""
-  del bucket
+  of images of (height, width) `image_grid_thw`; `bucket` and `few_shapes` are for patch-row towers."""
+  del bucket, few_shapes
   return pixel_values, anyres_layout(np.asarray(image_grid_thw).reshape(-1, 2).tolist(), vision)

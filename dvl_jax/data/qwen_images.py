@@ -46,13 +46,14 @@ def size_bounds(processor: Any) -> tuple[int, int]:
   return processor.min_pixels, processor.max_pixels
 
 
-def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: VisionConfig, bucket: int
-           ) -> tuple[np.ndarray, VisionLayout]:
+def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: VisionConfig, bucket: int, *,
+           few_shapes: bool = False) -> tuple[np.ndarray, VisionLayout]:
   """Patch rows zero-padded to `patch_rows(n, bucket, merge unit)`, their window layout in the most equal
   chunks no image crosses (`aligned_chunks`): the tower attends inside each chunk, so a batch of small images
-  costs their own attention, not that of all the rows at once."""
-  grid = np.asarray(image_grid_thw)
-  rows = patch_rows(pixel_values.shape[0], bucket, vision.merge_unit)
-  pixel_values = np.pad(pixel_values, ((0, rows - pixel_values.shape[0]), (0, 0)))
+  costs their own attention, not that of all the rows at once. `few_shapes`: whole buckets in one chunk, so
+  images of any size up to a bucket share one compile."""
+  grid, n = np.asarray(image_grid_thw), pixel_values.shape[0]
+  rows = -(-n // bucket) * bucket if few_shapes else patch_rows(n, bucket, vision.merge_unit)
+  pixel_values = np.pad(pixel_values, ((0, rows - n), (0, 0)))
   window_layout = vision_layout(grid, vision, pad_patches=rows)
-  return pixel_values, window_layout.replace(chunks=aligned_chunks(grid, rows, vision.merge_unit))
+  return pixel_values, window_layout.replace(chunks=1 if few_shapes else aligned_chunks(grid, rows, vision.merge_unit))

@@ -161,8 +161,9 @@ class Prompts:
       return cls(ids, lengths, inputs.get("pixel_values"), inputs.get("image_grid_thw"), inputs.get("vision"))
     return cls.from_lists(inputs)
 
-  def bucketed(self, config: SamplingConfig, model_cfg: ModelConfig) -> "Prompts":
-    """Validated copy padded to the length bucket (and pixel rows by `PATCH_BUCKET`), with a layout."""
+  def bucketed(self, config: SamplingConfig, model_cfg: ModelConfig, *, few_shapes: bool = False) -> "Prompts":
+    """Validated copy padded to the length bucket (and pixel rows by `PATCH_BUCKET`), with a layout;
+    `few_shapes`: the image layout with the fewest distinct shapes (the serving engine: see the image hook)."""
     lengths = np.asarray(self.lengths, np.int32).reshape(-1)
     if lengths.shape[0] != self.ids.shape[0]:
       raise ValueError(f"{lengths.shape[0]} lengths for {self.ids.shape[0]} prompts")
@@ -190,7 +191,7 @@ class Prompts:
         if self.image_grid_thw is None:
           raise ValueError("pixel_values given without image_grid_thw (or a precomputed `vision` layout)")
         pixels, vision = families.get(model_cfg.family).host_images.layout(
-            pixels, self.image_grid_thw, model_cfg.vision, PATCH_BUCKET)
+            pixels, self.image_grid_thw, model_cfg.vision, PATCH_BUCKET, few_shapes=few_shapes)
     return Prompts(ids, lengths, pixels, self.image_grid_thw, vision)
 
 

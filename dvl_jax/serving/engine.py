@@ -193,7 +193,7 @@ class Engine:
       raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the engine's max_prompt={self.max_prompt}")
     config = request.config(self.config).resolve(cfg)
     prompts = Prompts.from_lists([list(request.prompt)] * rows, cfg.pad_token_id, pixel_values=request.pixel_values,
-                                 image_grid_thw=request.image_grid_thw).bucketed(config, cfg)
+                                 image_grid_thw=request.image_grid_thw).bucketed(config, cfg, few_shapes=True)
     keys = remask.row_keys(jax.random.key(request.seed), 1)[np.zeros(rows, int)]
     return programs.Prefill(PromptArrays(prompts.ids, prompts.lengths, prompts.pixel_values, prompts.vision),
                             np.full(rows, request.max_tokens, np.int32),
