@@ -109,3 +109,22 @@ def test_table_adds_up_the_groups_and_the_bar_is_the_issues():
   assert "long answers: dynamic 2.83x AR's tokens/s at 2.83 tokens per forward" in line and line.endswith("met)")
   slow = _results({**LONG, "dynamic": (0.9, 6, 0.2), "threshold": (0.9, 5, 0.2)}, SHORT)
   assert train_demo.speedup_line(slow).endswith("not met)") and train_demo.speedup(slow)[1] < 1
+
+
+def test_the_batch_1_repeat_of_the_long_answers_is_a_column_and_a_verdict_not_more_questions():
+  """The long answers run again one at a time: their own columns and goal verdict, while every all-answers number
+  (exact match, tokens/s, tokens per forward) is the one without the repeat."""
+  results = _results({**LONG, "dynamic": (0.9, 6, 0.2), "threshold": (0.9, 5, 0.2)}, SHORT)
+  alone = _results({**LONG, "ar": (1.0, 17, 0.05)}, SHORT)["long"]  # alone AR takes 0.05 s, dynamic 0.06 s
+  results["long_b1"] = {**alone, "repeats": "long"}
+  rows, without = train_demo.combined(results), train_demo.combined({k: results[k] for k in ("long", "short")})
+  for decoder, row in rows.items():
+    for metric in ("exact_match", "tokens_per_s", "tokens_per_forward", "nfe"):
+      assert row[metric] == pytest.approx(without[decoder][metric])
+  assert rows["dynamic"]["tokens_per_s/long_b1"] == pytest.approx(17 / 0.06)
+  assert "| tokens/s, long_b1 |" in train_demo.results_table(results)
+  line = train_demo.speedup_line(results)
+  assert "long_b1 answers: dynamic 0.83x AR's tokens/s" in line  # 0.05 / 0.06
+  assert line.endswith("(goal 1.5x on the long answers: not met, not met at batch 1)")
+  results["long_b1"]["decoders"]["ar"] = _results(LONG, SHORT)["long"]["decoders"]["ar"]
+  assert train_demo.speedup_line(results).endswith("(goal 1.5x on the long answers: not met, met at batch 1)")

@@ -52,6 +52,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd.add_argument("--resume", action="store_true",
                    help="skip the samples already in --out's sample logs (refused if the logged run used other "
                    "settings); implies --log-samples (default: start fresh)")
+  cmd.add_argument("--timing-repeats", type=int, default=1, metavar="N",
+                   help="generate each batch N times and time its fastest run: steadier tokens/s on a shared "
+                   "machine, N times the decoding (in process only; default: 1)")
   add_pixel_bounds(cmd)
   cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
   return cmd
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
       gen_length=args.gen_length, steps=args.steps, threshold=args.threshold, out_dir=args.out,
       log_samples=args.log_samples, resume=args.resume,
       model_id=args.server or os.path.abspath(args.checkpoint))
+  if args.server is not None and args.timing_repeats != 1:
+    raise ValueError("--timing-repeats times in-process decoding; with --server each answer is timed as served")
   if args.server is not None and (args.min_pixels, args.max_pixels) != (None, None):
     raise ValueError("--min-pixels / --max-pixels size images in this process; with --server the server's bounds "
                      "apply (set them on dvl serve)")
@@ -83,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
   else:
     import dvl_jax as dvl
 
-    answer = runner.InProcess(dvl.load(args.checkpoint), load_processor(args))
+    answer = runner.InProcess(dvl.load(args.checkpoint), load_processor(args), args.timing_repeats)
   runner.run(answer, settings, samples, progress=not args.no_progress)
   return 0

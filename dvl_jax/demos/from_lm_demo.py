@@ -176,7 +176,7 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   # the first demo's evaluator and table on the task's default kinds (one- to three-word answers: this
   # demo's models never see the long ones); each model with its own stage's processor (square / anyres crops)
   results = evaluate(stage1, stage2, os.path.join(workdir, "eval"), data=f"{2000 + seed}:{size.eval_examples}",
-                     groups={"short": synthetic.QUESTION_KINDS}, pixels=None, progress=progress)
+                     groups={"short": synthetic.QUESTION_KINDS}, latency_groups={}, pixels=None, progress=progress)
   seconds = time.perf_counter() - tic
   print(f"total {seconds:.0f} s; runs in {workdir}")
   return {"results": results, "workdir": workdir, "seconds": seconds,

@@ -103,3 +103,27 @@ def test_cli_needs_a_checkpoint_or_a_server(capsys):
   with pytest.raises(SystemExit) as exit:
     main(["eval", "--task", "synthetic"])
   assert exit.value.code == 2 and "one of the arguments --checkpoint --server is required" in capsys.readouterr().err
+
+
+def test_timing_repeats_time_the_fastest_run_of_the_same_answers(eval_model, tmp_path, monkeypatch):
+  calls = []
+  real = runner.generate
+  monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+  model, processor = eval_model
+  answers = {}
+  for repeats in (1, 3):
+    calls.clear()
+    out = tmp_path / str(repeats)
+    runner.evaluate(model, processor, "synthetic", decoders=("dynamic",), limit=LIMIT, batch_size=2, gen_length=16,
+                    out_dir=str(out), log_samples=True, progress=False, timing_repeats=repeats)
+    answers[repeats] = [(row["answer"], row["nfe"]) for row in _log(out, "dynamic")]
+    assert len(calls) == 1 + repeats * -(-LIMIT // 2)  # the warm-up, then every batch `repeats` times
+  assert answers[3] == answers[1]
+  with pytest.raises(ValueError, match="--timing-repeats must be >= 1"):
+    runner.InProcess(model, processor, 0)
+
+
+def test_cli_timing_repeats_are_in_process_only(capsys):
+  argv = ["eval", "--server", "http://127.0.0.1:9", "--task", "synthetic", "--timing-repeats", "2"]
+  assert main(argv) == 2
+  assert "--timing-repeats times in-process decoding" in capsys.readouterr().err
