@@ -89,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     import dvl_jax as dvl
 
     answer = runner.InProcess(dvl.load(args.checkpoint), load_processor(args), args.timing_repeats)
-  runner.run(answer, settings, samples, progress=not args.no_progress)
+  runner.run(answer, settings, samples, progress=not args.no_progress, interleave=args.server is None)
   return 0

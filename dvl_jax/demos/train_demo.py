@@ -210,7 +210,7 @@ def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size
                             out_dir=os.path.join(out_dir, group), log_samples=True)
     samples = [s for s in settings.samples() if s.metadata["kind"] in kinds]
     print(f"\n{group} answers ({', '.join(kinds)}, batches of {size}): {len(samples)} questions")
-    results[group] = run(answer, settings, samples, progress=progress)
+    results[group] = run(answer, settings, samples, progress=progress, interleave=True)
     if repeats is not None:
       results[group]["repeats"] = repeats
   print("\n" + results_table(results))

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generator, Iterator, NamedTuple, Sequence
 
 from dvl_jax.diffusion.sampler import generate
 from dvl_jax.diffusion.sampling_config import SamplingConfig
@@ -83,12 +83,17 @@ def evaluate(model: Any, processor: Any, task: Task | str, *, progress: bool = T
   """Scores `task` with each decoder of `model` in process; `settings` are `EvalSettings`' fields (data,
   decoders, sweep, limit, batch_size, gen_length, steps, threshold, out_dir, log_samples, resume, model_id);
   `timing_repeats`: see `InProcess`. Returns and writes (`out_dir`) the results and prints the table (`run`)."""
-  return run(InProcess(model, processor, timing_repeats), EvalSettings(task, **settings), progress=progress)
+  return run(InProcess(model, processor, timing_repeats), EvalSettings(task, **settings), progress=progress,
+             interleave=True)
 
 
 def run(answer: Answerer, settings: EvalSettings, samples: Sequence[Sample] | None = None, *,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, interleave: bool = False) -> dict[str, Any]:
   """Scores the settings' samples (`samples`: already loaded by `settings.samples()`) with each decoder row.
+
+  `interleave`: the decoders take turns, a sample (so a batch) each, instead of one whole row after another, so
+  their timings come from the same minutes of a shared machine, whose speed drifts by tens of percent between
+  them; for answerers that run one batch at a time (`InProcess`), not for a server's requests in flight.
 
   Returns `{"task", "metric", "samples", "decoders": {row: {"metrics", "speed", "config"}}, "plot"}` and,
   with `out_dir`, writes it to results.json next to the accuracy-vs-tokens/s plot (`pareto.PLOT_FILE`; "plot"
@@ -98,11 +103,13 @@ def run(answer: Answerer, settings: EvalSettings, samples: Sequence[Sample] | No
   if settings.log_samples:
     settings.write_record()
   results: dict[str, Any] = {"task": task.name, "metric": task.metric, "samples": len(samples), "decoders": {}}
-  for name, config in settings.configs.items():
-    log = samples_log(settings.out_dir, name) if settings.log_samples else None
-    rows = _run_decoder(answer, task, samples, config, name=name, settings=settings, log=log, progress=progress)
+  decoders = {name: _run_decoder(answer, task, samples, config, name=name, settings=settings, bar=bar,
+                                 log=samples_log(settings.out_dir, name) if settings.log_samples else None,
+                                 progress=progress)
+              for bar, (name, config) in enumerate(settings.configs.items())}
+  for name, rows in _drive(decoders, interleave).items():
     results["decoders"][name] = {"metrics": task.aggregate(samples, [r["score"] for r in rows]),
-                                 "speed": speed(rows), "config": dataclasses.asdict(config)}
+                                 "speed": speed(rows), "config": dataclasses.asdict(settings.configs[name])}
   if settings.out_dir is not None:
     os.makedirs(settings.out_dir, exist_ok=True)
     plot = os.path.join(settings.out_dir, pareto.PLOT_FILE)
@@ -113,9 +120,29 @@ def run(answer: Answerer, settings: EvalSettings, samples: Sequence[Sample] | No
   return results
 
 
+RowsOf = Generator[None, None, list[dict[str, Any]]]  # one decoder's run: a step per answered sample, then its rows
+
+
+def _drive(decoders: dict[str, RowsOf], interleave: bool) -> dict[str, list[dict[str, Any]]]:
+  """Runs each decoder's generator to its rows: one after another, or taking turns (`run`'s `interleave`)."""
+  rows, active = {}, dict(decoders)
+  while active:
+    for name, steps in list(active.items()):
+      try:
+        while True:
+          next(steps)
+          if interleave:
+            break
+      except StopIteration as finished:
+        rows[name] = finished.value
+        del active[name]
+  return {name: rows[name] for name in decoders}
+
+
 def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: SamplingConfig, *, name: str,
-                 settings: EvalSettings, log: str | None, progress: bool) -> list[dict[str, Any]]:
-  """One logged row per sample, in sample order: the logged ones (resume) and the newly answered ones."""
+                 settings: EvalSettings, log: str | None, progress: bool, bar: int = 0) -> RowsOf:
+  """One logged row per sample, in sample order: the logged ones (resume) and the newly answered ones; a step
+  (`yield`) after each newly answered sample. `bar`: the line of its progress bar."""
   from tqdm import tqdm
 
   done = _read_log(log) if settings.resume and os.path.exists(log) else {}
@@ -124,7 +151,7 @@ def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: Sa
     with open(log, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(row) + "\n" for row in done.values())
   bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=name, unit="answer",
-             file=sys.stderr, disable=not progress)
+             file=sys.stderr, disable=not progress, position=bar)
   for sample, a in (answer(task, pending, config, settings.batch_size) if pending else ()):
     judgement = task.score(sample, a.text)
     done[sample.id] = {"id": sample.id, "prompt": task.chat_prompt(sample), "answer": a.text,
@@ -134,6 +161,7 @@ def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: Sa
       with open(log, "a", encoding="utf-8") as f:
         f.write(json.dumps(done[sample.id]) + "\n")
     bar.update(1)
+    yield
   bar.close()
   return [done[s.id] for s in samples]
 

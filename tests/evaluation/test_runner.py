@@ -127,3 +127,27 @@ def test_cli_timing_repeats_are_in_process_only(capsys):
   argv = ["eval", "--server", "http://127.0.0.1:9", "--task", "synthetic", "--timing-repeats", "2"]
   assert main(argv) == 2
   assert "--timing-repeats times in-process decoding" in capsys.readouterr().err
+
+
+def test_in_process_decoders_take_turns_batch_by_batch(eval_model, tmp_path, monkeypatch):
+  """`evaluate` interleaves the decoders (AR's batch 1, dynamic's batch 1, AR's batch 2, ...), so their speeds
+  come from the same minutes of the machine; the answers and logs are those of one row after another."""
+  order, real = [], runner.generate
+  monkeypatch.setattr(runner, "generate", lambda model, inputs, config, **kw: order.append(config.algorithm)
+                      or real(model, inputs, config, **kw))
+  results = {}
+  for interleave in (True, False):
+    order.clear()
+    out = tmp_path / str(interleave)
+    settings = runner.EvalSettings("synthetic", decoders=("ar", "dynamic"), limit=LIMIT, batch_size=2,
+                                   gen_length=GEN, out_dir=str(out), log_samples=True)
+    results[interleave] = runner.run(runner.InProcess(*eval_model), settings, progress=False, interleave=interleave)
+    batches = -(-LIMIT // 2)
+    ar, bd = "autoregressive", "block_diffusion"
+    want = ([ar, ar, bd, bd] + [ar, bd] * (batches - 1) if interleave  # each first batch after its warm-up
+            else [ar] * (batches + 1) + [bd] * (batches + 1))
+    assert order == want
+    assert list(results[interleave]["decoders"]) == ["ar", "dynamic"]
+  for name in ("ar", "dynamic"):
+    assert results[True]["decoders"][name]["metrics"] == results[False]["decoders"][name]["metrics"]
+    assert [r["answer"] for r in _log(tmp_path / "True", name)] == [r["answer"] for r in _log(tmp_path / "False", name)]
