@@ -13,20 +13,28 @@ PROMPTS = Prompts.from_lists([[5, 9, 14, 3, 7, 11, 30, 4, 8, 2, 40], [6, 12, 19]
 GREEDY = SamplingConfig(gen_length=8, remasking_strategy="low_confidence_dynamic", confidence_threshold=0.5)
 
 
-def test_reused_until_a_param_or_an_attribute_changes():
+def same_arrays(state, other) -> bool:
+  return jax.tree.structure(state) == jax.tree.structure(other) and all(
+      a is b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(other)))
+
+
+def test_graph_reused_until_an_attribute_changes_and_the_state_always_current():
   model = tiny_model(spread=True)
   graph, state = split_cache.split(model)
-  assert split_cache.split(model) == (graph, state) and split_cache.split(model)[1] is state
+  again, state_again = split_cache.split(model)
+  assert again is graph and same_arrays(state_again, state)  # the graph walk is reused
   want_graph, want_state = nnx.split(model)
-  assert graph.graphdef == want_graph
-  assert jax.tree.all(jax.tree.map(lambda a, b: a is b, state, want_state))
+  assert graph.graphdef == want_graph and same_arrays(state, want_state)
 
   param = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Param))[0]
+  old = param.get_raw_value()
   param.set_value(param.get_value() + 1.0)  # an optimizer step, in place
-  changed = split_cache.split(model)[1]
-  assert changed is not state
+  same_graph, changed = split_cache.split(model)
+  assert same_graph is graph and same_arrays(changed, nnx.split(model)[1])
   assert any(a is param.get_raw_value() for a in jax.tree.leaves(changed))
-  assert split_cache.split(model)[1] is changed
+  assert not any(a is old for a in jax.tree.leaves(changed))
+  cached = split_cache._SPLITS[model]
+  assert not any(x is old for x in cached.reachable + list(cached))  # the replaced array is not held
 
   model.visual.rope_table_dtype = jnp.dtype(jnp.bfloat16)  # a static attribute: a new graphdef
   graph_bf16, _ = split_cache.split(model)
