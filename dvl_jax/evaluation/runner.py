@@ -103,10 +103,10 @@ def run(answer: Answerer, settings: EvalSettings, samples: Sequence[Sample] | No
   if settings.log_samples:
     settings.write_record()
   results: dict[str, Any] = {"task": task.name, "metric": task.metric, "samples": len(samples), "decoders": {}}
-  decoders = {name: _run_decoder(answer, task, samples, config, name=name, settings=settings, bar=bar,
+  decoders = {name: _run_decoder(answer, task, samples, config, name=name, settings=settings, bar_line=line,
                                  log=samples_log(settings.out_dir, name) if settings.log_samples else None,
                                  progress=progress)
-              for bar, (name, config) in enumerate(settings.configs.items())}
+              for line, (name, config) in enumerate(settings.configs.items())}
   for name, rows in _drive(decoders, interleave).items():
     results["decoders"][name] = {"metrics": task.aggregate(samples, [r["score"] for r in rows]),
                                  "speed": speed(rows), "config": dataclasses.asdict(settings.configs[name])}
@@ -140,9 +140,9 @@ def _drive(decoders: dict[str, RowsOf], interleave: bool) -> dict[str, list[dict
 
 
 def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: SamplingConfig, *, name: str,
-                 settings: EvalSettings, log: str | None, progress: bool, bar: int = 0) -> RowsOf:
+                 settings: EvalSettings, log: str | None, progress: bool, bar_line: int = 0) -> RowsOf:
   """One logged row per sample, in sample order: the logged ones (resume) and the newly answered ones; a step
-  (`yield`) after each newly answered sample. `bar`: the line of its progress bar."""
+  (`yield`) after each newly answered sample. `bar_line`: the line of its progress bar."""
   from tqdm import tqdm
 
   done = _read_log(log) if settings.resume and os.path.exists(log) else {}
@@ -151,7 +151,7 @@ def _run_decoder(answer: Answerer, task: Task, samples: list[Sample], config: Sa
     with open(log, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(row) + "\n" for row in done.values())
   bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=name, unit="answer",
-             file=sys.stderr, disable=not progress, position=bar)
+             file=sys.stderr, disable=not progress, position=bar_line)
   for sample, a in (answer(task, pending, config, settings.batch_size) if pending else ()):
     judgement = task.score(sample, a.text)
     done[sample.id] = {"id": sample.id, "prompt": task.chat_prompt(sample), "answer": a.text,
