@@ -100,13 +100,14 @@ class Shapes:
 def shapes(tiny: bool) -> Shapes:
   """The accelerator shapes of the module docstring, or tiny ones that run in seconds on a CPU."""
   if tiny:
-    cfg = tiny_text_config(param_dtype="bfloat16", compute_dtype="bfloat16")
+    cfg = tiny_text_config(param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=False)
     return Shapes(name="tiny", lengths=(256,), heads=(cfg.text.num_heads, cfg.text.num_kv_heads, cfg.text.head_dim),
                   sampler=cfg, batches=(2,), gen=16, prompt=5, train=tiny_text_config(compute_dtype="bfloat16"),
                   train_rows=2, train_length=32, repeats=1, copy_bytes=16 * 2**20, matmul_n=256)
   t = QWEN25_VL_3B.text
   sampler_cfg = QWEN25_VL_3B.replace(family="qwen2", vision=None, position_mode="flat", param_dtype="bfloat16",
-                                     compute_dtype="bfloat16", text=dataclasses.replace(t, tie_word_embeddings=False))
+                                     compute_dtype="bfloat16", text=dataclasses.replace(t, tie_word_embeddings=False),
+                                     scan_layers=False)  # per-layer weights, read in place (`dvl generate`'s default)
   return Shapes(name="full", lengths=(2048, 8192, 16384), heads=(t.num_heads, t.num_kv_heads, t.head_dim),
                 sampler=sampler_cfg, batches=(1, 8, 32), gen=256, prompt=64,
                 train=train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None), train_rows=4,

@@ -8,7 +8,11 @@ over (0, 1) as in a trained model (at the default init every position has confid
 dynamic / threshold decoding would fix one token per pass); the EOS logit is pinned to 0, so the
 model never emits it and every setting decodes all tokens. Settings alternate inside each repeat (timings drift).
 
-Columns: mesh (`data,fsdp,tensor`, "1" for one device), tokens/s (decoded tokens per wall second, best
+`--layers` compares the layer layouts on the same weights: `stacked` (`scan_layers=True`, `lax.scan` over the
+stacked params, which XLA copies a layer's matrices out of in every forward) and `per-layer` (`scan_layers=False`:
+an unrolled loop reading each layer's weights in place; longer compiles).
+
+Columns: layers, mesh (`data,fsdp,tensor`, "1" for one device), tokens/s (decoded tokens per wall second, best
 repeat), tokens per CPU second of this process (steadier than wall time on a shared machine), tokens per
 forward, NFE (model forwards per row, prefill included), the NFE of the original algorithm for the same
 output (a separate commit pass per block, `mode="reference"`), speed-up in NFE over the original eval
@@ -25,6 +29,7 @@ CPU, fake devices must exist before jax starts; they share the host's cores, so 
 the sharded program's overhead, not a speed-up (memory per device is real):
 
     python benchmarks/sampling.py [--batch 1 8] [--gen 256] [--repeats 2] [--small] [--vocab full] [--split]
+                                  [--layers stacked per-layer]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sampling.py --mesh 1 1,1,8 2,1,4
 """
 
@@ -71,17 +76,19 @@ SETTINGS = {
 
 
 FULL_VOCAB = 151_680  # Qwen2.5-VL's embedding rows
+LAYOUTS = ("stacked", "per-layer")  # scan_layers True (lax.scan over stacked params) / False (an nnx.List)
 SCOPES = ("decoder", "lm_head", "proposal")  # named scopes of the models' and samplers' ops; the rest is "other"
 
 
-def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None) -> Any:
+def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, layers: str = "stacked") -> Any:
   cfg = tiny_config()
   vocab = vocab or (4096 if small else 32768)
   hidden = 256 if small else 512
   text = dataclasses.replace(cfg.text, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                              num_layers=4 if small else 8, num_heads=8, num_kv_heads=2, rope_theta=1e6,
                              mrope_section=(4, 6, 6) if small else (8, 12, 12))  # sums to head_dim / 2
-  cfg = cfg.replace(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat")
+  cfg = cfg.replace(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat",
+                    scan_layers=layers == "stacked")
   model = build_model(cfg, nnx.Rngs(0))
   kernel = model.lm_head.kernel[...] * lm_head_scale
   model.lm_head.kernel[...] = kernel.at[:, cfg.eos_token_id].set(0.0)  # logit 0, far below the max: no EOS
@@ -190,44 +197,48 @@ def mib_per_device(tree: object) -> float:
   return sum(s.data.nbytes for a in jax.tree.leaves(tree) for s in a.addressable_shards if s.device == device) / 2**20
 
 
-def bench(model: Any, mesh: str, batch: int, args: argparse.Namespace) -> tuple[list[tuple], list[tuple]]:
-  """One table row per setting for `batch` prompts (the same on every mesh) on `model`'s devices, and one row
-  of its per-forward split if `args.split`."""
+def bench(models: dict[str, Any], mesh: str, batch: int, args: argparse.Namespace
+          ) -> tuple[list[tuple], list[tuple]]:
+  """One table row per (layer layout, setting) for `batch` prompts (the same on every mesh) on the devices of
+  `models` (one per layout, the same weights), and one row of its per-forward split if `args.split`."""
   rng = np.random.default_rng(batch)
+  model = next(iter(models.values()))
   bs = model.config.block_size
   lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
   prompts = Prompts.from_lists([rng.integers(3, 1000, n).tolist() for n in lengths])
   blocks = np.array([-(-(n + args.gen) // bs) - n // bs for n in lengths])
-  configs = {name: SamplingConfig(gen_length=args.gen, **SETTINGS[name]) for name in args.settings}
+  configs = {(layers, name): SamplingConfig(gen_length=args.gen, **SETTINGS[name])
+             for name in args.settings for layers in models}
   compile_s, peak = {}, {}
-  for name, config in configs.items():
-    compile_s[name], peak[name] = peak_bytes(sampler.lower(model, prompts, config))
-  wall = {name: np.inf for name in configs}
+  for key, config in configs.items():
+    compile_s[key], peak[key] = peak_bytes(sampler.lower(models[key[0]], prompts, config))
+  wall = {key: np.inf for key in configs}
   cpu = dict(wall)
   outs = {}
   for repeat in range(args.repeats + 1):  # round 0 warms up
-    for name, config in configs.items():
+    for key, config in configs.items():
       start, start_cpu = time.perf_counter(), time.process_time()
-      outs[name] = sampler.generate(model, prompts, config)
+      outs[key] = sampler.generate(models[key[0]], prompts, config)
       if repeat:
-        wall[name] = min(wall[name], time.perf_counter() - start)
-        cpu[name] = min(cpu[name], time.process_time() - start_cpu)
-  original = outs.get("static s8 reference (original)")
+        wall[key] = min(wall[key], time.perf_counter() - start)
+        cpu[key] = min(cpu[key], time.process_time() - start_cpu)
   params = mib_per_device(nnx.state(model))
   rows, splits = [], []
-  for name, out in outs.items():
+  for (layers, name), out in outs.items():
+    key = (layers, name)
     if args.split:
-      per_forward, cpu_per_forward = wall[name] / out.forwards * 1e3, cpu[name] / out.forwards * 1e3
-      shares = split(model, prompts, configs[name])
-      splits.append((name, mesh, batch, f"{per_forward:.1f}", f"{cpu_per_forward:.1f}",
+      per_forward, cpu_per_forward = wall[key] / out.forwards * 1e3, cpu[key] / out.forwards * 1e3
+      shares = split(models[layers], prompts, configs[key])
+      splits.append((name, layers, mesh, batch, f"{per_forward:.1f}", f"{cpu_per_forward:.1f}",
                      *(f"{cpu_per_forward * x:.1f}" for x in shares.values())))
     decoded = float(out.tokens_per_forward @ out.nfe)
-    is_fused = configs[name].mode == "fused" and configs[name].algorithm == "block_diffusion"
+    is_fused = configs[key].mode == "fused" and configs[key].algorithm == "block_diffusion"
     orig_nfe = out.nfe + (blocks if is_fused else 0)
+    original = outs.get((layers, "static s8 reference (original)"))
     gain = "-" if original is None else f"{np.mean(original.nfe) / np.mean(out.nfe):.2f}x"
-    rows.append((name, mesh, batch, f"{decoded / wall[name]:.1f}", f"{decoded / cpu[name]:.1f}",
+    rows.append((name, layers, mesh, batch, f"{decoded / wall[key]:.1f}", f"{decoded / cpu[key]:.1f}",
                  f"{np.mean(out.tokens_per_forward):.2f}", f"{np.mean(out.nfe):.1f}", f"{np.mean(orig_nfe):.1f}",
-                 gain, f"{compile_s[name]:.1f}", f"{peak[name] / 2**20:.0f}", f"{params:.1f}",
+                 gain, f"{compile_s[key]:.1f}", f"{peak[key] / 2**20:.0f}", f"{params:.1f}",
                  f"{mib_per_device(out.cache):.1f}"))
   return rows, splits
 
@@ -252,28 +263,32 @@ def main() -> None:
   parser.add_argument("--lm-head-scale", type=float, default=40.0)
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   parser.add_argument("--mesh", nargs="+", default=["1"], help='"1" (one device), "auto" or data,fsdp,tensor')
+  parser.add_argument("--layers", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                      help="layer layouts to compare (scan_layers True / False; the same weights)")
   args = parser.parse_args()
 
   vocab = FULL_VOCAB if args.vocab == "full" else args.vocab and int(args.vocab)
-  model = bench_model(args.small, args.lm_head_scale, vocab)
+  models = {layers: bench_model(args.small, args.lm_head_scale, vocab, layers) for layers in args.layers}
+  model = next(iter(models.values()))
   params = sum(x.size for path, x in jax.tree.leaves_with_path(nnx.state(model))
                if model.param_group(path_names(path)) == "language")
   print(f"text model {params / 1e6:.1f}M params, gen {args.gen}, block {model.config.block_size}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
   rows, splits = [], []
   for mesh in args.mesh:
-    label, on_mesh = placed(model, mesh, max(args.batch))
+    placements = {layers: placed(m, mesh, max(args.batch)) for layers, m in models.items()}
+    label = next(iter(placements.values()))[0]
     for batch in args.batch:
-      new_rows, new_splits = bench(on_mesh, label, batch, args)
+      new_rows, new_splits = bench({k: m for k, (_, m) in placements.items()}, label, batch, args)
       rows, splits = rows + new_rows, splits + new_splits
-  table(("setting", "mesh", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
+  table(("setting", "layers", "mesh", "batch", "tokens/s", "tokens/CPU-s", "tok/fwd", "NFE/row", "orig NFE", "NFE gain",
          "compile s", "peak MiB", "params MiB/dev", "cache MiB/dev"), rows)
   if args.split:
     reads = {name: read_ms(nnx.state(part)) for name, part in (("decoder layers", model.text.layers),
                                                                 ("lm_head", model.lm_head))}
     print("\none read of the weights (wall / CPU ms): " + ", ".join(f"{k} {w:.1f} / {c:.1f}" for k, (w, c) in
                                                                    reads.items()))
-    table(("setting", "mesh", "batch", "ms/forward", "CPU ms/forward", *(f"{s} CPU ms" for s in SCOPES),
+    table(("setting", "layers", "mesh", "batch", "ms/forward", "CPU ms/forward", *(f"{s} CPU ms" for s in SCOPES),
            "other CPU ms"), splits)
 
 

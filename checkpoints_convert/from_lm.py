@@ -27,7 +27,7 @@ from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from checkpoints_convert.to_orbax import _reader, check_weights, float_dtype
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 from dvl_jax.models import families, key_map
-from dvl_jax.models.families import abstract_model
+from dvl_jax.models.layer_layout import stored_params
 
 FAMILY = "diffusionvl_qwen"
 
@@ -68,7 +68,7 @@ def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, ds
     if dtype is not None:
       cfg = cfg.replace(param_dtype=float_dtype(dtype).name)
     km = family.key_map
-    _, state = nnx.split(abstract_model(cfg), nnx.Param)
+    state = stored_params(cfg)
     params = orbax_stream.variables(state)
     new = family.model_type.new_connector(cfg, seed)
     if projector is not None:

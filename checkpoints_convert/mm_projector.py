@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from flax import nnx
 
 from checkpoints_convert import layouts, orbax_stream
 from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.models import key_map
-from dvl_jax.models.families import abstract_model
+from dvl_jax.models.layer_layout import stored_params
 
 PROJECTOR = "projector"  # the first name of the connector's params
 
@@ -62,7 +61,7 @@ def export_mm_projector(src_dir: str | os.PathLike, dst_path: str | os.PathLike)
     raise NotACheckpointError(f"{src_dir} is not a converted checkpoint: it needs {CONFIG_FILE} and {PARAMS_DIR}/")
   cfg = ModelConfig.load(config_path)
   released = key_map.family_key_map(cfg).LAYOUTS[0]
-  _, state = nnx.split(abstract_model(cfg), nnx.Param)
+  state = stored_params(cfg)
   tensors = _projector_tensors({p: v.shape for p, v in orbax_stream.variables(state).items()}, cfg)
   if not tensors:
     raise ConversionError(f"{src_dir}: a {cfg.family} model has no mlp2x_gelu projector to write")

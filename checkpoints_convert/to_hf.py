@@ -10,7 +10,6 @@ import json
 import os
 
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from checkpoints_convert import orbax_stream
@@ -21,7 +20,7 @@ from checkpoints_convert.safetensors_writer import PlannedTensor, write_checkpoi
 from checkpoints_convert.to_orbax import HF_CONFIG_COPY, float_dtype
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
-from dvl_jax.models.families import abstract_model
+from dvl_jax.models.layer_layout import stored_params
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 
@@ -45,7 +44,7 @@ def export(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: str
     except (ValueError, TypeError) as e:
       raise ConversionError(f"{config_path}: not a dvl_jax ModelConfig ({e})") from None
     out_dtype = float_dtype(dtype or cfg.param_dtype)
-    _, state = nnx.split(abstract_model(cfg), nnx.Param)
+    state = stored_params(cfg)
     arrays = orbax_stream.open_arrays(params_dir, state)
     if arrays.missing or arrays.unexpected or arrays.mismatched:
       raise WeightsMismatchError(src_dir, missing=arrays.missing, unexpected=arrays.unexpected,

@@ -24,7 +24,7 @@ from dvl_jax.models.key_map import HubTensor
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
-from dvl_jax.models.families import abstract_model
+from dvl_jax.models.layer_layout import stored_params
 
 HF_CONFIG_COPY = "hf_config.json"
 _COMPARE_BYTES = 64 << 20
@@ -48,7 +48,7 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: st
     cfg = _read_config(config_path, config_overrides)
     if dtype is not None:
       cfg = cfg.replace(param_dtype=float_dtype(dtype).name)
-    _, state = nnx.split(abstract_model(cfg), nnx.Param)
+    state = stored_params(cfg)
     params = orbax_stream.variables(state)
     source = layouts.open_source(src_dir, key_map.family_key_map(cfg))
     tensors = key_map.hub_tensors({p: v.shape for p, v in params.items()}, cfg)

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from dvl_jax.core import storage
 from dvl_jax.core.config import ModelConfig
+from dvl_jax.models import layer_layout
 from dvl_jax.models.families import abstract_model
 from dvl_jax.parallel import rules
 
@@ -46,6 +47,9 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
 
   `dtype` overrides the stored param dtype (e.g. "bfloat16" on accelerators); `config_overrides` set
   run-time fields of the model config (`compute_dtype`, `remat_policy`, `attention_backend`, ...).
+  `scan_layers=False` slices the stored layer stacks into per-layer params (one stack at a time, freed as it
+  goes): the samplers' loops then read each layer's weights in place (the `dvl generate` / `serve` / `eval`
+  default), at the price of unrolled compiles.
   `ckpt_dir` may be a `gs://` URL.
   """
   root = storage.as_path(ckpt_dir)
@@ -57,7 +61,13 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
     config_overrides["param_dtype"] = jnp.dtype(dtype).name
   cfg = cfg.replace(**config_overrides) if config_overrides else cfg
   graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
-  params = restore_params(ckpt_dir, state, rules.logical_shardings(state, mesh))
+  shardings = rules.logical_shardings(state, mesh)
+  if cfg.scan_layers:
+    params = restore_params(ckpt_dir, state, shardings)
+  else:  # the stored stacks, sliced into the model's per-layer params
+    stored = layer_layout.stored_params(cfg)
+    params = layer_layout.per_layer(restore_params(ckpt_dir, stored, rules.logical_shardings(stored, mesh)),
+                                    state, shardings)
   return nnx.merge(graphdef, params)
 
 

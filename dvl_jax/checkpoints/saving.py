@@ -17,6 +17,7 @@ from flax import nnx
 from dvl_jax.core import storage
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 from dvl_jax.data.processor import SOURCE_CONFIG
+from dvl_jax.models import layer_layout
 
 SIDE_FILE_SKIP = (CONFIG_FILE,)
 
@@ -32,7 +33,7 @@ def save(model: nnx.Module, dst_dir: str, *, side_files_from: str | None = None,
   dst = storage.as_path(dst_dir)
   if (dst / CONFIG_FILE).exists() or (dst / PARAMS_DIR).exists():
     raise FileExistsError(f"{dst} already holds a checkpoint; choose a new directory")
-  params = nnx.state(model, nnx.Param)
+  params = layer_layout.stacked(nnx.state(model, nnx.Param), model.config)  # the stored layout
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(dst / PARAMS_DIR, params)
   if jax.process_index() == 0:

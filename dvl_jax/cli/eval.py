@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
+from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, check_checkpoint, load_options,
+                                         load_processor)
 
 DECODERS = "ar,static,dynamic,threshold"  # evaluation.settings.DECODERS, spelled out to keep `dvl --help` light
 
@@ -56,6 +57,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="generate each batch N times and time its fastest run: steadier tokens/s on a shared "
                    "machine, N times the decoding (in process only; default: 1)")
   add_pixel_bounds(cmd)
+  add_layer_layout(cmd)
   cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
   return cmd
 
@@ -88,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
   else:
     import dvl_jax as dvl
 
-    answer = runner.InProcess(dvl.load(args.checkpoint), load_processor(args), args.timing_repeats)
+    answer = runner.InProcess(dvl.load(args.checkpoint, **load_options(args)), load_processor(args), args.timing_repeats)
   runner.run(answer, settings, samples, progress=not args.no_progress, interleave=args.server is None)
   return 0

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
+from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, check_checkpoint, load_options,
+                                         load_processor)
 from dvl_jax.diffusion.sampling_config import (ABLATION_SCHEDULES, ALGORITHMS, CONFIDENCES, MODES, POSITIONS,
                                              STRATEGIES, Prompts, SamplingConfig)
 
@@ -84,6 +85,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="cast the weights to this dtype while loading, e.g. bfloat16 on a GPU/TPU (default: the "
                    "checkpoint's stored dtype)")
   add_pixel_bounds(cmd)
+  add_layer_layout(cmd)
   cmd.add_argument("--clean-answer", action="store_true",
                    help="print each answer as DiffusionVL's evaluation scores it: up to its first line, stripped, "
                    "one trailing '.' dropped; text mode then prints it whole instead of streaming (default: the "
@@ -130,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
                        [[_open_image(p) for p in r.images] for r in chunk])
     _check_fits(inputs, config, processor.config, _label(args, start, len(chunk)))
     if model is None:
-      model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, batch_size), dtype=args.dtype)
+      model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, batch_size), dtype=args.dtype,
+                       **load_options(args))
     live = None if args.json else _LiveText(processor.tokenizer, processor.config.eos_token_id)
     if live and args.requests:
       print(f"[{start + 1}/{len(requests)}] {chunk[0].prompt}", flush=True)

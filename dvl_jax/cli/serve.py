@@ -14,7 +14,8 @@ import signal
 import socket
 from typing import Any
 
-from dvl_jax.cli.checkpoint_args import add_pixel_bounds, check_checkpoint, load_processor
+from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, check_checkpoint, load_options,
+                                         load_processor)
 from dvl_jax.cli.generate import add_sampling_options, load_mesh
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 
@@ -62,6 +63,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       "before the port opens, or none (image requests still compile on first use) (default: "
                       "--algorithm's)")
   add_pixel_bounds(engine)
+  add_layer_layout(engine)
   limits = cmd.add_argument_group("limits and faults")
   limits.add_argument("--max-queue", type=int, default=d["max_queue"], help="requests that may wait for a slot; "
                       f"more get a 429 (default: {d['max_queue']})")
@@ -108,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   config.resolve(processor.config)  # checks the options against the model before it loads; the engine keeps
   # the config unresolved, so AR requests take the model's positions (M-RoPE) and block diffusion flat ones
-  model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype)
+  model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype,
+                   **load_options(args))
   engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk,
                       views=args.views)
   warm = args.warm_up or config.algorithm

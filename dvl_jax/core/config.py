@@ -91,7 +91,7 @@ class ModelConfig:
   position_mode: PositionMode = "flat"
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  scan_layers: bool = True
+  scan_layers: bool = True  # False: per-layer params, unrolled (decoding reads weights in place); stored stacked
   remat_policy: str = "none"  # none | full | dots_saveable | nothing_saveable
   attention_backend: str = "auto"
 

@@ -126,8 +126,7 @@ def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Sa
   """(the jitted program for the model's placement, its arguments, the number of real rows)."""
   cfg = model.config
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
-  graphdef, state = split_cache.split(model)
-  place = Placement.of(cfg, state)
+  graphdef, state, place = split_cache.split(model)
   b, w = prompts.ids.shape
   cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
   prompt = PromptArrays(place.pad_rows(prompts.ids, fill=cfg.pad_token_id), place.pad_rows(prompts.lengths),

@@ -80,6 +80,7 @@ class Placement:
   """Where the sampler's arrays live: hashable, so the jitted samplers are cached per placement.
 
   `mesh` None is one device: no shardings, no constraints, no padded rows (the unsharded sampler).
+  `tree` is the structure of the params as a pure nested dict (the state the jitted programs take);
   `params` are the logical-rule shardings the params must already have (the jit's in_shardings);
   `compute_params` are the ones the sampler computes with (whole heads per device, see the module doc).
   """
@@ -105,8 +106,8 @@ class Placement:
       raise ValueError("params must all live on one mesh (dvl.load(ckpt, mesh=...)) or on one device")
     if tuple(mesh.axis_names) != AXES:
       raise ValueError(f"sampling needs a mesh with axes {AXES} (dvl.make_mesh), got {tuple(mesh.axis_names)}")
-    want, tree = jax.tree.flatten(rules.logical_shardings(state, mesh))
-    for (path, x), s in zip(jax.tree.leaves_with_path(state), want):
+    want, tree = jax.tree.flatten(nnx.to_pure_dict(rules.logical_shardings(state, mesh)))
+    for (path, x), s in zip(jax.tree.leaves_with_path(nnx.to_pure_dict(state)), want, strict=True):
       if not x.sharding.is_equivalent_to(s, x.ndim):
         raise ValueError(f"param {jax.tree_util.keystr(path)} is sharded as {x.sharding.spec}, the logical rules "
                          f"say {s.spec}; place params with dvl_jax.parallel.rules.logical_shardings (dvl.load does)")
@@ -118,13 +119,14 @@ class Placement:
       warnings.warn(f"the mesh's tensor axis ({tensor}) does not divide the model's {t.num_kv_heads} KV heads: "
                     f"K/V projections and the KV cache are replicated over 'tensor' ({tensor}x the cache memory "
                     f"per device); a tensor axis dividing {t.num_kv_heads} avoids it (see suggest_mesh)",
-                    stacklevel=4)
+                    stacklevel=5)
     compute_rules = {**rules.RULES, "heads": "tensor" if heads_sharded else None,
                      "kv_heads": "tensor" if kv_sharded else None}
-    compute = [NamedSharding(mesh, rules.partition_spec(v.get_metadata().get("axes", (None,) * v.get_value().ndim),
-                                                         v.get_value().shape, mesh, compute_rules))
-               for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
-    return cls(mesh, tree, tuple(want), tuple(compute), kv_sharded)
+    compute = jax.tree.map(
+        lambda v: NamedSharding(mesh, rules.partition_spec(v.get_metadata().get("axes", (None,) * v.get_value().ndim),
+                                                           v.get_value().shape, mesh, compute_rules)),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return cls(mesh, tree, tuple(want), tuple(jax.tree.leaves(nnx.to_pure_dict(compute))), kv_sharded)
 
   def _named(self, *spec: Any) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec(*spec))

@@ -75,9 +75,10 @@ class TextModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     t = cfg.text
     pd, cd = dtypes(cfg)
-    self.scan_layers, self.remat_policy = cfg.scan_layers, cfg.remat_policy
+    self.remat_policy = cfg.remat_policy
     self.embed_tokens = Embed(t.vocab_size, t.hidden_size, param_dtype=pd, compute_dtype=cd, rngs=rngs)
-    self.layers = stack_modules(lambda r: DecoderLayer(cfg, rngs=r), t.num_layers, rngs)
+    self.layers = stack_modules(lambda r: DecoderLayer(cfg, rngs=r), t.num_layers, rngs,
+                                 stacked=cfg.scan_layers)
     self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
@@ -92,5 +93,5 @@ class TextModel(nnx.Module):
       h, kv = layer(constrain(h, ROWS), cos, sin, spec, prefix)
       return constrain(h, ROWS), (kv if return_kv else None)
 
-    h, kv = run_stack(self.layers, x, body, cache, scan=self.scan_layers, remat_policy=self.remat_policy)
+    h, kv = run_stack(self.layers, x, body, cache, remat_policy=self.remat_policy)
     return self.norm(h), kv

@@ -27,7 +27,6 @@ from dvl_jax.diffusion import kv_cache, remask, split_cache
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
-from dvl_jax.diffusion.sampling_mesh import Placement
 from dvl_jax.models.interface import DiffusionLM
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
@@ -73,8 +72,7 @@ class Engine:
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, views: int = 4):
     if slots < 1 or chunk < 1 or views < 1:
       raise ValueError(f"slots, chunk and views must be >= 1, got slots={slots}, chunk={chunk}, views={views}")
-    graphdef, self.state = split_cache.split(model)
-    self._placement = Placement.of(model.config, self.state)
+    graphdef, self.state, self._placement = split_cache.split(model)
     if self._placement.batch(slots) != slots:
       raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis "
                        f"({self._placement.mesh.shape['data']})")

@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from dvl_jax.core.config import ModelConfig, TextConfig, VisionConfig
-from dvl_jax.models.families import build_model
+from dvl_jax.models import layer_layout
+from dvl_jax.models.families import abstract_model, build_model
 
 __all__ = ["tiny_config", "tiny_text_config", "tiny_siglip_config", "tiny_model", "save_tiny_checkpoint",
            "build_hf_model", "save_hf_checkpoint", "converted_checkpoint"]
@@ -64,6 +65,10 @@ def tiny_text_config(**overrides: Any) -> ModelConfig:
 
 @functools.cache
 def _initial(cfg: ModelConfig, seed: int, spread: bool, logit_scale: float) -> tuple[Any, nnx.State]:
+  if not cfg.scan_layers:  # the stacked model's values layer by layer: the same model in either layout
+    _, stacked = _initial(cfg.replace(scan_layers=True), seed, spread, logit_scale)
+    graphdef, like = nnx.split(abstract_model(cfg))
+    return graphdef, layer_layout.per_layer(jax.tree.map(jnp.copy, stacked), like)
   model = build_model(cfg, nnx.Rngs(seed))
   if logit_scale != 1.0:
     model.lm_head.kernel[...] = model.lm_head.kernel[...] * logit_scale

@@ -21,10 +21,14 @@ MROPE = SamplingConfig(gen_length=GEN, algorithm="autoregressive", positions="mr
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  root = tmp_path_factory.mktemp("ar")
-  hf, converted = converted_checkpoint(str(root), CFG, seed=11)
-  return hf, dvl.load(converted)
+def converted(tmp_path_factory):
+  return converted_checkpoint(str(tmp_path_factory.mktemp("ar")), CFG, seed=11)
+
+
+@pytest.fixture(scope="module")
+def models(converted):
+  hf, path = converted
+  return hf, dvl.load(path)
 
 
 def words(n, seed):
@@ -76,8 +80,13 @@ def test_per_row_eos_matches_transformers_generate(models):
   assert (out.nfe == out.lengths).all() and out.forwards == out.lengths.max()
 
 
-def test_greedy_with_an_image_matches_transformers_generate(models):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_greedy_with_an_image_matches_transformers_generate(models, converted, scan_layers):
+  """Also loaded per layer (`scan_layers=False`: the stored stacks sliced at load, read in place in the loop)."""
   hf, model = models
+  if not scan_layers:
+    model = dvl.load(converted[1], scan_layers=False)
+    assert isinstance(model.text.layers, nnx.List) and isinstance(model.visual.blocks, nnx.List)
   grid = np.array([[1, 4, 6]])
   prompt = image_prompt(grid[0], 3)
   pixels = np.random.default_rng(4).normal(size=(24, CFG.vision.patch_dim)).astype(np.float32)

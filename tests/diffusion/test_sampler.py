@@ -158,6 +158,16 @@ def test_dynamic_and_threshold_match_oracle(model, strategy, tau, steps):
     assert (outs["fused"].tokens_per_forward > 1).all()
 
 
+@pytest.mark.parametrize("mode", ["reference", "fused"])
+def test_a_per_layer_model_matches_the_oracle(model, mode):
+  """The same weights per layer (`scan_layers=False`, read in place in the loop) decode the oracle's tokens."""
+  per_layer = tiny_model(CFG.replace(scan_layers=False), spread=True)
+  prompts = [words(n, 200 + n) for n in PROMPT_LENGTHS]
+  out = run(per_layer, prompts, 21, 8, "low_confidence_dynamic", mode=mode)
+  for i, p in enumerate(prompts):
+    np.testing.assert_array_equal(out.tokens[i], oracle(model, p, 21, 8, "low_confidence_dynamic")[0])
+
+
 def test_image_prompt_matches_oracle(model):
   grid = np.array([[1, 4, 8]])
   image = [CFG.vision_start_token_id] + [CFG.image_token_id] * 8 + [CFG.vision_end_token_id]

@@ -1,8 +1,11 @@
-"""The work one step of the decoding loop does, read from the compiled HLO of a tiny model's sampler: greedy
-denoising runs the lm_head at the narrow widths it needs, not always over the whole block."""
+"""The work one step of the decoding loop does, read from the compiled HLO of a tiny model's sampler: a per-layer
+model's weights are read in place (no copy of them in the loop) and greedy denoising runs the lm_head at the
+narrow widths it needs, not always over the whole block."""
 
 import functools
 import re
+
+import pytest
 
 from dvl_jax.diffusion import sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
@@ -15,8 +18,26 @@ GREEDY = SamplingConfig(gen_length=16)
 
 
 @functools.cache
-def compiled_hlo(config: SamplingConfig) -> str:
-  return sampler.lower(tiny_model(CFG), PROMPTS, config).compile().as_text()
+def compiled_hlo(config: SamplingConfig, scan_layers: bool = True) -> str:
+  return sampler.lower(tiny_model(CFG.replace(scan_layers=scan_layers)), PROMPTS, config).compile().as_text()
+
+
+@pytest.mark.parametrize("algorithm", ["block_diffusion", "autoregressive"])
+def test_per_layer_weights_are_read_in_place(algorithm):
+  """No layer weight matrix (their shapes are no activation's here) is an op's result inside the loop of a
+  per-layer model (`scan_layers=False`); the stacked model's loop copies them out of the stacks on CPU."""
+  t = CFG.text
+  shapes = {(t.hidden_size, t.intermediate_size), (t.intermediate_size, t.hidden_size),
+            (t.hidden_size, t.num_heads * t.head_dim), (t.hidden_size, t.num_kv_heads * t.head_dim)}
+  pattern = "|".join(rf"(?:1,)?{a},{b}" for a, b in shapes)
+  config = SamplingConfig(gen_length=16, algorithm=algorithm)
+
+  def copies(scan_layers: bool) -> list[str]:
+    return [line for line in compiled_hlo(config, scan_layers).splitlines()
+            if re.search(rf"= f32\[(?:{pattern})\]", line) and "decode_loop" in line]
+
+  assert not copies(scan_layers=False), copies(scan_layers=False)[:3]
+  assert copies(scan_layers=True)
 
 
 def test_greedy_denoising_runs_the_lm_head_only_at_masked_widths():

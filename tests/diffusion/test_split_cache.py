@@ -20,24 +20,25 @@ def same_arrays(state, other) -> bool:
 
 def test_graph_reused_until_an_attribute_changes_and_the_state_always_current():
   model = tiny_model(spread=True)
-  graph, state = split_cache.split(model)
-  again, state_again = split_cache.split(model)
+  graph, state, placement = split_cache.split(model)
+  again, state_again, placement_again = split_cache.split(model)
   assert again is graph and same_arrays(state_again, state)  # the graph walk is reused
+  assert placement_again is placement and placement.mesh is None
   want_graph, want_state = nnx.split(model)
-  assert graph.graphdef == want_graph and same_arrays(state, want_state)
+  assert graph.graphdef == want_graph and same_arrays(state, nnx.to_pure_dict(want_state))
 
   param = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Param))[0]
   old = param.get_raw_value()
   param.set_value(param.get_value() + 1.0)  # an optimizer step, in place
-  same_graph, changed = split_cache.split(model)
-  assert same_graph is graph and same_arrays(changed, nnx.split(model)[1])
+  same_graph, changed, _ = split_cache.split(model)
+  assert same_graph is graph and same_arrays(changed, nnx.to_pure_dict(nnx.split(model)[1]))
   assert any(a is param.get_raw_value() for a in jax.tree.leaves(changed))
   assert not any(a is old for a in jax.tree.leaves(changed))
   cached = split_cache._SPLITS[model]
   assert not any(x is old for x in cached.reachable + list(cached))  # the replaced array is not held
 
   model.visual.rope_table_dtype = jnp.dtype(jnp.bfloat16)  # a static attribute: a new graphdef
-  graph_bf16, _ = split_cache.split(model)
+  graph_bf16, _, _ = split_cache.split(model)
   assert graph_bf16 != graph and graph_bf16.graphdef == nnx.graphdef(model)
 
 

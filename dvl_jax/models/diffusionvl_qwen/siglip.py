@@ -68,7 +68,6 @@ class SiglipTower(nnx.Module):
     v = cfg.vision
     param_dtype, compute_dtype = dtypes(cfg)
     self.tokens = v.tokens_per_crop
-    self.scan_layers = cfg.scan_layers
     self.remat_policy = cfg.remat_policy
     self.attention_backend = cfg.attention_backend
     self.patch_embed = Dense(v.patch_dim, v.hidden_size, axes=("vision_patch", "vision_embed"), use_bias=True,
@@ -76,7 +75,8 @@ class SiglipTower(nnx.Module):
     positions = 0.02 * jax.random.normal(rngs.params(), (v.tokens_per_crop, v.hidden_size), jnp.float32)
     self.position_embedding = nnx.Param(positions.astype(param_dtype), axes=(None, "vision_embed"))
     self.layers = stack_modules(
-        lambda r: SiglipLayer(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r), v.depth, rngs)
+        lambda r: SiglipLayer(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r), v.depth, rngs,
+        stacked=cfg.scan_layers)
     self.post_layernorm = LayerNorm(v.hidden_size, eps=v.layer_norm_eps, param_dtype=param_dtype)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -90,5 +90,5 @@ class SiglipTower(nnx.Module):
     def body(layer: SiglipLayer, h: jax.Array, _: Any) -> tuple[jax.Array, None]:
       return layer(h, spec, self.attention_backend), None
 
-    x, _ = run_stack(self.layers, x, body, scan=self.scan_layers, remat_policy=self.remat_policy)
+    x, _ = run_stack(self.layers, x, body, remat_policy=self.remat_policy)
     return x

@@ -99,7 +99,6 @@ class VisionTower(nnx.Module):
     self.head_dim = v.head_dim
     self.merge_unit = v.merge_unit
     self.full_layers = tuple(i in v.fullatt_block_indexes for i in range(v.depth))
-    self.scan_layers = cfg.scan_layers
     self.remat_policy = cfg.remat_policy
     self.attention_backend = cfg.attention_backend
     self.rope_table_dtype = jnp.dtype(rope_table_dtype)
@@ -107,7 +106,7 @@ class VisionTower(nnx.Module):
                              use_bias=False, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
     self.blocks = stack_modules(
         lambda r: VisionBlock(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r),
-        v.depth, rngs)
+        v.depth, rngs, stacked=cfg.scan_layers)
     self.merger = PatchMerger(v, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
 
   def encode_patches(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
@@ -125,8 +124,7 @@ class VisionTower(nnx.Module):
       h = block(constrain(h, PATCH_ROWS), cos, sin, segments, self.attention_backend, chunks)
       return constrain(h, PATCH_ROWS), None
 
-    x, _ = run_stack(self.blocks, x, body, np.asarray(self.full_layers), scan=self.scan_layers,
-                     remat_policy=self.remat_policy)
+    x, _ = run_stack(self.blocks, x, body, np.asarray(self.full_layers), remat_policy=self.remat_policy)
     return x
 
   def __call__(self, pixel_values: jax.Array, layout: VisionLayout) -> jax.Array:
