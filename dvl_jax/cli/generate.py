@@ -46,6 +46,9 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
                          "block_size or over gen_length tokens; unset: the model family's",
     "length_bucket": "prompts are padded to a multiple of this many tokens (one compile per bucket)",
     "max_len": "KV-cache length; unset: padded prompt + gen_length, rounded up to a block",
+    "fused_window_share": "fused mode: the share of a batch's decoding rows that must be committing a block for "
+                          "the forward to fuse the commits (a window twice as wide for every row); fewer commit "
+                          "in a pass of their own (same tokens). 0: always fuse (accelerators)",
 }
 CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS,
            "confidence": CONFIDENCES, "ablation_schedule": ABLATION_SCHEDULES}

@@ -185,8 +185,8 @@ def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size
              progress: bool = True) -> dict[str, dict[str, Any]]:
   """The evaluator (`dvl eval --task synthetic --data DATA --log-samples`) on the held-out questions, the long
   answers and the short ones apart (`groups`), since a batch decodes until its longest answer ends: AR
-  decoding of the source model, block diffusion of the finetuned one (`DATA`: the task's --data, "all" kinds
-  for both groups), each with its own checkpoint's processor (`pixels`: Qwen2.5-VL's resize bounds; None for a
+  decoding of the source model, block diffusion of the finetuned one, both loaded per layer as `dvl eval` loads
+  them (`DATA`: the task's --data, "all" kinds for both groups), each with its own checkpoint's processor (`pixels`: Qwen2.5-VL's resize bounds; None for a
   family without them); each batch timed as its fastest of `timing_repeats` runs. `latency_groups`: groups
   evaluated once more at `LATENCY_BATCH` prompts per call, `{name: group}` (marked `"repeats": group` in the
   results). Prints each group's evaluator table, then `results_table`; writes each group's results.json and
@@ -196,7 +196,7 @@ def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size
   from dvl_jax.evaluation.settings import EvalSettings
 
   bounds = {} if pixels is None else dict(min_pixels=pixels, max_pixels=pixels)
-  ar, block = (InProcess(dvl.load(path), dvl.Processor.from_pretrained(path, **bounds), timing_repeats)
+  ar, block = (InProcess(dvl.load(path, scan_layers=False), dvl.Processor.from_pretrained(path, **bounds), timing_repeats)
                for path in (source, diffusion))
 
   def answer(task, samples, config, size):

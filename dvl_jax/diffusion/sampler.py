@@ -243,19 +243,29 @@ def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, 
   return ctx.model.decode(x, safe, spec, kv_cache.pinned(cache, ctx.placement.cache), return_kv=return_kv)
 
 
-def block_pass(ctx: _Context, c: _Carry, cache: KV, return_kv: bool) -> tuple[jax.Array, KV | None]:
-  """Each row's current block against its cache (the prefix before the block): hidden `[B, bs, H]`."""
-  start = c.blk * ctx.bs
+def block_pass(ctx: _Context, ids: jax.Array, blk: jax.Array, cache: KV, return_kv: bool
+               ) -> tuple[jax.Array, KV | None]:
+  """Each row's block `blk` `[B]` against its cache (the prefix before the block): hidden `[B, bs, H]`."""
+  start = blk * ctx.bs
   window = _window(start, ctx.bs)
-  return forward(ctx, c.ids, window, window < ctx.limit[:, None], start, cache, return_kv)
+  return forward(ctx, ids, window, window < ctx.limit[:, None], start, cache, return_kv)
 
 
-def batch_decisions(ctx: _Context, c: _Carry, flag: jax.Array, rows_on: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(does any row's `flag` `[B]` hold, the most masked positions a `rows_on` `[B]` row has in its current block)
-  in one reduction over the rows: on a mesh, one all-reduce per step decides both."""
-  masked = jnp.sum(_at(c.masked, _window(c.blk * ctx.bs, ctx.bs)) & rows_on[:, None], axis=1)
-  most = jnp.max(jnp.stack([flag.astype(jnp.int32), masked], axis=1), axis=0)
-  return most[0] > 0, most[1]
+def commit_pass(ctx: _Context, c: _Carry, blk: jax.Array, commit: jax.Array, cache: KV) -> tuple[jax.Array, KV]:
+  """`block_pass` over each row's block `blk` `[B]`; the `commit` rows `[B]` write its K/V (their block has no
+  mask left: this pass over its final content is its only writer) -> hidden `[B, bs, H]`, the cache."""
+  hidden, kv = block_pass(ctx, c.ids, blk, cache, True)
+  return hidden, kv_cache.write(cache, kv, blk * ctx.bs, commit, ctx.placement.cache)
+
+
+def batch_decisions(ctx: _Context, c: _Carry, groups: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For each group of rows `groups` `[G, B]`: (how many rows it has, the most masked positions one of them has
+  in its current block) `[G]` each, from one sum over the rows (a histogram of the masked counts): on a mesh, one
+  all-reduce per step decides them all."""
+  masked = jnp.sum(_at(c.masked, _window(c.blk * ctx.bs, ctx.bs)), axis=1)
+  bins = jnp.arange(ctx.bs + 1)
+  histogram = jnp.sum(groups[:, :, None] & (masked[:, None] == bins)[None], axis=1)  # [G, bs + 1]
+  return jnp.sum(histogram, axis=1), jnp.max(jnp.where(histogram > 0, bins, 0), axis=1)
 
 
 def denoise(ctx: _Context, c: _Carry, hidden: jax.Array, rows_on: jax.Array, widest: jax.Array
@@ -305,10 +315,12 @@ def widths(bs: int) -> tuple[int, ...]:
 
 
 def propose(ctx: _Context, c: _Carry, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """lm_head and proposal (`sampler_common.propose`) of hidden states `[B, n, H]` -> tokens, confidences `[B, n]`."""
+  """lm_head and proposal (`sampler_common.propose`) of hidden states `[B, n, H]` -> tokens, confidences `[B, n]`.
+  A row's randomness is keyed by its (block, denoising pass): the same in either mode and whichever forward of the
+  batch the pass falls in."""
   logits = ctx.model.logits(hidden)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.nfe)
+    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.blk * (ctx.bs + 1) + c.step)
 
 
 def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -332,11 +344,10 @@ def reference_step(ctx: _Context, c: _Carry) -> _Carry:
   """One forward of the original algorithm: each row's block is denoised (its K/V dropped) or, once it has no
   mask left, committed: the pass over its final content is the only writer of its K/V."""
   active = ~c.done
-  hidden, kv = block_pass(ctx, c, c.cache, True)
   commit, denoising = active & c.pending, active & ~c.pending
-  cache = kv_cache.write(c.cache, kv, c.blk * ctx.bs, commit, ctx.placement.cache)
-  any_denoising, widest = batch_decisions(ctx, c, denoising, denoising)
-  ids, masked, decoded_at = jax.lax.cond(any_denoising, lambda: denoise(ctx, c, hidden, denoising, widest),
+  hidden, cache = commit_pass(ctx, c, c.blk, commit, c.cache)
+  count, widest = batch_decisions(ctx, c, denoising[None])
+  ids, masked, decoded_at = jax.lax.cond(count[0] > 0, lambda: denoise(ctx, c, hidden, denoising, widest[0]),
                                          lambda: (c.ids, c.masked, c.decoded_at))
   clean, last = block_state(ctx, ids, masked, c.blk)
   report(ctx, denoising & clean, c.blk, ids)
@@ -348,20 +359,29 @@ def reference_step(ctx: _Context, c: _Carry) -> _Carry:
 
 
 def fused_step(ctx: _Context, c: _Carry) -> _Carry:
-  """One forward of `fused` mode: every row denoises its block, and a row whose previous block is finished
-  commits it in the same forward (`fused_pass`)."""
+  """One forward of `fused` mode: a row whose previous block is finished commits it, the others denoise their
+  block. When at least `fused_window_share` of the active rows commit, they commit in the same forward as their
+  next block's first denoising pass (`fused_pass`, every row's window twice as wide); when fewer do, they commit
+  alone (`commit_pass` over their previous block) and denoise from the next forward on, so that the other rows'
+  forward stays one block wide. Same tokens either way."""
   active = ~c.done
   commit = active & c.pending
-  any_commit, widest = batch_decisions(ctx, c, commit, active)
-  hidden, cache = jax.lax.cond(any_commit, functools.partial(fused_pass, ctx, c, commit),
-                               lambda cache: (block_pass(ctx, c, cache, False)[0], cache), c.cache)
-  ids, masked, decoded_at = denoise(ctx, c, hidden, active, widest)
+  counts, widest = batch_decisions(ctx, c, jnp.stack([commit, active & ~commit]))
+  fuse = counts[0] >= jnp.maximum(ctx.config.fused_window_share * (counts[0] + counts[1]), 1)
+  alone = (counts[0] > 0) & ~fuse
+  branch = jnp.where(counts[0] == 0, 0, jnp.where(fuse, 2, 1))
+  hidden, cache = jax.lax.switch(branch, [
+      lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], cache),
+      lambda cache: commit_pass(ctx, c, c.blk - commit, commit, cache),
+      functools.partial(fused_pass, ctx, c, commit)], c.cache)
+  denoising = active & ~(commit & alone)
+  ids, masked, decoded_at = denoise(ctx, c, hidden, denoising, jnp.where(alone, widest[1], jnp.max(widest)))
   clean, last = block_state(ctx, ids, masked, c.blk)
-  finished = active & clean
+  finished = denoising & clean
   report(ctx, finished, c.blk, ids)
   advance = finished & ~last
   return ctx.placement.pin_loop(_Carry(cache, ids, masked, decoded_at, c.blk + advance,
-                                       jnp.where(advance, 0, c.step + active), advance,
+                                       jnp.where(advance, 0, c.step + denoising), advance,
                                        c.done | (finished & last), c.nfe + active, c.forwards + 1))
 
 

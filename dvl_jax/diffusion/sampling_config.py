@@ -36,6 +36,12 @@ class SamplingConfig:
   `algorithm`: "block_diffusion" (spec §6) or "autoregressive" (the in-stack AR baseline).
   `mode`: "fused" commits a finished block in the same forward as the next block's first denoising
     step; "reference" runs the original's separate commit pass (same tokens, one forward more per block).
+  `fused_window_share`: in "fused" mode, a forward runs that double-width window (`[previous block ; current
+    block]`) over every row only when at least this share of the active rows commit; when fewer do, they commit
+    alone as in "reference" and the other rows' forward stays one block wide (same tokens; a row's NFE then
+    counts its commit). Fusing pays when the committing share exceeds what a twice-as-wide forward costs extra,
+    relative to a one-block one: about 0 on an accelerator at small batch (set 0: fuse whenever a row commits),
+    up to 1 where the forward is compute-bound (a CPU, a large batch). At batch 1 every commit is fused.
   `remasking_strategy`: "low_confidence_static" / "low_confidence_dynamic" (spec §6.4) or "threshold"
     (Fast-dLLM v2 style: every masked position with confidence > `confidence_threshold`, at least one
     per step; `steps` is then unused).
@@ -69,6 +75,7 @@ class SamplingConfig:
   ablation_schedule: str | None = None
   length_bucket: int = 64
   max_len: int | None = None
+  fused_window_share: float = 0.5
 
   def __post_init__(self):
     _one_of("algorithm", self.algorithm, ALGORITHMS)
@@ -92,6 +99,8 @@ class SamplingConfig:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
     if not 0.0 <= self.top_p <= 1.0:
       raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+    if not 0.0 <= self.fused_window_share <= 1.0:
+      raise ValueError(f"fused_window_share must be in [0, 1], got {self.fused_window_share}")
     if self.length_bucket < 1:
       raise ValueError(f"length_bucket must be >= 1, got {self.length_bucket}")
     if self.block_size is not None and self.max_len is not None and self.max_len % self.block_size:

@@ -61,6 +61,22 @@ def interleaved(engine, batches, steps_between=2):
   return sent, outputs, pieces
 
 
+def assert_decodes_as_alone(engine, request, out, want):
+  """The tokens are `want`'s (`dvl.generate` alone); so are NFE and the forward that fixed each token, except that
+  in fused mode a block's commit runs alone when few slots commit in that forward, one forward more for the row."""
+  np.testing.assert_array_equal(out.tokens, want.tokens)
+  config = request.config(engine.config)
+  if config.algorithm == "autoregressive" or config.mode == "reference" or config.fused_window_share == 0:
+    np.testing.assert_array_equal(out.steps_per_token, want.steps_per_token)
+    np.testing.assert_array_equal(out.nfe, want.nfe)
+  else:
+    blocks = -(-(len(request.prompt) + request.max_tokens) // config.block_size)
+    assert want.nfe[0] <= out.nfe[0] <= want.nfe[0] + blocks
+    decoded = want.steps_per_token >= 0
+    np.testing.assert_array_equal(out.steps_per_token >= 0, decoded)
+    assert (out.steps_per_token >= want.steps_per_token)[decoded].all()
+
+
 def alone(engine, request, **images):
   """`dvl.generate` on `request` alone with its own settings and seed."""
   prompts = Prompts.from_lists([list(request.prompt)], **images)
@@ -89,9 +105,7 @@ def test_tokens_equal_generate_alone_with_interleaved_arrivals(mode, monkeypatch
   stopped, differs = 0, 0
   for rid, request in sent.items():
     out, want = outputs[rid], alone(engine, request)
-    np.testing.assert_array_equal(out.tokens, want.tokens)
-    np.testing.assert_array_equal(out.steps_per_token, want.steps_per_token)
-    np.testing.assert_array_equal(out.nfe, want.nfe)
+    assert_decodes_as_alone(engine, request, out, want)
     streamed = np.concatenate(pieces[rid])
     assert out.lengths[0] <= len(streamed)  # through EOS (block diffusion: the rest of its block too)
     np.testing.assert_array_equal(streamed, out.tokens[0, :len(streamed)])
@@ -120,8 +134,7 @@ def test_image_requests_equal_generate_alone_and_a_new_image_layout_does_not_rec
   assert dict(slots.TRACES) == before
   for rid, request in ((1, wide), (4, small)):
     want = alone(engine, request, pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw)
-    np.testing.assert_array_equal(outputs[rid].tokens, want.tokens)
-    np.testing.assert_array_equal(outputs[rid].nfe, want.nfe)
+    assert_decodes_as_alone(engine, request, outputs[rid], want)
 
 
 def test_on_a_mesh_the_tokens_equal_one_device():
@@ -133,9 +146,7 @@ def test_on_a_mesh_the_tokens_equal_one_device():
   outputs = engine.run(sent)  # the slots come back on the shardings they went in with: no recompile
   assert dict(slots.TRACES) == before
   for i, request in enumerate(sent):
-    want = alone(engine, request)  # on one device
-    np.testing.assert_array_equal(outputs[i + len(sent)].tokens, want.tokens)
-    np.testing.assert_array_equal(outputs[i + len(sent)].nfe, want.nfe)
+    assert_decodes_as_alone(engine, request, outputs[i + len(sent)], alone(engine, request))  # on one device
 
 
 def test_nothing_recompiles_after_warm_up():

@@ -82,8 +82,11 @@ def check_concurrently(served, cases):
     want, choice, usage = reference(), reply.json()["choices"][0], reply.json()["usage"]
     assert choice["token_ids"] == want.tokens[0, :want.lengths[0]].tolist()
     assert (choice["message"]["content"] if kind == "chat" else choice["text"]) == want.text[0]
-    assert usage["completion_tokens"] == want.lengths[0] and usage["nfe"] == want.nfe[0]
-    assert usage["tokens_per_forward"] == float(want.tokens_per_forward[0])
+    assert usage["completion_tokens"] == want.lengths[0]
+    blocks = -(-want.tokens.shape[1] // served.model.config.block_size) + 1  # the prompt's partial block too
+    assert want.nfe[0] <= usage["nfe"] <= want.nfe[0] + blocks  # sharing the slots, a commit may run alone
+    decoded = want.tokens_per_forward[0] * want.nfe[0]
+    assert math.isclose(usage["tokens_per_forward"], decoded / usage["nfe"])
     assert choice["finish_reason"] == "length"  # this model never picks EOS
 
 
