@@ -112,9 +112,8 @@ def vision_layout(grid_thw: np.ndarray, cfg: VisionConfig, pad_patches: int | No
       raise ValueError(f"pad_patches={pad_patches} must be a multiple of {unit} and at least {n}")
     extra = pad_patches - n
     window_index = np.concatenate([window_index, np.arange(n // unit, pad_patches // unit)])
-    window_segments = np.pad(window_segments, (0, extra))
-    image_segments = np.pad(image_segments, (0, extra))
-    hw_all = np.pad(hw_all, ((0, extra), (0, 0)))
+    window_segments, image_segments, hw_all = (np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
+                                               for a in (window_segments, image_segments, hw_all))
   return VisionLayout(
       window_index=window_index.astype(np.int32),
       reverse_index=np.argsort(window_index).astype(np.int32),

@@ -54,6 +54,7 @@ def layout(pixel_values: np.ndarray, image_grid_thw: Any, vision: VisionConfig, 
   images of any size up to a bucket share one compile."""
   grid, n = np.asarray(image_grid_thw), pixel_values.shape[0]
   rows = -(-n // bucket) * bucket if few_shapes else patch_rows(n, bucket, vision.merge_unit)
-  pixel_values = np.pad(pixel_values, ((0, rows - n), (0, 0)))
+  if rows > n:
+    pixel_values = np.concatenate([pixel_values, np.zeros((rows - n, pixel_values.shape[1]), pixel_values.dtype)])
   window_layout = vision_layout(grid, vision, pad_patches=rows)
   return pixel_values, window_layout.replace(chunks=1 if few_shapes else aligned_chunks(grid, rows, vision.merge_unit))

@@ -156,7 +156,10 @@ class Placement:
   def pad_rows(self, a: Any, fill: Any = 0) -> np.ndarray:
     """`a` `[B, ...]` (NumPy) with dead rows of `fill` appended up to `batch(B)`."""
     a = np.asarray(a)
-    return np.pad(a, [(0, self.batch(a.shape[0]) - a.shape[0])] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    rows = self.batch(a.shape[0])
+    if rows == a.shape[0]:
+      return a
+    return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), fill, a.dtype)])
 
   def pad_keys(self, keys: jax.Array) -> jax.Array:
     """Row keys `[B]` with the last key repeated for the dead rows."""
