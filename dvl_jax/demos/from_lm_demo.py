@@ -67,10 +67,12 @@ class Size:
   stage1_learning_rate: float = 1e-3  # spec §7.2
   stage2_learning_rate: float = 3e-4
   vision_learning_rate: float = 3e-5
+  per_layer: bool = True  # evaluate with per-layer weights (train_demo.DemoSize.per_layer)
 
 
 FULL = Size(train_examples=8192, eval_examples=256, lm_steps=300, stage1_steps=300, stage2_steps=500)
-QUICK = Size(train_examples=128, eval_examples=16, lm_steps=8, stage1_steps=8, stage2_steps=8, batch_size=16)
+QUICK = Size(train_examples=128, eval_examples=16, lm_steps=8, stage1_steps=8, stage2_steps=8, batch_size=16,
+             per_layer=False)
 
 
 def lm_config(vocab_size: int = VOCAB_SIZE) -> ModelConfig:
@@ -176,7 +178,8 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   # the first demo's evaluator and table on the task's default kinds (one- to three-word answers: this
   # demo's models never see the long ones); each model with its own stage's processor (square / anyres crops)
   results = evaluate(stage1, stage2, os.path.join(workdir, "eval"), data=f"{2000 + seed}:{size.eval_examples}",
-                     groups={"short": synthetic.QUESTION_KINDS}, latency_groups={}, pixels=None, progress=progress)
+                     groups={"short": synthetic.QUESTION_KINDS}, latency_groups={}, pixels=None, progress=progress,
+                     per_layer=size.per_layer)
   seconds = time.perf_counter() - tic
   print(f"total {seconds:.0f} s; runs in {workdir}")
   return {"results": results, "workdir": workdir, "seconds": seconds,

@@ -51,13 +51,14 @@ class DemoSize:
   diffusion_learning_rate: float = 1e-3
   vision_learning_rate: float = 3e-5
   latency_groups: bool = True  # evaluate `LATENCY_GROUPS` too (the quick run skips their compiles)
+  per_layer: bool = True  # decode with per-layer weights (faster decoding; the quick run keeps the faster compiles)
 
 
 VOCAB_SIZE = 128  # the generator's ~50 words, the chat markup and the reserved ids
 FULL = DemoSize(train_examples=8192, eval_examples=256, short_first_steps=400, ar_steps=400, diffusion_steps=500,
                 diffusion_learning_rate=3e-4)
 QUICK = DemoSize(train_examples=256, eval_examples=32, short_first_steps=20, ar_steps=40, diffusion_steps=40,
-                 latency_groups=False)
+                 latency_groups=False, per_layer=False)
 
 # The held-out questions are evaluated in two groups, since a batch decodes until its longest answer ends: the
 # 16-word "cells" answers, where block diffusion decodes several tokens per forward, and the one- to three-word
@@ -174,7 +175,7 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
   print(f"[4/4] dvl eval on {size.eval_examples} held-out questions (long and short answers apart)")
   results = evaluate(source, diffusion_model, os.path.join(workdir, "eval"),
                      data=f"{2000 + seed}:{size.eval_examples}:all", progress=progress,
-                     latency_groups=LATENCY_GROUPS if size.latency_groups else {})
+                     latency_groups=LATENCY_GROUPS if size.latency_groups else {}, per_layer=size.per_layer)
   print(f"total {time.perf_counter() - tic:.0f} s; runs in {workdir}")
   return {"results": results, "workdir": workdir, "seconds": time.perf_counter() - tic}
 
@@ -182,12 +183,13 @@ def run(workdir: str | None = None, *, quick: bool = False, seed: int = 0, progr
 def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size: int = BATCH_SIZE,
              groups: dict[str, tuple[str, ...]] = GROUPS, pixels: int | None = synthetic.IMAGE_SIZE ** 2,
              latency_groups: dict[str, str] = LATENCY_GROUPS, timing_repeats: int = TIMING_REPEATS,
-             progress: bool = True) -> dict[str, dict[str, Any]]:
+             progress: bool = True, per_layer: bool = True) -> dict[str, dict[str, Any]]:
   """The evaluator (`dvl eval --task synthetic --data DATA --log-samples`) on the held-out questions, the long
   answers and the short ones apart (`groups`), since a batch decodes until its longest answer ends: AR
   decoding of the source model, block diffusion of the finetuned one, both loaded per layer as `dvl eval` loads
-  them (`DATA`: the task's --data, "all" kinds for both groups), each with its own checkpoint's processor (`pixels`: Qwen2.5-VL's resize bounds; None for a
-  family without them); each batch timed as its fastest of `timing_repeats` runs. `latency_groups`: groups
+  them (`per_layer`; False: stacked, faster compiles; `DATA`: the task's --data, "all" kinds for both groups),
+  each with its own checkpoint's processor (`pixels`: Qwen2.5-VL's resize bounds; None for a family without
+  them); each batch timed as its fastest of `timing_repeats` runs. `latency_groups`: groups
   evaluated once more at `LATENCY_BATCH` prompts per call, `{name: group}` (marked `"repeats": group` in the
   results). Prints each group's evaluator table, then `results_table`; writes each group's results.json and
   per-sample logs to `out_dir/<group>`; returns `{group: results}`."""
@@ -196,8 +198,8 @@ def evaluate(source: str, diffusion: str, out_dir: str, *, data: str, batch_size
   from dvl_jax.evaluation.settings import EvalSettings
 
   bounds = {} if pixels is None else dict(min_pixels=pixels, max_pixels=pixels)
-  ar, block = (InProcess(dvl.load(path, scan_layers=False), dvl.Processor.from_pretrained(path, **bounds), timing_repeats)
-               for path in (source, diffusion))
+  ar, block = (InProcess(dvl.load(path, scan_layers=not per_layer), dvl.Processor.from_pretrained(path, **bounds),
+                         timing_repeats) for path in (source, diffusion))
 
   def answer(task, samples, config, size):
     return (ar if config.algorithm == "autoregressive" else block)(task, samples, config, size)

@@ -104,8 +104,8 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
             ) -> tuple[jax.Array, jax.Array]:
   """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's settings `sampling`
   and its key folded with `count` `[B]`, which numbers the row's decoding passes: fresh randomness per pass, and
-  a row samples as it would alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy decision only;
-  `config.confidence` None (not resolved against a model) is "sampled"."""
+  a row samples as it would alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy
+  decision only; `config.confidence` None (not resolved against a model) is "sampled"."""
   if config.temperature == 0:
     return remask.greedy(logits)
   return remask.propose(logits, jax.vmap(jax.random.fold_in)(sampling.keys, count), temperature=sampling.temperature,
