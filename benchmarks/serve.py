@@ -144,7 +144,8 @@ class StaticBatches:
 
     self.processor = dvl.Processor.from_pretrained(checkpoint, **({} if pixels is None else
                                                                  dict(min_pixels=pixels[0], max_pixels=pixels[1])))
-    self.model, self.batch, self.compiled = dvl.load(checkpoint), batch, set()
+    # per layer, as `dvl generate` and `dvl serve` load it (weights read in place)
+    self.model, self.batch, self.compiled = dvl.load(checkpoint, scan_layers=False), batch, set()
 
   def _generate(self, group: list[Job], algorithm: str) -> Any:
     from PIL import Image
