@@ -21,6 +21,10 @@ from dvl_jax.testing.tiny import tiny_model
 from tests.data.helpers import LLAVA_SIZES as SIZES, llava_rows, make_llava_processor, qa_row, write_llava_dataset
 
 CONFIG = DataConfig(batch_size=8, max_length=128, length_multiple=8, num_buckets=2, num_threads=0)
+# The tower runs over other crops in other batch shapes, so its sums run in another order: the features agree up to
+# fp32 rounding at their scale (~40), the tower's own parity tolerance (1e-5, tests/models/test_vision.py) scaled.
+# 1e-6 of the scale was tighter than that and failed once in CI (6.7e-5 apart at a scale of 60).
+FP32_AT_SCALE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +92,8 @@ def test_batches_splice_each_rows_own_image_features(stage, folder):
       record = pipeline.index.records[i]
       n = int((row == processor.config.image_token_id).sum())
       want = np.concatenate([own[ref] for ref in record.images] or [np.zeros((0, features.shape[-1]))])[:n]
-      # the tower ran over other crops in other shapes: equal up to fp32 rounding at the features' scale (~40)
-      np.testing.assert_allclose(np.asarray(features[slot:slot + n]), want, atol=1e-6 * np.abs(want).max(initial=1))
+      np.testing.assert_allclose(np.asarray(features[slot:slot + n]), want,
+                                 atol=FP32_AT_SCALE * np.abs(want).max(initial=1))
       slot += n
     assert not np.asarray(features[slot:]).any()  # the static layout's padding splices nothing
   assert len(shapes) == len(pipeline.padding_report()["shapes"])  # one shape per (bucket, pixel budget)
@@ -108,4 +112,4 @@ def test_truncation_cuts_an_image_and_the_layout_keeps_its_first_tokens(folder):
   features = np.asarray(_features(model, batch["pixel_values"], batch["vision"]))
   own = _own_features(model, processor, folder)["5.png"]
   for r in range(4):
-    np.testing.assert_allclose(features[r * used:(r + 1) * used], own[:used], atol=1e-6 * np.abs(own).max())
+    np.testing.assert_allclose(features[r * used:(r + 1) * used], own[:used], atol=FP32_AT_SCALE * np.abs(own).max())
