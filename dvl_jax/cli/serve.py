@@ -19,7 +19,8 @@ from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, che
 from dvl_jax.cli.generate import add_sampling_options, load_mesh
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": 1024, "chunk": 16, "views": 4,
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": 1024, "chunk": 16, "admit_every": 2,
+            "views": 4,
             "max_queue": 64, "request_timeout": 600.0, "grace_period": 30.0, "max_body_bytes": 64 * 2 ** 20,
             "max_images": 8, "max_image_bytes": 20 * 2 ** 20, "max_image_pixels": 4096 * 4096}
 
@@ -50,7 +51,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   engine.add_argument("--max-prompt", type=int, default=d["max_prompt"], help="longest prompt in tokens, image "
                       f"tokens included; longer ones get a 400 (default: {d['max_prompt']})")
   engine.add_argument("--chunk", type=int, default=d["chunk"], help="decoding forwards between two looks at the "
-                      f"queue (admission latency vs. host overhead) (default: {d['chunk']})")
+                      "queue while every slot is busy; a look also comes as soon as a request finishes (latency of "
+                      f"streamed blocks vs. host overhead) (default: {d['chunk']})")
+  engine.add_argument("--admit-every", type=int, default=d["admit_every"], help="decoding forwards between two "
+                      "looks at the queue while a slot is free: a request that arrives waits at most this long for "
+                      f"its slot (default: {d['admit_every']})")
   engine.add_argument("--views", type=int, default=d["views"], help="cache lengths a decoding chunk may attend to "
                       "(the whole cache, its half, its quarter, ...): each chunk reads the shortest that holds its "
                       "requests, at one compile per view (default: {})".format(d["views"]))
@@ -98,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
   from dvl_jax.serving.http import MediaLimits, Settings, create_app
 
   check_checkpoint(args.checkpoint)
-  for name in ("slots", "max_prompt", "chunk", "views", "max_images", "max_body_bytes", "max_image_bytes",
-               "max_image_pixels"):
+  for name in ("slots", "max_prompt", "chunk", "admit_every", "views", "max_images", "max_body_bytes",
+               "max_image_bytes", "max_image_pixels"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.max_queue < 0 or args.request_timeout <= 0 or args.grace_period < 0:
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
   model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype,
                    **load_options(args))
   engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk,
-                      views=args.views)
+                      admit_every=args.admit_every, views=args.views)
   warm = args.warm_up or config.algorithm
   if warm != "none":
     engine.warm_up(warm.split(","))

@@ -61,7 +61,8 @@ class Algorithm:
     whole for `propose`) and `inputs`.
   `start(ctx, cache, prompt, inputs) -> carry`: the prefill and the loop's first carry (a NamedTuple: the KV
     cache, then arrays `[B, ...]` per row and scalars; `done` `[B]` among them).
-  `chunk(ctx, carry, max_forwards) -> carry`: the decoding loop, to the end (None) or at most that many forwards.
+  `chunk(ctx, carry, max_forwards) -> carry`: the decoding loop, to the end (None) or at most that many forwards
+    and until a row finishes (`loop`).
   `outputs(ctx, carry, width) -> Outputs`: tokens `[B, width]` from each row's prompt end, and statistics.
   `inputs(model, prompts, config)`: its own arguments, a tuple of NumPy arrays `[B, ...]` made on the host
     (padded with dead rows, sharded over `data`).
@@ -112,11 +113,15 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
                         top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled")
 
 
-def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | None) -> Any:
-  """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while a row is not done, and at
-  most `max_forwards` times if given (the serving engine returns to the host between chunks)."""
-  stop = None if max_forwards is None else carry.forwards + max_forwards
-  going = lambda c: jnp.any(~c.done) if stop is None else jnp.any(~c.done) & (c.forwards < stop)
+def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array | None) -> Any:
+  """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while a row is not done; given
+  `max_forwards` (the serving engine: it may be traced), at most that many times and only until a row that was
+  decoding finishes, so that the engine hands its request out and refills its slot at once."""
+  if max_forwards is None:
+    going = lambda c: jnp.any(~c.done)
+  else:
+    stop, was_done = carry.forwards + max_forwards, carry.done
+    going = lambda c: jnp.any(~c.done) & (c.forwards < stop) & ~jnp.any(c.done & ~was_done)
   with jax.named_scope("decode_loop"):  # names the loop in profiles and HLO
     return jax.lax.while_loop(going, step, carry)
 

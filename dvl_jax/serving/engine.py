@@ -62,21 +62,27 @@ class Engine:
   cache length (default: `max_prompt` bucketed plus `max_tokens`, rounded up to a block). `max_prompt`: the
   longest prompt (it bounds the buckets, hence the compiles). `max_tokens`: the longest gen length a request may
   ask (default `config.gen_length`). `slots`: per algorithm, a multiple of the mesh's `data` axis. `chunk`:
-  decoding forwards per `step` (the latency of admitting a request and of handing out blocks). `views`: how many
+  decoding forwards per `step` at most (the latency of handing out blocks; a step also ends when a request
+  finishes, so its slot is refilled at once). `admit_every`: the forwards of a step while its pool has a free slot
+  and no request waits for it, so that one arriving mid-step waits at most that long for its slot (a closed-loop
+  client sends its next request when the last one's answer reaches it). `views`: how many
   cache lengths a decoding chunk may attend to (`max_len`, its half, its quarter, ..., whole blocks): each chunk
   takes the shortest that holds every busy request, so attention costs what the requests in the slots need, at
   one `generate` compile per view.
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
-               max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, views: int = 4):
-    if slots < 1 or chunk < 1 or views < 1:
-      raise ValueError(f"slots, chunk and views must be >= 1, got slots={slots}, chunk={chunk}, views={views}")
+               max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, admit_every: int = 2,
+               views: int = 4):
+    if min(slots, chunk, admit_every, views) < 1:
+      raise ValueError(f"slots, chunk, admit_every and views must be >= 1, got slots={slots}, chunk={chunk}, "
+                       f"admit_every={admit_every}, views={views}")
     graphdef, self.state, self._placement = split_cache.split(model)
     if self._placement.batch(slots) != slots:
       raise ValueError(f"slots={slots} must be a multiple of the mesh's data axis "
                        f"({self._placement.mesh.shape['data']})")
-    self.model, self.graphdef, self.slots, self.chunk, self.max_prompt = model, graphdef, slots, chunk, max_prompt
+    self.model, self.graphdef, self.slots, self.max_prompt = model, graphdef, slots, max_prompt
+    self.chunk, self.admit_every = chunk, min(admit_every, chunk)
     max_tokens = max_tokens or config.gen_length
     bs = config.block_size or model.config.block_size
     max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
@@ -135,7 +141,8 @@ class Engine:
     pieces, finished = [], []
     for pool in self._pools.values():
       if pool.slot_of:
-        pool.slots, out = programs.generate(pool.static, self.chunk, self._view(pool), self.state, pool.slots)
+        forwards = np.int32(self.admit_every if pool.free else self.chunk)  # the waiting ones were admitted
+        pool.slots, out = programs.generate(pool.static, forwards, self._view(pool), self.state, pool.slots)
         p, f = self._hand_out(pool, jax.device_get(out))
         pieces += p
         finished += f
@@ -160,7 +167,7 @@ class Engine:
     self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)
     for pool in (self._pools[a] for a in algorithms):
       for view in self.views:  # every slot is idle now: no forward runs, the program compiles
-        pool.slots, _ = programs.generate(pool.static, self.chunk, view, self.state, pool.slots)
+        pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, self.state, pool.slots)
 
   def _view(self, pool: _Pool) -> int:
     """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block); the

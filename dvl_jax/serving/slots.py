@@ -11,9 +11,10 @@ from the start), as the sampler pads a batch. Four programs, each traced once pe
   slot; the other slots keep their state (once per prompt-length bucket, and with images once per pair of
   prompt and patch-row buckets: not per image layout);
 * `release`: a slot's row marked done (a cancelled request);
-* `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (`chunk`),
-  then each slot's tokens so far; rows are independent, so a request decodes as it would alone. It attends to a
-  prefix of the cache that holds every busy request (once per such `view` length: a few, `Engine(views=...)`).
+* `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (an array:
+  the engine's `chunk` or `admit_every`) and until a busy slot finishes, then each slot's tokens so far; rows
+  are independent, so a request decodes as it would alone. It attends to a prefix of the cache that holds every
+  busy request (once per such `view` length: a few, `Engine(views=...)`).
 """
 
 from __future__ import annotations
@@ -103,12 +104,12 @@ def release(static: Static, slots: Slots, index: jax.Array) -> Slots:
   return _pinned(static.placement, Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True))))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("slots",))
-def generate(static: Static, max_forwards: int, view: int, state: Any, slots: Slots
+@functools.partial(jax.jit, static_argnums=(0, 2), donate_argnames=("slots",))
+def generate(static: Static, max_forwards: jax.Array, view: int, state: Any, slots: Slots
              ) -> tuple[Slots, dict[str, jax.Array]]:
-  """At most `max_forwards` decoding forwards over all slots, attending to the first `view` cache slots only ->
-  the slots and, per slot, tokens `[S, G]`, `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and
-  `done` `[S]`.
+  """At most `max_forwards` `[]` decoding forwards over all slots, and only until a busy slot's request finishes
+  (it is handed out and its slot refilled at once), attending to the first `view` cache slots only -> the slots
+  and, per slot, tokens `[S, G]`, `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`.
 
   `view` must hold every busy slot's decoded span (`P + G` rounded up to a block): a row never reads or writes a
   cache slot past it, so its tokens are those of the full cache, while each forward's attention costs what the

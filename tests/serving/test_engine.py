@@ -161,6 +161,26 @@ def test_nothing_recompiles_after_warm_up():
     assert outputs[rid].tokens.shape == (1, request.max_tokens)
 
 
+def test_a_step_ends_when_a_request_finishes_and_looks_often_while_a_slot_is_free(monkeypatch):
+  """So a finished request's slot is refilled at once, and a request that arrives while a slot is free waits at
+  most `admit_every` forwards."""
+  engine = Engine(model(), CONFIG, **{**SIZES, "chunk": 64, "admit_every": 1})
+  forwards, generate = [], slots.generate
+  monkeypatch.setattr(slots, "generate", lambda static, n, *rest: forwards.append(int(n)) or
+                      generate(static, n, *rest))
+  sent = [Request(r.prompt, max_tokens=gen, algorithm="autoregressive") for r, gen in zip(requests(3, 9), (4, 9, 14))]
+  nfe = [int(alone(engine, r).nfe[0]) for r in sent]
+  ids = [engine.submit(r) for r in sent]
+  first = engine.step()  # every slot busy: up to 64 forwards, but only until the first request is done
+  assert forwards == [64] and 1 <= len(first.finished) < 3
+  assert {rid for rid, _ in first.finished} == {rid for rid, n in zip(ids, nfe) if n == min(nfe)}
+  late = engine.submit(Request([5, 6], max_tokens=3, algorithm="autoregressive"))
+  second = engine.step()
+  assert late in second.admitted and forwards[1] == 64  # the freed slot took the waiting request
+  engine.run()
+  assert forwards[2:] and set(forwards[2:]) == {1}  # from then on a slot is free: one forward per look
+
+
 def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
   engine = Engine(model(), CONFIG, **SIZES)
   sent = [Request(r.prompt, max_tokens=14) for r in requests(5, 5)]  # one token per forward: none ends in a step
