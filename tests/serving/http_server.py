@@ -67,7 +67,7 @@ def served(tmp_path_factory):
   ckpt = save_tiny_checkpoint(str(root / "ckpt"), made.config, tokenizer=made.tokenizer)
   processor = dvl.Processor.from_pretrained(ckpt, min_pixels=PIXELS, max_pixels=PIXELS)
   model = dvl.load(ckpt)
-  engine = dvl.Engine(model, dvl.SamplingConfig(gen_length=GEN), slots=SLOTS, max_prompt=128, chunk=2)
+  engine = dvl.Engine(model, dvl.SamplingConfig(gen_length=GEN), slots=SLOTS, max_prompt=128, chunk=2, views=4)
   media = root / "media"
   media.mkdir()
   noise_image(56, 56, seed=1).save(media / "local.png")

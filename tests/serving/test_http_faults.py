@@ -240,7 +240,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch)
   thread = threading.Thread(target=client)
   thread.start()
   code = main(["serve", "--checkpoint", served.checkpoint, "--port", str(port), "--slots", str(http_server.SLOTS),
-               "--max-prompt", "128", "--gen-length", str(GEN), "--chunk", "2", "--grace-period", "60",
+               "--max-prompt", "128", "--gen-length", str(GEN), "--chunk", "2", "--views", "4", "--grace-period", "60",
                "--min-pixels", str(PIXELS), "--max-pixels", str(PIXELS), "--log-level", "warning"])
   thread.join(60)
   assert code == 0 and refused == [True]
