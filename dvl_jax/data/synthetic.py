@@ -3,9 +3,11 @@
 Questions ask for the colour, the shape, the number of copies, (with one copy) the position, or a
 description ("three blue squares"), with one- to three-word answers; none can be guessed without the
 image. The descriptions are the default kinds' longest answers. The opt-in kind "cells" ("Where are the
-shapes?") describes every cell in reading order, each as its place and two words ("top left red circle top
-right zero shapes ..."): 16 words whatever the scene, an answer long enough for block diffusion to decode
-several tokens per forward. Its width is fixed so that every word's position is known before any word is
+shapes?") describes every cell in reading order, each as "the", its place and two words, the cells separated
+by commas ("the top left red circle , the top right zero shapes , ..."): 23 tokens whatever the scene, an answer
+long enough for block diffusion to decode several tokens per forward, and with its EOS exactly three 8-token
+blocks (a block diffusion decoder pays a whole forward for a last block that holds one token, as the 16-word
+first version did with its 17th). Its width is fixed so that every word's position is known before any word is
 decoded: a parallel decoder fills in the places confidently and each cell's two words from that cell's image
 token alone (with "one red circle" for an occupied cell and "zero shapes" for an empty one, a later word's
 position depended on how many cells before it were occupied, and block diffusion learned it far slower than
@@ -49,7 +51,11 @@ ITEM_EXTENT = (0.7, 0.95)
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_KINDS = ("color", "shape", "position", "count", "describe")  # drawn by default
 ALL_KINDS = (*QUESTION_KINDS, "cells")
-CELL_WORDS = 4  # words per cell in a "cells" answer: the place (two) and "COLOR SHAPE" or "zero shapes"
+# tokens per cell in a "cells" answer: "the", the place (two), "COLOR SHAPE" or "zero shapes", and a comma but
+# after the last cell. The leading "the" keeps the answer's first words apart from the "position" answers
+# ("top left"): with "top left is red circle , ..." the block-diffusion model answered "top left" to every
+# "Where is the shape?" (66% right, AR 100%).
+CELL_WORDS = 6
 QUESTIONS = {"color": "What color do you see?", "shape": "What shape do you see?",
              "position": "Where is the shape?", "count": "How many shapes are there?",
              "describe": "Describe the image.", "cells": "Where are the shapes?"}
@@ -74,12 +80,12 @@ class Example:
 
 
 def answer(kind: str, items: Sequence[Item]) -> str:
-  """The answer to the `kind` question about a scene (position: of its first item; cells: `CELL_WORDS` words
-  per cell)."""
+  """The answer to the `kind` question about a scene (position: of its first item; cells: `CELL_WORDS` tokens
+  per cell, spaced as the demo's word tokenizer decodes them)."""
   if kind == "cells":
     held = {item.cell: item for item in items}
-    return " ".join(f"{place} {held[cell].color} {held[cell].shape}" if cell in held else f"{place} zero shapes"
-                    for cell, place in enumerate(POSITIONS))
+    return " , ".join(f"the {place} {held[cell].color} {held[cell].shape}" if cell in held
+                      else f"the {place} zero shapes" for cell, place in enumerate(POSITIONS))
   if kind == "describe":
     return f"{NUMBERS[len(items)]} {items[0].color} {items[0].shape}{'s' if len(items) > 1 else ''}"
   return {"color": items[0].color, "shape": items[0].shape, "position": POSITIONS[items[0].cell],

@@ -14,7 +14,7 @@
 
 Why these choices:
 - the LM's text: each row is a scene written out in the task's words (the fixed-width "cells" description,
-  "top left red circle top right zero shapes ...") followed by a question and its answer. An LM that reads
+  "the top left red circle , the top right zero shapes , ...") followed by a question and its answer. An LM that reads
   answers off a description is what LLaVA's recipe assumes (a pretrained LM that understands the words; the
   projector only has to bring the image into that space). 300 steps cost ~15 s. Measured: with a random LM
   stage 1's loss stays at 4.56 nats (uniform over the 128 words is 4.85), its AR model answers nothing; with the

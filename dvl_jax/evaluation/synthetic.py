@@ -5,7 +5,7 @@
 question kinds KINDS (comma-separated, or "all" to add the long "cells" answers; default: the generator's
 default kinds). The prompt is the question alone, as the demo trains (no post-prompt); an answer is right
 when, after the spec §9.2 clean-up, it is the reference character for character. Metrics: `exact_match` and
-the accuracy per question kind (`acc/color`, ..., `acc/describe`, `acc/cells`: the 16-word answers, where
+the accuracy per question kind (`acc/color`, ..., `acc/describe`, `acc/cells`: the 23-token answers, where
 block diffusion decodes several tokens per forward).
 """
 

@@ -44,8 +44,8 @@ def test_answers_are_read_back_from_the_pixels():
     truth = {"color": color, "count": count, "shape": shape,
              "position": synthetic.POSITIONS[occupied[0]] if len(occupied) == 1 else None,
              "describe": f"{count} {color} {shape}" + ("s" if len(occupied) > 1 else ""),
-             "cells": " ".join(f"{place} {color} {shape}" if i in occupied else f"{place} zero shapes"
-                               for i, place in enumerate(synthetic.POSITIONS))}
+             "cells": " , ".join(f"the {place} {color} {shape}" if i in occupied else f"the {place} zero shapes"
+                                 for i, place in enumerate(synthetic.POSITIONS))}
     assert e.answer == truth[e.kind], (e.question, e.answer, truth)
 
 

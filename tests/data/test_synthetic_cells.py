@@ -1,6 +1,6 @@
 """The generator's opt-in long answers ("cells"): fixed width, so that every word's position is known before
-decoding (16 tokens with the demo's tokenizer, each cell's words at the same offsets in every answer), every word
-in the demo's vocabulary, and drawing them leaves the default splits and the corpus as they were."""
+decoding (23 tokens with the demo's tokenizer, with the EOS three whole blocks, each cell's words at the same
+offsets in every answer), every word in the demo's vocabulary, and drawing them leaves the default splits and the corpus as they were."""
 
 import re
 
@@ -15,16 +15,16 @@ def test_cells_answers_have_a_fixed_width_and_fixed_offsets():
   tokenizer = word_tokenizer(synthetic.corpus(), demo_model_config(VOCAB_SIZE))
   cells = synthetic.examples(40, seed=1, kinds=("cells",))
   assert {len(e.items) for e in cells} == {1, 2, 3}  # every scene size, all with the same width
-  width = synthetic.CELL_WORDS * len(synthetic.POSITIONS)
-  assert width == 16  # with its EOS, three blocks of 8
+  width = synthetic.CELL_WORDS * len(synthetic.POSITIONS) - 1  # no comma after the last cell
+  assert width + 1 == 3 * 8  # with its EOS, three whole blocks of 8
   for e in cells:
     ids = tokenizer(e.answer)["input_ids"]
     assert len(ids) == width and tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == e.answer
-    words, held = e.answer.split(), {item.cell: item for item in e.items}
+    words, held = e.answer.split() + [","], {item.cell: item for item in e.items}
     for cell, place in enumerate(synthetic.POSITIONS):
       at = synthetic.CELL_WORDS * cell
       what = [held[cell].color, held[cell].shape] if cell in held else ["zero", "shapes"]
-      assert words[at:at + synthetic.CELL_WORDS] == [*place.split(), *what], (cell, e.answer)
+      assert words[at:at + synthetic.CELL_WORDS] == ["the", *place.split(), *what, ","], (cell, e.answer)
 
 
 def test_cells_are_opt_in_and_add_no_word():
