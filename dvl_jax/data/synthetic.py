@@ -56,9 +56,13 @@ ALL_KINDS = (*QUESTION_KINDS, "cells")
 # ("top left"): with "top left is red circle , ..." the block-diffusion model answered "top left" to every
 # "Where is the shape?" (66% right, AR 100%).
 CELL_WORDS = 6
+# The "cells" question's chat prompt is 40 tokens with the demo's 56-px image, a whole number of 8-token blocks, so
+# its answer and EOS fill exactly three blocks. Block diffusion's blocks sit at absolute positions: with "Where are
+# the shapes?" (38 tokens) the first block held the prompt's last 6 tokens and 2 of the answer's, and the same 24
+# tokens took four blocks, one forward more (5 instead of 4, prefill included).
 QUESTIONS = {"color": "What color do you see?", "shape": "What shape do you see?",
              "position": "Where is the shape?", "count": "How many shapes are there?",
-             "describe": "Describe the image.", "cells": "Where are the shapes?"}
+             "describe": "Describe the image.", "cells": "Where do you see the shapes?"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ def test_synthetic_long_answers_are_opt_in():
   assert {s.metadata["kind"] for s in default} == set(generator.QUESTION_KINDS)
   assert {s.metadata["kind"] for s in long} == set(generator.ALL_KINDS)
   cells = [s for s in synthetic.load("4:10:cells")]
-  assert {s.question for s in cells} == {"Where are the shapes?"}
+  assert {s.question for s in cells} == {"Where do you see the shapes?"}
   assert [s.answers[0] for s in cells] == [generator.example(4, i, kinds=("cells",)).answer for i in range(10)]
   assert synthetic.aggregate(cells[:2], [1.0, 0.0]) == {"exact_match": 0.5, "acc/cells": 0.5}
 
