@@ -37,10 +37,11 @@ def test_quick_demo_runs_every_stage_and_hands_results_on_exactly(tmp_path):
     questions = {row["conversations"][0]["value"].split("\n")[-1] for row in json.load(f)}
   assert synthetic.QUESTIONS["cells"] in questions  # both stages train on the long answers too
   splits = {}
-  for name in ("short", "balanced"):  # the curriculum's first AR run sees no long answer; then half are long
+  for name in ("short", "balanced"):  # the curriculum's first AR run sees no long answer; then a third are long
     with open(os.path.join(workdir, "data", f"{name}.json")) as f:
       splits[name] = [row["conversations"][0]["value"].endswith(synthetic.QUESTIONS["cells"]) for row in json.load(f)]
-  assert splits["short"] and not any(splits["short"]) and sum(splits["balanced"]) * 2 == len(splits["balanced"])
+  long, rows = sum(splits["balanced"]), len(splits["balanced"])
+  assert splits["short"] and not any(splits["short"]) and long > 0 and long * (1 + train_demo.SHORT_PER_LONG) == rows
   for group, kinds in train_demo.GROUPS.items():  # the evaluator's files, the long and short answers apart
     out = os.path.join(workdir, "eval", group)
     with open(os.path.join(out, "results.json")) as f:
