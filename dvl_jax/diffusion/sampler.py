@@ -291,10 +291,24 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   from its hidden states `[B, bs, H]`; no row has more than `widest` `[]` masked positions.
 
   Greedy decoding runs the lm_head and the proposal at the masked positions only: they are gathered, in order,
-  to the narrowest of a few compiled widths (`widths`) that holds every row's. Sampling draws its noise per
-  position of the whole block, so it keeps all `bs` (its tokens then do not depend on the other rows')."""
+  to the narrowest of a few compiled widths (`widths`). On one device the whole batch's are gathered together,
+  so rows in different phases of their blocks (one with 8 masked positions next to one with 1) pay for their
+  own positions rather than each for the widest row's; on a mesh each row's are gathered on its own device.
+  Sampling draws its noise per position of the whole block, so it keeps all `bs` (its tokens then do not depend
+  on the other rows')."""
   if ctx.config.temperature > 0:
     return propose(ctx, c, hidden)
+  if ctx.placement.mesh is None:
+    b, bs = masked.shape
+    x0, p0 = _gathered(ctx, c, hidden.reshape(1, b * bs, -1), masked.reshape(1, b * bs), jnp.sum(masked))
+    return x0.reshape(b, bs), p0.reshape(b, bs)
+  return _gathered(ctx, c, hidden, masked, widest)
+
+
+def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, widest: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  """`proposals` of each row of `hidden` `[R, n, H]` at its `masked` `[R, n]` positions, no row having more than
+  `widest` `[]`, gathered to the narrowest of `widths(n)` -> tokens, confidences `[R, n]`."""
   order = jnp.argsort(~masked, axis=1, stable=True)  # masked positions first, in order
   zeros = jnp.zeros(masked.shape, jnp.int32)
 
@@ -305,7 +319,7 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
       return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
     return gathered
 
-  sizes = widths(ctx.bs)
+  sizes = widths(masked.shape[1])
   narrowest = jnp.sum(jnp.array(sizes) < widest)  # the first width that holds every row's masked positions
   return jax.lax.switch(narrowest, [at(w) for w in sizes])
 

@@ -49,3 +49,12 @@ def test_greedy_denoising_runs_the_lm_head_only_at_masked_widths():
 
 def logits_widths(config: SamplingConfig) -> set[int]:
   return {int(w) for w in re.findall(rf"= f32\[(?:1,)?(\d+),{VOCAB}\]", compiled_hlo(config))}
+
+
+def test_on_one_device_a_batch_gathers_its_masked_positions_together():
+  """Batch 2, rows in different phases of their blocks: logits `[1, w, vocab]` up to the batch's 2 x 8 = 16
+  positions, gathered together, never `[2, w, vocab]` (each row as wide as the widest)."""
+  prompts = Prompts.from_lists([list(range(3, 16)), list(range(3, 6))])
+  hlo = sampler.lower(tiny_model(CFG), prompts, GREEDY).compile().as_text()
+  assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
+  assert not re.search(rf"= f32\[2,\d+,{VOCAB}\]", hlo)
