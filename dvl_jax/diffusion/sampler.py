@@ -308,7 +308,7 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
 def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, widest: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
   """`proposals` of each row of `hidden` `[R, n, H]` at its `masked` `[R, n]` positions, no row having more than
-  `widest` `[]`, gathered to the narrowest of `widths(n)` -> tokens, confidences `[R, n]`."""
+  `widest` `[]`, gathered to the narrowest of `widths(n, bs)` -> tokens, confidences `[R, n]`."""
   order = jnp.argsort(~masked, axis=1, stable=True)  # masked positions first, in order
   zeros = jnp.zeros(masked.shape, jnp.int32)
 
@@ -319,14 +319,16 @@ def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
       return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
     return gathered
 
-  sizes = widths(masked.shape[1])
+  sizes = widths(masked.shape[1], ctx.bs)
   narrowest = jnp.sum(jnp.array(sizes) < widest)  # the first width that holds every row's masked positions
   return jax.lax.switch(narrowest, [at(w) for w in sizes])
 
 
-def widths(bs: int) -> tuple[int, ...]:
-  """The compiled widths of `proposals`: powers of two below `bs`, and `bs`."""
-  return tuple(2 ** i for i in range(bs.bit_length()) if 2 ** i < bs) + (bs,)
+def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
+  """The compiled widths of `proposals` over `n` positions: powers of two below the block size `bs` (default
+  `n`), then multiples of it up to `n` (a batch's positions gathered together waste less than a block)."""
+  bs = bs or n
+  return tuple(2 ** i for i in range(bs.bit_length()) if 2 ** i < bs) + tuple(range(bs, n, bs)) + (n,)
 
 
 def propose(ctx: _Context, c: _Carry, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -45,6 +45,7 @@ def test_greedy_denoising_runs_the_lm_head_only_at_masked_widths():
   assert {1, 2, 4, CFG.block_size} <= logits_widths(GREEDY)
   assert not logits_widths(SamplingConfig(gen_length=16, temperature=0.7)) & {1, 2, 4}  # its noise is per block
   assert sampler.widths(8) == (1, 2, 4, 8) and sampler.widths(6) == (1, 2, 4, 6)
+  assert sampler.widths(32, 8) == (1, 2, 4, 8, 16, 24, 32)  # a batch of 4 gathered together
 
 
 def logits_widths(config: SamplingConfig) -> set[int]:
