@@ -1,6 +1,7 @@
 """The generator's opt-in long answers ("cells"): fixed width, so that every word's position is known before
 decoding (23 tokens with the demo's tokenizer, with the EOS three whole blocks, each cell's words at the same
-offsets in every answer), every word in the demo's vocabulary, and drawing them leaves the default splits and the corpus as they were."""
+offsets in every answer), every word in the demo's vocabulary, and drawing them leaves the default splits and the
+corpus as they were."""
 
 import re
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dvl_jax.diffusion import sampler
-from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
+from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig, round_up
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
 from dvl_jax.serving import slots
@@ -102,6 +102,8 @@ def test_tokens_equal_generate_alone_with_interleaved_arrivals(mode, monkeypatch
                       generate(static, n, view, *rest))
   sent, outputs, pieces = interleaved(engine, ARRIVALS[mode]())
   assert sorted(outputs) == sorted(sent)
+  need = max(round_up(len(r.prompt) + r.max_tokens, engine.config.block_size) for r in sent.values())
+  assert max(views) == min(v for v in engine.views if v >= need)  # the longest request's view, no longer
   assert mode == "reference" or min(views) < max(views)  # fused: short requests first, a shorter view
   stopped, differs = 0, 0
   for rid, request in sent.items():
