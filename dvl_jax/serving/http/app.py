@@ -183,20 +183,22 @@ async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Set
 
 async def _next(worker: Worker, ticket: Ticket, deadline: float, settings: Settings,
                 gone: asyncio.Future | None = None) -> Event:
-  """The ticket's next event; a failure is raised, a passed deadline cancels the request (504)."""
-  get = asyncio.ensure_future(ticket.events.get())
-  try:
-    waits = {get} if gone is None else {get, gone}
-    timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
-    done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-  finally:
-    if not get.done():
-      get.cancel()
-  if get in done:
-    event = get.result()
-    if event.kind == "failed":
-      raise event.value
-    return event
+  """The ticket's next event; a failure is raised, a passed deadline cancels the request (504), even when the
+  next event is already waiting (a loaded event loop may come back only after the engine has finished it)."""
+  timeout, done = deadline - asyncio.get_running_loop().time(), set()
+  if timeout > 0:
+    get = asyncio.ensure_future(ticket.events.get())
+    try:
+      waits = {get} if gone is None else {get, gone}
+      done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      if not get.done():
+        get.cancel()
+    if get in done:
+      event = get.result()
+      if event.kind == "failed":
+        raise event.value
+      return event
   if gone is not None and gone in done:
     worker.cancel(ticket, "cancelled")
     raise _Disconnected()
