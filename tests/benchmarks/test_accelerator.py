@@ -97,6 +97,16 @@ def test_sampler_numbers_follow_from_its_outputs_and_the_bandwidth_bound(run):
   assert first["setting"] == "AR greedy" and first["values"]["compile_s"] > 0
 
 
+def test_every_batch_runs_the_first_settings_before_any_batch_runs_the_rest(monkeypatch):
+  s = accelerator.dataclasses.replace(TINY, batches=(1, 2))
+  report = accelerator.Report(devices.DeviceLimits("cpu", "cpu", 1.0, "test", 1.0, "test"), "tiny", 1.0)
+  order = []
+  monkeypatch.setattr(accelerator, "measure", lambda row, deadline, cell: order.append((row.shape, row.setting)))
+  accelerator.run_sampler(accelerator.plan_sampler(report, s), s, 1.0, float("inf"))
+  first = [(f"batch {b}, {s.gen} new", name) for b in (1, 2) for name in accelerator.FIRST_SETTINGS]
+  assert order[:len(first)] == first and sorted(order) == sorted((r.shape, r.setting) for r in report.rows)
+
+
 def test_train_mfu_is_the_analytic_flops_over_time_over_peak(run):
   (r,) = rows(run[1], "train")
   v, m = r["values"], r["values"]["model"]
