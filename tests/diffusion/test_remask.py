@@ -73,6 +73,16 @@ def test_a_greedy_row_is_the_argmax_and_its_probability():
   np.testing.assert_array_equal(mixed_p[t == 0], greedy_p[t == 0])
 
 
+def test_the_greedy_probability_is_the_softmax_at_the_argmax_bit_for_bit():
+  """`greedy` skips normalising the vocabulary; in fp32 (the logits' dtype) its probability is still exactly
+  `jax.nn.softmax`'s, sharp and flat rows alike."""
+  logits = jax.random.normal(jax.random.key(3), (4, 6, 999)) * jnp.array([0.1, 1.0, 8.0, 40.0])[:, None, None]
+  x0, p0 = jax.jit(remask.greedy)(logits)
+  softmax = jax.jit(lambda l: jnp.take_along_axis(jax.nn.softmax(l, -1), jnp.argmax(l, -1)[..., None], -1))(logits)
+  np.testing.assert_array_equal(x0, jnp.argmax(logits, -1))
+  np.testing.assert_array_equal(p0, softmax[..., 0])
+
+
 def test_a_greedy_program_compiles_no_sampling():
   """No sort (top-k / top-p) in the decision a greedy sampler compiles, whereas a sampled one has them: the
   compile key keeps whether rows may sample, and the values themselves are arrays."""
