@@ -84,15 +84,17 @@ LAYOUTS = ("stacked", "per-layer")  # scan_layers True (lax.scan over stacked pa
 SCOPES = ("decoder", "lm_head", "proposal")  # named scopes of the models' and samplers' ops; the rest is "other"
 
 
-def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, layers: str = "stacked") -> Any:
+def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, layers: str = "stacked",
+                **config: Any) -> Any:
+  """The random model of the module docstring; `config`: `ModelConfig` fields that override its own."""
   cfg = tiny_config()
   vocab = vocab or (4096 if small else 32768)
   hidden = 256 if small else 512
   text = dataclasses.replace(cfg.text, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                              num_layers=4 if small else 8, num_heads=8, num_kv_heads=2, rope_theta=1e6,
                              mrope_section=(4, 6, 6) if small else (8, 12, 12))  # sums to head_dim / 2
-  cfg = cfg.replace(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat",
-                    scan_layers=layers == "stacked")
+  cfg = cfg.replace(**{**dict(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat",
+                               scan_layers=layers == "stacked"), **config})
   model = build_model(cfg, nnx.Rngs(0))
   kernel = model.lm_head.kernel[...] * lm_head_scale
   model.lm_head.kernel[...] = kernel.at[:, cfg.eos_token_id].set(0.0)  # logit 0, far below the max: no EOS
