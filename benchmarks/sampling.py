@@ -211,7 +211,7 @@ def bench(models: dict[str, Any], mesh: str, batch: int, args: argparse.Namespac
   model = next(iter(models.values()))
   lengths = [40 + 3 * i for i in range(batch)]  # different prompt lengths: per-row offsets
   prompts = Prompts.from_lists([rng.integers(3, 1000, n).tolist() for n in lengths])
-  configs = {(layers, name): SamplingConfig(gen_length=args.gen, **SETTINGS[name])
+  configs = {(layers, name): SamplingConfig(gen_length=args.gen, compact_rows=args.compact_rows, **SETTINGS[name])
              for name in args.settings for layers in models}
   compile_s, peak = {}, {}
   for key, config in configs.items():
@@ -274,6 +274,8 @@ def main() -> None:
   parser.add_argument("--split", action="store_true", help="profile each setting: ms per forward in decoder / "
                       "lm_head / proposal / other")
   parser.add_argument("--lm-head-scale", type=float, default=40.0)
+  parser.add_argument("--compact-rows", action="store_true", help="finished rows leave the batch (SamplingConfig."
+                      "compact_rows: same tokens, longer compiles)")
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   parser.add_argument("--mesh", nargs="+", default=["1"], help='"1" (one device), "auto" or data,fsdp,tensor')
   parser.add_argument("--layers", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),

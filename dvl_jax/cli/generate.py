@@ -49,6 +49,9 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
     "fused_window_share": "fused mode: the share of a batch's decoding rows that must be committing a block for "
                           "the forward to fuse the commits (a window twice as wide for every row); fewer commit "
                           "in a pass of their own (same tokens). 0: always fuse (accelerators)",
+    "compact_rows": "rows that finish leave the batch, which halves as they do, so it does not compute every "
+                    "row until its slowest is done (same tokens; longer compiles). Pays on a CPU; one device, "
+                    "not while streaming; the server's slots refill instead",
 }
 CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS,
            "confidence": CONFIDENCES, "ablation_schedule": ABLATION_SCHEDULES}
@@ -107,11 +110,16 @@ def add_sampling_options(group: Any) -> None:
   hints = typing.get_type_hints(SamplingConfig)
   for field in dataclasses.fields(SamplingConfig):
     kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None))
-    if kind not in (int, float, str):
+    if kind not in (int, float, str, bool):
       raise TypeError(f"SamplingConfig.{field.name}: the CLI has no option type for {kind}")
     default = "unset" if field.default is None else field.default
-    group.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=field.default,
-                       choices=CHOICES.get(field.name), help=f"{SAMPLING_HELP[field.name]} (default: {default})")
+    flag, help_text = f"--{field.name.replace('_', '-')}", f"{SAMPLING_HELP[field.name]} (default: {default})"
+    if kind is bool:
+      group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
+                         help=help_text)
+    else:
+      group.add_argument(flag, dest=field.name, type=kind, default=field.default, choices=CHOICES.get(field.name),
+                         help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -191,11 +191,11 @@ def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple) -> _Carry:
                                        zeros, zeros.astype(bool), prompt.lengths == 0, zeros, jnp.zeros((), jnp.int32)))
 
 
-def chunk(ctx: _Context, c: _Carry, max_forwards: int | None) -> _Carry:
+def chunk(ctx: _Context, c: _Carry, max_forwards: int | None, until_active: int = 0) -> _Carry:
   """Decoding forwards until every row is done, or (the serving engine) at most `max_forwards` of them and until
   a row finishes."""
   step = fused_step if ctx.config.mode == "fused" else reference_step
-  return sampler_common.loop(functools.partial(step, ctx), c, max_forwards)
+  return sampler_common.loop(functools.partial(step, ctx), c, max_forwards, until_active)
 
 
 def outputs(ctx: _Context, c: _Carry, width: int) -> Outputs:

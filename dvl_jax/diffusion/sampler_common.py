@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dvl_jax.diffusion import kv_cache, remask, split_cache, streaming
+from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache, streaming
 from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
 from dvl_jax.diffusion.sampling_mesh import Placement, jit_sampler
 from dvl_jax.models.interface import KV, DiffusionLM
@@ -61,8 +61,8 @@ class Algorithm:
     whole for `propose`) and `inputs`.
   `start(ctx, cache, prompt, inputs) -> carry`: the prefill and the loop's first carry (a NamedTuple: the KV
     cache, then arrays `[B, ...]` per row and scalars; `done` `[B]` among them).
-  `chunk(ctx, carry, max_forwards) -> carry`: the decoding loop, to the end (None) or at most that many forwards
-    and until a row finishes (`loop`).
+  `chunk(ctx, carry, max_forwards, until_active=0) -> carry`: the decoding loop, to the end (None) or at most
+    that many forwards and until a row finishes (`loop`); with `until_active`, until no more rows decode.
   `outputs(ctx, carry, width) -> Outputs`: tokens `[B, width]` from each row's prompt end, and statistics.
   `inputs(model, prompts, config)`: its own arguments, a tuple of NumPy arrays `[B, ...]` made on the host
     (padded with dead rows, sharded over `data`).
@@ -113,12 +113,14 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
                         top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled")
 
 
-def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array | None) -> Any:
-  """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while a row is not done; given
-  `max_forwards` (the serving engine: it may be traced), at most that many times and only until a row that was
-  decoding finishes, so that the engine hands its request out and refills its slot at once."""
+def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array | None, until_active: int = 0
+         ) -> Any:
+  """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while more than `until_active` rows
+  are not done (`compaction` then moves them into a narrower batch); given `max_forwards` (the serving engine: it
+  may be traced), at most that many times and only until a row that was decoding finishes, so that the engine
+  hands its request out and refills its slot at once."""
   if max_forwards is None:
-    going = lambda c: jnp.any(~c.done)
+    going = lambda c: jnp.sum(~c.done) > until_active
   else:
     stop, was_done = carry.forwards + max_forwards, carry.done
     going = lambda c: jnp.any(~c.done) & (c.forwards < stop) & ~jnp.any(c.done & ~was_done)
@@ -165,7 +167,10 @@ def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt
   gen = jnp.full(sampling.keys.shape, config.gen_length, jnp.int32)
   ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, sampling, inputs,
                      placement=placement, stream=stream)
-  carry = algorithm.chunk(ctx, carry, None)
+  if compaction.enabled(config.compact_rows, one_device=placement.mesh is None, stream=stream):
+    carry = compaction.decode(algorithm, ctx, carry)
+  else:
+    carry = algorithm.chunk(ctx, carry, None)
   return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
 
 

@@ -42,6 +42,10 @@ class SamplingConfig:
     counts its commit). Fusing pays when the committing share exceeds what a twice-as-wide forward costs extra,
     relative to a one-block one: about 0 on an accelerator at small batch (set 0: fuse whenever a row commits),
     up to 1 where the forward is compute-bound (a CPU, a large batch). At batch 1 every commit is fused.
+  `compact_rows`: rows that finish leave the batch, which narrows (halves) as they do (`diffusion.compaction`;
+    same tokens): the batch no longer computes every row until its slowest is done, at one more copy of the
+    loop in the program per width (longer compiles). It pays where a forward's cost grows with its rows (a
+    CPU); on one device only, and not while streaming (elsewhere it is ignored).
   `remasking_strategy`: "low_confidence_static" / "low_confidence_dynamic" (spec §6.4) or "threshold"
     (Fast-dLLM v2 style: every masked position with confidence > `confidence_threshold`, at least one
     per step; `steps` is then unused).
@@ -76,6 +80,7 @@ class SamplingConfig:
   length_bucket: int = 64
   max_len: int | None = None
   fused_window_share: float = 0.5
+  compact_rows: bool = False
 
   def __post_init__(self):
     _one_of("algorithm", self.algorithm, ALGORITHMS)
