@@ -31,6 +31,7 @@ cell not started by its section's deadline, or whose backend fails here (no cuDN
 written as JSON (`--json`, default runs/accelerator.json) with the raw numbers behind each cell.
 
     python benchmarks/accelerator.py [--json PATH] [--budget-s 450] [--sections attention train sampler]
+                                     [--batches 1 8 32]
     python benchmarks/accelerator.py --tiny
 """
 
@@ -361,6 +362,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                       "(default: runs/accelerator.json)")
   parser.add_argument("--budget-s", type=float, default=450.0, help="seconds for all sections (default 450)")
   parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="(default: all)")
+  parser.add_argument("--batches", type=int, nargs="+", help="the sampler's batch sizes, e.g. 32 alone to finish "
+                      "a table a budget cut short (default: 1 8 32; --tiny: 2)")
   parser.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s (default: the device table, else measured)")
   parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: the device table, else measured)")
   args = parser.parse_args(argv)
@@ -368,6 +371,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     value = getattr(args, name)
     if value is not None and not value > 0:
       parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
+  if args.batches is not None and min(args.batches) < 1:
+    parser.error(f"--batches must be >= 1; got {args.batches}")
   if jax.default_backend() == "cpu" and not args.tiny:
     parser.error("JAX sees no GPU or TPU (install '.[cuda]' or '.[tpu]' on an accelerator host); "
                  "--tiny runs the tiny shapes on the CPU")
@@ -380,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   start = time.monotonic()
   os.environ.pop(dispatch.ENV_VAR, None)  # every backend is asked for by name here
   s = shapes(args.tiny)
+  s = s if args.batches is None else dataclasses.replace(s, batches=tuple(args.batches))
   limits = devices.limits(args.bandwidth_gbs, args.peak_tflops, copy_bytes=s.copy_bytes, matmul_n=s.matmul_n)
   report = Report(limits, s.name, args.budget_s)
   attention_rows, train_row, sampler_rows = plan_attention(report, s), plan_train(report, s), plan_sampler(report, s)
