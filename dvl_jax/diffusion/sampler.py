@@ -295,9 +295,14 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   so rows in different phases of their blocks (one with 8 masked positions next to one with 1) pay for their
   own positions rather than each for the widest row's; on a mesh each row's are gathered on its own device.
   Sampling draws its noise per position of the whole block, so it keeps all `bs` (its tokens then do not depend
-  on the other rows')."""
+  on the other rows'). A program that may sample (`config.temperature` > 0: the serving engine's slots, whose
+  requests mostly decode greedily) takes that path only in forwards where a row with masked positions samples,
+  and the gathered greedy one otherwise."""
   if ctx.config.temperature > 0:
-    return propose(ctx, c, hidden)
+    sampling = jnp.any((ctx.rows.keys.temperature > 0) & jnp.any(masked, axis=1))
+    greedy = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, temperature=0.0))
+    return jax.lax.cond(sampling, lambda: propose(ctx, c, hidden),
+                        lambda: proposals(greedy, c, hidden, masked, widest))
   if ctx.placement.mesh is None:
     b, bs = masked.shape
     x0, p0 = _gathered(ctx, c, hidden.reshape(1, b * bs, -1), masked.reshape(1, b * bs), jnp.sum(masked))
