@@ -25,13 +25,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.sampling import FULL_VOCAB, bench_model, table  # noqa: E402
+from checkpoints_convert import orbax_stream  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig  # noqa: E402
+from dvl_jax.models import key_map, layer_layout  # noqa: E402
 
 QWEN_MASK_ID, QWEN_EOS_ID = 151671, 151645  # what the original's sampler hard-codes
 PROMPT_LENGTH = 40
@@ -53,32 +56,14 @@ def model(lm_head_scale: float, vocab: int = FULL_VOCAB) -> Any:
 
 
 def torch_weights(model: Any) -> dict[str, torch.Tensor]:
-  """The model's params under transformers' Qwen2 names (`[out, in]` matrices)."""
-  tensor = lambda x: torch.from_numpy(np.array(x, np.float32))  # noqa: E731
-  weights = {"model.embed_tokens.weight": tensor(model.text.embed_tokens.embedding[...]),
-             "model.norm.weight": tensor(model.text.norm.scale[...]),
-             "lm_head.weight": tensor(model.lm_head.kernel[...]).T.contiguous()}
-  for i, layer in enumerate(model.text.layers):
-    prefix = f"model.layers.{i}."
-    weights[prefix + "input_layernorm.weight"] = tensor(layer.input_layernorm.scale[...])
-    weights[prefix + "post_attention_layernorm.weight"] = tensor(layer.post_attention_layernorm.scale[...])
-    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                        ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-      for name in names:
-        linear = getattr(getattr(layer, part), name)
-        weights[f"{prefix}{part}.{name}.weight"] = tensor(linear.kernel[...]).T.contiguous()
-        if getattr(linear, "bias", None) is not None:
-          weights[f"{prefix}{part}.{name}.bias"] = tensor(linear.bias[...])
+  """The model's params under its family's Hugging Face names, as `dvl export` writes them (the key map)."""
+  params = orbax_stream.variables(layer_layout.stacked(nnx.state(model, nnx.Param), model.config))
+  arrays = {path: np.asarray(var[...], np.float32) for path, var in params.items()}
+  weights = {}
+  for t in key_map.hub_tensors({path: x.shape for path, x in arrays.items()}, model.config):
+    x = arrays[t.param] if t.layer is None else arrays[t.param][t.layer]
+    weights[t.name] = torch.from_numpy(np.array(t.transform.to_torch(x, t.shape)))  # an own, writable copy
   return weights
-
-
-def qwen2_config(model: Any, config_class: type, **extra: Any) -> Any:
-  t = model.config.text
-  return config_class(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                      num_key_value_heads=t.num_kv_heads, rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps,
-                      max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=False,
-                      torch_dtype=torch.float32, **extra)
 
 
 def torch_model(model_class: type, config: Any, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -108,9 +93,9 @@ def originals(original: str, model: Any) -> tuple[Callable, Callable, Counted, C
   from transformers import Qwen2Config, Qwen2ForCausalLM
 
   weights = torch_weights(model)
-  bd = torch_model(DiffusionVLQwenForCausalLM, qwen2_config(model, DiffusionVLQwenConfig, enable_bd3lm=True,
-                                                            bd3lm_block_size=model.config.block_size), weights)
-  ar = torch_model(Qwen2ForCausalLM, qwen2_config(model, Qwen2Config), weights)
+  bd = torch_model(DiffusionVLQwenForCausalLM, DiffusionVLQwenConfig(**model.config.to_hf(), enable_bd3lm=True),
+                   weights)  # the family's HF config carries `bd3lm_block_size`
+  ar = torch_model(Qwen2ForCausalLM, Qwen2Config(**model.config.to_hf()), weights)
   bd_count, ar_count = Counted(bd.model), Counted(ar.model)
 
   @torch.no_grad()

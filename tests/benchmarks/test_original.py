@@ -16,8 +16,7 @@ from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 
 def test_transformers_with_the_bridged_weights_decodes_the_same_ar_tokens():
   model = bench_model(True, 40.0, layers="per-layer", family="qwen2", vision=None)
-  hf = original.torch_model(Qwen2ForCausalLM, original.qwen2_config(model, Qwen2Config),
-                            original.torch_weights(model))
+  hf = original.torch_model(Qwen2ForCausalLM, Qwen2Config(**model.config.to_hf()), original.torch_weights(model))
   count = original.Counted(hf.model)
   ids = np.random.default_rng(0).integers(3, 1000, 11)
   with torch.no_grad():
