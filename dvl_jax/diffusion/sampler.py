@@ -192,8 +192,8 @@ def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple) -> _Carry:
 
 
 def chunk(ctx: _Context, c: _Carry, max_forwards: int | None, until_active: int = 0) -> _Carry:
-  """Decoding forwards until every row is done, or (the serving engine) at most `max_forwards` of them and until
-  a row finishes."""
+  """Decoding forwards until every row is done (`until_active`: until no more rows decode, `compaction`), or (the
+  serving engine) at most `max_forwards` of them and until a row finishes."""
   step = fused_step if ctx.config.mode == "fused" else reference_step
   return sampler_common.loop(functools.partial(step, ctx), c, max_forwards, until_active)
 

@@ -1,7 +1,8 @@
-"""`compact_rows`: rows that finish leave the batch. The same tokens, per-row NFE, decoding steps and cache as the
-whole-batch loop, for block diffusion (fused and reference, dynamic and threshold), AR and sampling, while the
-program really runs the narrower loops."""
+"""`compact_rows`: rows that finish leave the batch. The same tokens, per-row NFE and decoding steps as the
+whole-batch loop, and its cache to fp32 rounding, for block diffusion (fused and reference, dynamic and
+threshold), AR and sampling, while the program really runs the narrower loops."""
 
+import dataclasses
 import re
 
 import jax
@@ -49,7 +50,7 @@ def test_the_program_decodes_at_each_narrower_width():
   t, slots = cfg.text, config.resolve(cfg).cache_len(PROMPTS.bucketed(config.resolve(cfg), cfg).ids.shape[1])
 
   def cache_rows(compact: bool) -> set[int]:
-    hlo = sampler.lower(tiny_model(), PROMPTS, SamplingConfig(gen_length=16, compact_rows=compact)).as_text()
+    hlo = sampler.lower(tiny_model(), PROMPTS, dataclasses.replace(config, compact_rows=compact)).as_text()
     pattern = rf"tensor<{t.num_layers}x(\d+)x{slots}x{t.num_kv_heads}x{t.head_dim}xf32>"
     return {int(rows) for rows in re.findall(pattern, hlo)}
 

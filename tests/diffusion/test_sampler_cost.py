@@ -14,6 +14,7 @@ from dvl_jax.testing.tiny import tiny_config, tiny_model
 CFG = tiny_config()
 VOCAB = CFG.text.vocab_size
 PROMPTS = Prompts.from_lists([list(range(3, 16))])
+TWO_PHASES = Prompts.from_lists([list(range(3, 16)), list(range(3, 6))])  # rows in different phases of their blocks
 GREEDY = SamplingConfig(gen_length=16)
 
 
@@ -54,8 +55,7 @@ def logits_widths(config: SamplingConfig) -> set[int]:
 def test_on_one_device_a_batch_gathers_its_masked_positions_together():
   """Batch 2, rows in different phases of their blocks: logits `[1, w, vocab]` up to the batch's 2 x 8 = 16
   positions, gathered together, never `[2, w, vocab]` (each row as wide as the widest)."""
-  prompts = Prompts.from_lists([list(range(3, 16)), list(range(3, 6))])
-  hlo = sampler.lower(tiny_model(CFG), prompts, GREEDY).compile().as_text()
+  hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, GREEDY).compile().as_text()
   assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
   assert not re.search(rf"= f32\[2,\d+,{VOCAB}\]", hlo)
 
@@ -64,7 +64,6 @@ def test_a_program_that_may_sample_keeps_the_gathered_greedy_path_for_forwards_w
   """The serving engine's slots compile for sampling, though most requests decode greedily: logits `[2, 8, vocab]`
   (the whole block, for noise per position) where a row samples, else the batch's masked positions gathered
   `[1, w, vocab]`."""
-  prompts = Prompts.from_lists([list(range(3, 16)), list(range(3, 6))])
-  hlo = sampler.lower(tiny_model(CFG), prompts, SamplingConfig(gen_length=16, temperature=0.7)).compile().as_text()
+  hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, SamplingConfig(gen_length=16, temperature=0.7)).compile().as_text()
   assert re.search(rf"= f32\[2,{CFG.block_size},{VOCAB}\]", hlo)
   assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
