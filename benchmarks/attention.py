@@ -29,7 +29,7 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dvl_jax.attention import block_table, dispatch, splash  # noqa: E402
+from dvl_jax.attention import block_table, dispatch, pallas_gpu, splash  # noqa: E402
 from dvl_jax.attention.spec import AttentionSpec  # noqa: E402
 
 FLOP_TILE = 64
@@ -57,7 +57,7 @@ def useful_flops(spec: AttentionSpec, heads: int, head_dim: int) -> float:
 def skipped(backend: str, spec: AttentionSpec, length: int) -> float:
   """Fraction of its tiles this backend never computes."""
   if backend == "pallas_gpu":
-    return 1.0 - float(block_table.live_tiles(spec, FLOP_TILE, FLOP_TILE).mean())
+    return 1.0 - float(block_table.live_tiles(spec, *pallas_gpu.default_tiles(length, length)).mean())
   if backend == "splash":
     padded = -(-length // splash.LANES) * splash.LANES
     block = splash.block_for(padded)

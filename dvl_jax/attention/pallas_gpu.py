@@ -54,9 +54,16 @@ class _Config:
     return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
-def default_tile(length: int) -> int:
-  """64, or the smallest power of two >= 16 that covers a shorter sequence (Triton needs powers of two)."""
-  return min(64, max(16, pl.next_power_of_2(length)))
+# Query x key tile, measured fwd+bwd on an H200 (bf16, 16 / 2 heads, head_dim 128, BD3 mask at 2L = 8k / 16k):
+# 128 x 64 took 4.6 / 12.8 ms, 64 x 64 8.3 / 23.4, 128 x 128 7.4 / 18.1, 64 x 128 19.7 at 8k.
+DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K = 128, 64
+
+
+def default_tiles(lq: int, lk: int) -> tuple[int, int]:
+  """(block_q, block_k): the defaults, or the smallest power of two >= 16 that covers a shorter sequence
+  (Triton needs powers of two)."""
+  fit = lambda length, largest: min(largest, max(16, pl.next_power_of_2(length)))  # noqa: E731
+  return fit(lq, DEFAULT_BLOCK_Q), fit(lk, DEFAULT_BLOCK_K)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -281,7 +288,8 @@ def _prepare(q, k, v, spec: AttentionSpec, block_q: int | None, block_k: int | N
              count_visits: bool = False):
   """Pads to whole tiles / a power-of-two head dim; -> (config, tile lists, index arrays, q, k, v)."""
   lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
-  bq, bk = block_q or default_tile(lq), block_k or default_tile(lk)
+  default_q, default_k = default_tiles(lq, lk)
+  bq, bk = block_q or default_q, block_k or default_k
   lq_p, lk_p = -(-lq // bq) * bq, -(-lk // bk) * bk
   dp = max(16, pl.next_power_of_2(d))
   cfg = _Config(kind=spec.kind, block_size=spec.block_size, half_len=spec.half_len, scale=d ** -0.5,
@@ -297,7 +305,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
            block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
   """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]`; differentiable in q, k, v.
 
-  `block_q`/`block_k`: tile sizes (powers of two >= 16; default `default_tile`). `interpret`:
+  `block_q`/`block_k`: tile sizes (powers of two >= 16; default 128 / 64, less for shorter sequences). `interpret`:
   run the kernels in the Pallas interpreter (default: unless the platform is a GPU).
   """
   lq, d = q.shape[1], q.shape[-1]

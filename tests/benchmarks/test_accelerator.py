@@ -60,11 +60,11 @@ def spec_54_mask(two_l: int, block: int) -> np.ndarray:
 
 
 def test_attention_skips_exactly_the_empty_tiles_of_the_mask(run):
-  tile = {"xla": None, "pallas_gpu": 64, "splash": 128}  # the kernels' tiles at 2L = 256 (splash: 128-lane blocks)
+  tile = {"xla": None, "pallas_gpu": (128, 64), "splash": (128, 128)}  # q x kv tiles at 2L = 256 (splash: lanes)
   for r in rows(run[1], "attention"):
     v = r["values"]
     mask, t = spec_54_mask(v["length"], TINY.sampler.block_size), tile[v["backend"]]
-    empty = 0.0 if t is None else 1.0 - mask.reshape(v["length"] // t, t, -1, t).any(axis=(1, 3)).mean()
+    empty = 0.0 if t is None else 1.0 - mask.reshape(v["length"] // t[0], t[0], -1, t[1]).any(axis=(1, 3)).mean()
     assert v["skipped"] == pytest.approx(empty) and r["cells"][3] == f"{empty:.1%} tiles skipped"
     assert 0 < empty < 1 or t is None
     assert r["cells"][0] == f"{v['ms']:.2f}" and v["tflops"] == pytest.approx(v["useful_flops"] / v["ms"] / 1e9)
