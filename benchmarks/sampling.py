@@ -84,9 +84,10 @@ LAYOUTS = ("stacked", "per-layer")  # scan_layers True (lax.scan over stacked pa
 SCOPES = ("decoder", "lm_head", "proposal")  # named scopes of the models' and samplers' ops; the rest is "other"
 
 
-def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, layers: str = "stacked",
+def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, layers: str = "stacked", seed: int = 0,
                 **config: Any) -> Any:
-  """The random model of the module docstring; `config`: `ModelConfig` fields that override its own."""
+  """The random model of the module docstring (params from `seed`); `config`: `ModelConfig` fields that override
+  its own."""
   cfg = tiny_config()
   vocab = vocab or (4096 if small else 32768)
   hidden = 256 if small else 512
@@ -95,7 +96,7 @@ def bench_model(small: bool, lm_head_scale: float, vocab: int | None = None, lay
                              mrope_section=(4, 6, 6) if small else (8, 12, 12))  # sums to head_dim / 2
   cfg = cfg.replace(**{**dict(text=text, mask_token_id=vocab - 1, eos_token_id=vocab - 2, position_mode="flat",
                                scan_layers=layers == "stacked"), **config})
-  model = build_model(cfg, nnx.Rngs(0))
+  model = build_model(cfg, nnx.Rngs(seed))
   kernel = model.lm_head.kernel[...] * lm_head_scale
   model.lm_head.kernel[...] = kernel.at[:, cfg.eos_token_id].set(0.0)  # logit 0, far below the max: no EOS
   return model

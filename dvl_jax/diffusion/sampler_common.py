@@ -113,6 +113,17 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
                         top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled")
 
 
+def propose_if_sampling(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array,
+                        rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`propose`, its sampled path taken only in a forward where one of `rows` `[B]` samples: a program compiled for
+  sampling (the serving engine's slots, whose requests mostly decode greedily) otherwise pays just the argmax
+  and its probability, not top-k / top-p sorts over the vocabulary. Greedy rows get the same tokens either way."""
+  if config.temperature == 0:
+    return remask.greedy(logits)
+  return jax.lax.cond(jnp.any(rows & (sampling.temperature > 0)), lambda: propose(config, logits, sampling, count),
+                      lambda: remask.greedy(logits))
+
+
 def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array | None, until_active: int = 0
          ) -> Any:
   """`step` over a loop's `carry` (with `done` `[B]` and a `forwards` count) while more than `until_active` rows

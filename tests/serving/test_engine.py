@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dvl_jax.diffusion import sampler
+from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig, round_up
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
@@ -190,6 +190,26 @@ def test_the_cache_views_step_down_by_about_a_square_root_of_two():
   engine = Engine(model(), CONFIG, slots=8, max_prompt=512, max_tokens=128, views=7)
   assert engine.config.max_len == 640 and engine.views == [80, 120, 160, 232, 320, 456, 640]
   assert all(v % engine.config.block_size == 0 for v in engine.views)
+
+
+def test_ar_slots_run_the_sampled_proposal_only_while_a_row_samples(monkeypatch):
+  """The AR pool compiles for sampling, but a forward whose rows all decode greedily takes the argmax path only
+  (no top-k / top-p sorts over the vocabulary): the sampled proposal runs while a sampling request decodes."""
+  runs, sampled = [], remask.propose
+
+  def counted(*args, **kwargs):
+    jax.debug.callback(lambda: runs.append(1))
+    return sampled(*args, **kwargs)
+
+  monkeypatch.setattr(remask, "propose", counted)
+  engine = Engine(model(), CONFIG, **dict(SIZES, slots=2))  # its own compile, traced with the counter
+  greedy = [Request([5, 6, 7], max_tokens=6, algorithm="autoregressive"), Request([9] * 11, max_tokens=14,
+                                                                                   algorithm="autoregressive")]
+  for request, out in zip(greedy, engine.run(greedy).values()):
+    assert_decodes_as_alone(engine, request, out, alone(engine, request))
+  assert not runs
+  engine.run([dataclasses.replace(greedy[0], temperature=0.8, seed=3)])
+  assert len(runs) >= 5  # one per forward of the sampled request (its last token may end the loop early)
 
 
 def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
