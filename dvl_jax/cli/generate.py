@@ -51,7 +51,8 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
                           "in a pass of their own (same tokens). 0: always fuse (accelerators)",
     "compact_rows": "rows that finish leave the batch, which halves as they do, so it does not compute every "
                     "row until its slowest is done (same tokens; longer compiles). Pays on a CPU; one device, "
-                    "not while streaming; the server's slots refill instead",
+                    "not while streaming. dvl serve: a chunk runs only the slots, halved as they empty, that hold "
+                    "its busy requests (one compile per cache view and width, at warm-up)",
 }
 CHOICES = {"remasking_strategy": STRATEGIES, "mode": MODES, "algorithm": ALGORITHMS, "positions": POSITIONS,
            "confidence": CONFIDENCES, "ablation_schedule": ABLATION_SCHEDULES}

@@ -41,23 +41,23 @@ def decode(algorithm: Any, ctx: Any, carry: Any) -> Any:
   full, index, rows = carry, None, ctx.rows
   for width in widths(carry.done.shape[0])[1:]:
     carry = algorithm.chunk(ctx, carry, None, until_active=width)
-    full = carry if index is None else _put(full, carry, index)
+    full = carry if index is None else put(full, carry, index)
     keep = jnp.argsort(carry.done, stable=True)[:width]  # the rows still decoding first
     index = keep if index is None else index[keep]
-    carry = _take(carry, keep)
+    carry = take(carry, keep)
     ctx = dataclasses.replace(ctx, rows=jax.tree.map(lambda x: x[index], rows))
   carry = algorithm.chunk(ctx, carry, None)
-  return carry if index is None else _put(full, carry, index)
+  return carry if index is None else put(full, carry, index)
 
 
-def _take(carry: Any, index: jax.Array) -> Any:
+def take(carry: Any, index: jax.Array) -> Any:
   """The carry's rows `index` (the KV cache `[layers, B, ...]` first, then `[B, ...]` arrays and scalars)."""
   cache, *rest = carry
   rest = jax.tree.map(lambda x: x if x.ndim == 0 else x[index], tuple(rest))
   return type(carry)(jax.tree.map(lambda c: c[:, index], cache), *rest)
 
 
-def _put(full: Any, part: Any, index: jax.Array) -> Any:
+def put(full: Any, part: Any, index: jax.Array) -> Any:
   """`full` with its rows `index` replaced by `part`'s rows (scalars, the batch's counts: `part`'s)."""
   cache, *rest = full
   rest = jax.tree.map(lambda x, y: y if x.ndim == 0 else x.at[index].set(y), tuple(rest), tuple(part[1:]))

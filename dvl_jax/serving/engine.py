@@ -23,7 +23,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
-from dvl_jax.diffusion import kv_cache, remask, split_cache
+from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
@@ -73,7 +73,10 @@ class Engine:
   client sends its next request when the last one's answer reaches it). `views`: how many
   cache lengths a decoding chunk may attend to (`max_len`, then each `VIEW_RATIO` of the one before, in whole
   blocks): each chunk takes the shortest that holds every busy request, so attention costs what the requests in
-  the slots need, at one `generate` compile per view.
+  the slots need, at one `generate` compile per view. `config.compact_rows` (one device only): each chunk runs
+  only the narrowest of `S`, S/2, ..., 1 rows that holds its busy slots, one compile per view and row width: where
+  a forward's cost grows with its rows (a CPU), the few requests left after a burst no longer pay for a whole
+  batch's; on an accelerator a forward over a few rows costs about one row's, so it is off by default.
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
@@ -93,6 +96,9 @@ class Engine:
     max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
     self.config = dataclasses.replace(config, block_size=bs, gen_length=max_tokens, max_len=max_len)
     self.views = sorted({min(round_up(round(max_len * VIEW_RATIO ** k), bs), max_len) for k in range(views)})
+    if config.compact_rows and self._placement.mesh is not None:
+      raise ValueError("compact_rows needs the params on one device (on a mesh the slots are split over `data`)")
+    self.widths = sorted(compaction.widths(slots) if config.compact_rows else (slots,))
     self._pools: dict[str, _Pool] = {}
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, _Active] = {}
@@ -147,7 +153,10 @@ class Engine:
     for pool in self._pools.values():
       if pool.slot_of:
         forwards = np.int32(self.admit_every if pool.free else self.chunk)  # the waiting ones were admitted
-        pool.slots, out = programs.generate(pool.static, forwards, self._view(pool), self.state, pool.slots)
+        width = min(w for w in self.widths if w >= len(pool.slot_of))
+        picked = np.array(sorted(pool.slot_of.values()) + sorted(pool.free), np.int32)[:width]  # busy ones first
+        pool.slots, out = programs.generate(pool.static, forwards, self._view(pool), width, self.state, pool.slots,
+                                            picked)
         p, f = self._hand_out(pool, jax.device_get(out))
         pieces += p
         finished += f
@@ -164,15 +173,16 @@ class Engine:
 
   def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
     """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
-    `generate` per cache view), so that serving text then never waits for a compile (an image request compiles an
+    `generate` per cache view and row width), so that serving text then never waits for a compile (an image request compiles an
     `insert` per pair of prompt and patch-row buckets on first use); the warm-up outputs are dropped."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
     algorithms = list(algorithms)
     self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)
     for pool in (self._pools[a] for a in algorithms):
-      for view in self.views:  # every slot is idle now: no forward runs, the program compiles
-        pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, self.state, pool.slots)
+      for view, width in itertools.product(self.views, self.widths):  # every slot is idle: the program compiles
+        pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, width, self.state, pool.slots,
+                                          np.arange(width, dtype=np.int32))
 
   def _view(self, pool: _Pool) -> int:
     """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block); the

@@ -14,7 +14,8 @@ from the start), as the sampler pads a batch. Four programs, each traced once pe
 * `generate`: the sampler's own decoding loop over all slots for at most `max_forwards` forwards (an array:
   the engine's `chunk` or `admit_every`) and until a busy slot finishes, then each slot's tokens so far; rows
   are independent, so a request decodes as it would alone. It attends to a prefix of the cache that holds every
-  busy request (once per such `view` length: a few, `Engine(views=...)`).
+  busy request (once per such `view` length: a few, `Engine(views=...)`), and with `compact_rows` in the
+  engine's config runs only as many rows as hold the busy slots (once per view and row width).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from dvl_jax.diffusion import kv_cache, remask
+from dvl_jax.diffusion import compaction, kv_cache, remask
 from dvl_jax.diffusion.sampler_common import Algorithm, PromptArrays, begin, embed, merged
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 from dvl_jax.diffusion.sampling_mesh import Placement
@@ -104,24 +105,32 @@ def release(static: Static, slots: Slots, index: jax.Array) -> Slots:
   return _pinned(static.placement, Slots(slots.rows, slots.carry._replace(done=slots.carry.done.at[index].set(True))))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2), donate_argnames=("slots",))
-def generate(static: Static, max_forwards: jax.Array, view: int, state: Any, slots: Slots
-             ) -> tuple[Slots, dict[str, jax.Array]]:
-  """At most `max_forwards` `[]` decoding forwards over all slots, and only until a busy slot's request finishes
-  (it is handed out and its slot refilled at once), attending to the first `view` cache slots only -> the slots
-  and, per slot, tokens `[S, G]`, `steps` `[S, G]` (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`.
+@functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnames=("slots",))
+def generate(static: Static, max_forwards: jax.Array, view: int, width: int, state: Any, slots: Slots,
+             picked: jax.Array) -> tuple[Slots, dict[str, jax.Array]]:
+  """At most `max_forwards` `[]` decoding forwards over the slots `picked` `[width]` (distinct; every busy slot
+  among them), and only until a busy slot's request finishes (it is handed out and its slot refilled at once),
+  attending to the first `view` cache slots only -> the slots and, per slot, tokens `[S, G]`, `steps` `[S, G]`
+  (-1 where not decoded yet), `decoded`, `nfe` and `done` `[S]`.
 
   `view` must hold every busy slot's decoded span (`P + G` rounded up to a block): a row never reads or writes a
   cache slot past it, so its tokens are those of the full cache, while each forward's attention costs what the
   longest busy request needs rather than the longest any request may have (the cache is sized for `max_prompt`
-  + `max_tokens`). The loop runs on a copy of the first `view` slots, written back at the end."""
+  + `max_tokens`). The loop runs on a copy of the first `view` slots, written back at the end. With `width` < S
+  (`compact_rows` in the engine's config, one device) it runs on those rows only, gathered as `compaction` gathers a
+  batch's unfinished rows: a few busy slots then cost what they need rather than a whole batch's forward."""
   TRACES["generate"] += 1
   place = static.placement
   model = merged(static.graphdef, state, place)
   cache = slots.carry[0]
   narrow = kv_cache.pinned(tuple(c[:, :, :view] for c in cache), place.cache)
   ctx = static.algorithm.context(model, static.config, place, False, view, slots.rows)
-  carry = static.algorithm.chunk(ctx, type(slots.carry)(narrow, *slots.carry[1:]), max_forwards)
+  carry = type(slots.carry)(narrow, *slots.carry[1:])
+  if width < slots.carry.done.shape[0]:
+    some = dataclasses.replace(ctx, rows=jax.tree.map(lambda x: x[picked], slots.rows))
+    carry = compaction.put(carry, static.algorithm.chunk(some, compaction.take(carry, picked), max_forwards), picked)
+  else:
+    carry = static.algorithm.chunk(ctx, carry, max_forwards)
   out = static.algorithm.outputs(ctx, carry, static.config.gen_length)
   cache = kv_cache.write_prefix(cache, carry[0], place.cache)
   return _pinned(place, Slots(slots.rows, type(carry)(cache, *carry[1:]))), {**out, "done": carry.done}

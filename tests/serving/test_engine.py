@@ -192,6 +192,25 @@ def test_the_cache_views_step_down_by_about_a_square_root_of_two():
   assert all(v % engine.config.block_size == 0 for v in engine.views)
 
 
+def test_compacted_chunks_run_narrower_decode_as_alone_and_nothing_recompiles(monkeypatch):
+  """`SamplingConfig.compact_rows`: a chunk runs on the narrowest of 3, 2, 1 rows that holds its busy slots (one compile per view
+  and width, all at warm-up), and every request's tokens are still those of `dvl.generate` alone."""
+  engine = Engine(model(), dataclasses.replace(CONFIG, compact_rows=True), **{**SIZES, "views": 2})
+  assert engine.widths == [1, 2, 3]
+  engine.warm_up(["block_diffusion"])
+  before = dict(slots.TRACES)
+  widths, generate = [], slots.generate
+  monkeypatch.setattr(slots, "generate", lambda static, n, view, width, *rest: widths.append(width) or
+                      generate(static, n, view, width, *rest))
+  sent, outputs, _ = interleaved(engine, [requests(4, 20, gens=(6, 14), decoders=BD),
+                                          requests(2, 21, gens=(6, 14), decoders=BD)])
+  assert dict(slots.TRACES) == before and set(widths) == {1, 2, 3}
+  for rid, request in sent.items():
+    assert_decodes_as_alone(engine, request, outputs[rid], alone(engine, request))
+  with pytest.raises(ValueError, match="compact_rows needs the params on one device"):
+    Engine(shard_model(model(), make_mesh((4, 1, 2))), dataclasses.replace(CONFIG, compact_rows=True), slots=4)
+
+
 def test_ar_slots_run_the_sampled_proposal_only_while_a_row_samples(monkeypatch):
   """The AR pool compiles for sampling, but a forward whose rows all decode greedily takes the argmax path only
   (no top-k / top-p sorts over the vocabulary): the sampled proposal runs while a sampling request decodes."""
