@@ -173,8 +173,9 @@ class Engine:
 
   def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
     """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
-    `generate` per cache view and row width), so that serving text then never waits for a compile (an image request compiles an
-    `insert` per pair of prompt and patch-row buckets on first use); the warm-up outputs are dropped."""
+    `generate` per cache view and row width), so that serving text then never waits for a compile (an image
+    request compiles an `insert` per pair of prompt and patch-row buckets on first use); the warm-up outputs are
+    dropped."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
     algorithms = list(algorithms)

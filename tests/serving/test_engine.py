@@ -193,8 +193,9 @@ def test_the_cache_views_step_down_by_about_a_square_root_of_two():
 
 
 def test_compacted_chunks_run_narrower_decode_as_alone_and_nothing_recompiles(monkeypatch):
-  """`SamplingConfig.compact_rows`: a chunk runs on the narrowest of 3, 2, 1 rows that holds its busy slots (one compile per view
-  and width, all at warm-up), and every request's tokens are still those of `dvl.generate` alone."""
+  """`SamplingConfig.compact_rows`: a chunk runs on the narrowest of 3, 2, 1 rows that holds its busy slots (one
+  compile per view and width, all at warm-up), and every request's tokens are still those of `dvl.generate`
+  alone."""
   engine = Engine(model(), dataclasses.replace(CONFIG, compact_rows=True), **{**SIZES, "views": 2})
   assert engine.widths == [1, 2, 3]
   engine.warm_up(["block_diffusion"])
