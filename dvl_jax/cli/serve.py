@@ -1,8 +1,8 @@
 """`dvl serve`: a converted checkpoint behind an OpenAI-compatible HTTP API, batched continuously by `dvl.Engine`.
 
-The engine compiles its programs for text requests before the port opens (`--warm-up`), so the first client
-does not pay for them. SIGTERM / Ctrl-C stop accepting connections, let in-flight requests finish for up to
---grace-period seconds, cancel the rest and exit 0.
+The engine compiles its programs for text requests before the port opens (`--warm-up`), and for images of the
+sizes `--warm-up-images` names, so the first client does not pay for them. SIGTERM / Ctrl-C stop accepting
+connections, let in-flight requests finish for up to --grace-period seconds, cancel the rest and exit 0.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       help="algorithms (comma-separated) whose text programs compile for every prompt-length bucket "
                       "before the port opens, or none (image requests still compile on first use) (default: "
                       "--algorithm's)")
+  engine.add_argument("--warm-up-images", default=None,
+                      help="image sizes WIDTHxHEIGHT in pixels (comma-separated, e.g. 448x448,1280x720) whose "
+                      "prefill also compiles for every prompt-length bucket before the port opens: an image size "
+                      "first met under load stalls every slot for a compile (default: none)")
   add_pixel_bounds(engine)
   add_layer_layout(engine)
   limits = cmd.add_argument_group("limits and faults")
@@ -97,6 +101,25 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   return cmd
 
 
+def warm_up_images(sizes: str | None, processor: Any) -> list[Any]:
+  """`--warm-up-images`: one request per size, a blank image of it through the processor (its token count and
+  patch layout are those of any image the processor sizes the same)."""
+  from PIL import Image
+
+  from dvl_jax.data.chat_template import generation_prompt
+  from dvl_jax.serving.request import Request
+
+  requests = []
+  for size in sizes.split(",") if sizes else []:
+    width, _, height = size.strip().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+      raise ValueError(f"--warm-up-images takes sizes like 448x448,1280x720; got {size!r}")
+    inputs = processor([generation_prompt("", 1)], [[Image.new("RGB", (int(width), int(height)))]])
+    requests.append(Request([int(t) for t in inputs["input_ids"][0]], max_tokens=1,
+                            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]))
+  return requests
+
+
 def run(args: argparse.Namespace) -> int:
   import uvicorn
 
@@ -113,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
   if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
     raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
   processor = load_processor(args)
+  images = warm_up_images(args.warm_up_images, processor)  # a bad size fails before the model loads
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   config.resolve(processor.config)  # checks the options against the model before it loads; the engine keeps
   # the config unresolved, so AR requests take the model's positions (M-RoPE) and block diffusion flat ones
@@ -122,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                       admit_every=args.admit_every, views=args.views)
   warm = args.warm_up or config.algorithm
   if warm != "none":
-    engine.warm_up(warm.split(","))
+    engine.warm_up(warm.split(","), images=images)
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   settings = Settings(name, api_key=args.api_key or os.environ.get("DVL_API_KEY"), max_queue=args.max_queue,
                       request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,

@@ -171,15 +171,25 @@ class Engine:
       done.update(self.step().finished)
     return done
 
-  def warm_up(self, algorithms: Iterable[str] = ALGORITHMS) -> None:
+  def warm_up(self, algorithms: Iterable[str] = ALGORITHMS, images: Iterable[Request] = ()) -> None:
     """Compiles every program text requests need (each algorithm's pool, an `insert` per prompt-length bucket,
-    `generate` per cache view and row width), so that serving text then never waits for a compile (an image
-    request compiles an `insert` per pair of prompt and patch-row buckets on first use); the warm-up outputs are
-    dropped."""
+    `generate` per cache view and row width), so that serving text then never waits for a compile; the warm-up
+    outputs are dropped. An image request compiles an `insert` per pair of prompt and patch-row buckets on first
+    use, stalling every slot meanwhile (seconds): `images`, requests with one image each of the sizes to expect
+    (as the processor makes them; their settings are not read), compile theirs for every prompt-length bucket
+    that holds them."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
     algorithms = list(algorithms)
+    images = list(images)
+    for image in images:
+      if len(image.prompt) > self.max_prompt:
+        raise ValueError(f"a warm-up image prompt of {len(image.prompt)} tokens exceeds the engine's "
+                         f"max_prompt={self.max_prompt}; raise max_prompt or warm up a smaller image")
     self.run(Request([pad] * n, max_tokens=1, algorithm=a) for a in algorithms for n in lengths)
+    self.run(Request(list(image.prompt) + [pad] * (n - len(image.prompt)), max_tokens=1, algorithm=a,
+                     pixel_values=image.pixel_values, image_grid_thw=image.image_grid_thw)
+             for image in images for a in algorithms for n in lengths if n >= len(image.prompt))
     for pool in (self._pools[a] for a in algorithms):
       for view, width in itertools.product(self.views, self.widths):  # every slot is idle: the program compiles
         pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, width, self.state, pool.slots,

@@ -140,6 +140,23 @@ def test_image_requests_equal_generate_alone_and_a_new_image_layout_does_not_rec
     assert_decodes_as_alone(engine, request, outputs[rid], want)
 
 
+def test_warm_up_with_an_image_compiles_its_inserts_for_every_bucket_that_holds_it():
+  """An image size first met under load would stall every slot for a compile; warmed up, none happens."""
+  image = [CFG.vision_start_token_id] + [CFG.image_token_id] * 8 + [CFG.vision_end_token_id]
+  pixels = np.random.default_rng(4).normal(size=(32, CFG.vision.patch_dim)).astype(np.float32)
+  sample = Request([5] + image, max_tokens=1, pixel_values=pixels, image_grid_thw=np.array([[1, 4, 8]]))
+  engine = Engine(model(), CONFIG, **SIZES)
+  engine.warm_up(["autoregressive"], images=[sample])  # AR: no other test compiles its image inserts first
+  before = dict(slots.TRACES)
+  late = Request([5, 9, 11, 12, 13] + image + [7], max_tokens=14, algorithm="autoregressive",
+                 pixel_values=pixels[::-1].copy(), image_grid_thw=np.array([[1, 4, 8]]))
+  (out,) = engine.run([late]).values()
+  assert out.tokens.shape == (1, 14)
+  assert dict(slots.TRACES) == before
+  with pytest.raises(ValueError, match="warm-up image prompt of 20 tokens exceeds the engine's max_prompt=16"):
+    engine.warm_up(["autoregressive"], images=[dataclasses.replace(sample, prompt=[5] * 10 + image)])
+
+
 def test_on_a_mesh_the_tokens_equal_one_device():
   sharded = shard_model(model(), make_mesh((4, 1, 2)))
   sent = requests(6, 6, (1, 8), decoders=BD)

@@ -24,6 +24,7 @@ from PIL import Image
 
 import dvl_jax as dvl
 from dvl_jax.cli.commands import main
+from dvl_jax.cli.serve import warm_up_images
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
 from dvl_jax.serving.engine import Engine
@@ -291,7 +292,19 @@ def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys
                          (["--checkpoint", served.checkpoint, "--slots", "0"], "--slots must be >= 1"),
                          (["--checkpoint", served.checkpoint, "--request-timeout", "0"], "--request-timeout > 0"),
                          (["--checkpoint", served.checkpoint, "--allowed-local-media-path", "/no/such/dir"],
-                          "is not a folder")]:
+                          "is not a folder"),
+                         (["--checkpoint", served.checkpoint, "--warm-up-images", "448x448,448"],
+                          "--warm-up-images takes sizes like 448x448,1280x720; got '448'")]:
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1, err
+
+
+def test_warm_up_images_are_blank_images_of_those_sizes_through_the_processor(served):
+  """What `dvl serve --warm-up-images` hands the engine: the prompt, patches and grid of any image of that size."""
+  requests = warm_up_images("56x56, 84x56", served.processor)
+  for request, (width, height) in zip(requests, [(56, 56), (84, 56)], strict=True):
+    want = served.processor([dvl.generation_prompt("", 1)], [[Image.new("RGB", (width, height), "white")]])
+    assert request.prompt == [int(t) for t in want["input_ids"][0]]
+    np.testing.assert_array_equal(request.image_grid_thw, want["image_grid_thw"])
+    assert np.shape(request.pixel_values) == np.shape(want["pixel_values"])
