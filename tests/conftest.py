@@ -6,7 +6,9 @@ code) and share one persistent compilation cache for the session, so a program c
 test (a new `TrainStep`, a new jitted closure) is read back instead of rebuilt. The cache directory is new
 for every session: nothing carries over between runs. Under pytest-xdist the workers inherit the directory
 the controlling process made (through `DVL_TESTS_XLA_CACHE`), so one worker's compiles serve the other, and
-only the process that made it removes it.
+only the process that made it removes it. A size bound turns on the cache's file lock: without it JAX writes an
+entry in place, unlocked, and a worker reading the entry the other is still writing crashed in deserialisation
+(a segfault in one CI run).
 """
 
 import atexit
@@ -31,3 +33,4 @@ if _CACHE is None:
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.config.update("jax_compilation_cache_max_size", 2 ** 40)  # never evicts; reads and writes take the lock
