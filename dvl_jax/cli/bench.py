@@ -23,8 +23,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        "`dvl bench NAME --help` lists the script's own options.")
   cmd.add_argument("name", choices=BENCHMARKS, help="which benchmark: everything on one GPU / TPU in one table, "
                    "attention backends, checkpoint conversion memory, side by side with the original PyTorch "
-                   "sampler (needs its checkout), a random checkpoint with a real vocabulary to serve, sampling speed, load on a running dvl serve, train step speed, "
-                   "or XLA's memory plan of a real-size train step (required)")
+                   "sampler (needs its checkout), a random checkpoint with a real vocabulary to serve, sampling "
+                   "speed, load on a running dvl serve, train step speed, or XLA's memory plan of a real-size train "
+                   "step (required)")
   cmd.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (default: none, its defaults)")
   return cmd
 

@@ -1,18 +1,20 @@
 """Finished rows leave the batch: a decoding loop over rows that need different numbers of forwards (prompts and
-answers of different lengths; dynamic and threshold decoding's confidences) otherwise computes every row until
-the slowest one is done.
+answers of different lengths; dynamic and threshold decoding's confidences) otherwise computes every row until the
+slowest one is done.
 
 Inside the one sampling program, the loop runs over all `B` rows until no more than `widths(B)[1]` of them are
-still decoding, gathers those (their carry, KV-cache rows and per-row constants) into a batch that narrow, runs
-on until the next width, and so on down to one row; at the end every row's final carry is back at its own index.
-Rows are independent (each has its own positions, cache row, schedule and PRNG key), so the tokens are those of
-the whole-batch loop: at a narrower width a row's numbers may differ in their last bits (XLA picks other kernels
-for other shapes, as for a row run alone rather than in a batch), which changes a decision only at a near-tie. It pays where a forward's cost grows with its rows: on a CPU a batch of 8 dynamic-decoding
-rows ran 280 forwards for rows that needed 155 on average, and compacting them made it 13-18% faster (the
-decoder and the lm_head over one row cost more than an eighth of eight rows'). Each narrower batch is one more
-copy of the loop body in the program (longer compiles), and on an accelerator a forward over a few rows costs
-about what one row's does, so `SamplingConfig.compact_rows` is off unless asked for. One device only (on a mesh
-the rows are split over `data`), and not while streaming (pieces are reported by row index).
+still decoding, gathers those (their carry, KV-cache rows and per-row constants) into a batch that narrow, runs on
+until the next width, and so on down to one row; at the end every row's final carry is back at its own index. Rows
+are independent (each has its own positions, cache row, schedule and PRNG key), so the tokens are those of the
+whole-batch loop: at a narrower width a row's numbers may differ in their last bits (XLA picks other kernels for
+other shapes, as for a row run alone rather than in a batch), which changes a decision only at a near-tie. It pays
+where a forward's cost grows with its rows: on a CPU a batch of 8 dynamic-decoding rows ran 280 forwards for rows
+that needed 155 on average, and compacting them made it 13-18% faster (the decoder and the lm_head over one row
+cost more than an eighth of eight rows'). Each narrower batch is one more copy of the loop body in the program
+(longer compiles), and on an accelerator a forward over a few rows costs about what one row's does, so
+`SamplingConfig.compact_rows` is off unless asked for. One device only (on a mesh the rows are split over `data`),
+and not while streaming (pieces are reported by row index). `take` / `put` also gather the serving engine's busy
+slots for a narrower chunk (`serving.slots.generate`).
 """
 
 from __future__ import annotations

@@ -299,10 +299,9 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   requests mostly decode greedily) takes that path only in forwards where a row with masked positions samples,
   and the gathered greedy one otherwise."""
   if ctx.config.temperature > 0:
-    sampling = jnp.any((ctx.rows.keys.temperature > 0) & jnp.any(masked, axis=1))
     greedy = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, temperature=0.0))
-    return jax.lax.cond(sampling, lambda: propose(ctx, c, hidden),
-                        lambda: proposals(greedy, c, hidden, masked, widest))
+    sampling = sampler_common.samples(ctx.rows.keys, jnp.any(masked, axis=1))  # a row with masked positions
+    return jax.lax.cond(sampling, lambda: propose(ctx, c, hidden), lambda: proposals(greedy, c, hidden, masked, widest))
   if ctx.placement.mesh is None:
     b, bs = masked.shape
     x0, p0 = _gathered(ctx, c, hidden.reshape(1, b * bs, -1), masked.reshape(1, b * bs), jnp.sum(masked))

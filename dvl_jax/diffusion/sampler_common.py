@@ -120,8 +120,13 @@ def propose_if_sampling(config: SamplingConfig, logits: jax.Array, sampling: rem
   and its probability, not top-k / top-p sorts over the vocabulary. Greedy rows get the same tokens either way."""
   if config.temperature == 0:
     return remask.greedy(logits)
-  return jax.lax.cond(jnp.any(rows & (sampling.temperature > 0)), lambda: propose(config, logits, sampling, count),
+  return jax.lax.cond(samples(sampling, rows), lambda: propose(config, logits, sampling, count),
                       lambda: remask.greedy(logits))
+
+
+def samples(sampling: remask.Sampling, rows: jax.Array) -> jax.Array:
+  """`[]`: whether one of `rows` `[B]` samples (temperature > 0) rather than decoding greedily."""
+  return jnp.any(rows & (sampling.temperature > 0))
 
 
 def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array | None, until_active: int = 0
