@@ -7,13 +7,15 @@ random image on a fraction of them go to a running server, `--concurrency` at a 
 server compiles each prompt bucket and image shape once). Per request: TTFT (send to first chunk), TPOT
 ((latency - TTFT) / (tokens - 1)), ITL (the gaps between chunks; a chunk is a block), latency; overall: output
 tokens/s, requests/s and tokens per forward (answer tokens over their rows' forwards: a static row keeps
-decoding to its batch's longest answer). With `--checkpoint` the same requests then run in process as static batches of
-`--concurrency` (`dvl.generate`, gen length = the batch's longest `max_tokens`: a row that is done waits for
-the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no stream), each
-batch shape compiled in an untimed pass first. Each algorithm of `--algorithms` runs the whole workload (the
-server takes `algorithm` per request). `--repeats R` runs R rounds of every row back to back and ends with each
-row's median and the median of the rounds' continuous / static ratios: on a shared machine a ratio of neighbours
-is much steadier than either rate.
+decoding to its batch's longest answer). With `--checkpoint` the same requests then run in process as static
+batches of up to `--concurrency` (`dvl.generate`, gen length = the batch's longest `max_tokens`: a row that is
+done waits for the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no
+stream), each batch shape compiled off the clock the first time it comes up. Closed loop: a batch's requests are
+sent when it starts. With `--request-rate` they arrive at the server rows' times and queue, a batch taking the
+queued ones, and a latency counts the wait for the batches before (a static server under the same load). Each
+algorithm of `--algorithms` runs the whole workload (the server takes `algorithm` per request). `--repeats R`
+runs R rounds of every row back to back and ends with each row's median and the median of the rounds'
+continuous / static ratios: on a shared machine a ratio of neighbours is much steadier than either rate.
 
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
@@ -124,7 +126,8 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
 
     if warm:  # untimed: every prompt bucket and image shape compiles
       await asyncio.gather(*(gated(job) for job in jobs))
-    waits = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(jobs))) if rate else np.zeros(len(jobs))
+    waits = arrival_times(len(jobs), rate, seed)
+    waits = np.zeros(len(jobs)) if waits is None else waits
 
     async def scheduled(job: Job, wait: float) -> Timing:
       await asyncio.sleep(wait)
@@ -135,9 +138,42 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
     return list(timings), time.perf_counter() - start
 
 
+def arrival_times(n: int, rate: float | None, seed: int) -> np.ndarray | None:
+  """Seconds from the start at which each of `n` requests is sent: Poisson arrivals at `rate` per second (the
+  server rows and the static rows get the same), None for a closed loop."""
+  return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, n)) if rate else None
+
+
+def static_schedule(jobs: list[Job], batch: int, generate: Any, arrivals: np.ndarray | None
+                    ) -> tuple[list[Timing], float]:
+  """Static batching as a server runs it: the queued jobs in order, at most `batch` at a time, the next batch
+  starting when the previous one is done. `generate(group)` -> (its outputs, seconds to leave off the clock:
+  a first compile). Closed loop (`arrivals` None): `batch` clients send a batch's jobs when it starts, so a job
+  waits for nothing but its batch. With `arrivals`, jobs queue as they arrive (in real time) and a job's
+  latency counts its wait for the batches before it; a batch takes every queued job up to `batch`."""
+  timings: list[Timing | None] = [None] * len(jobs)
+  start, first = time.perf_counter(), 0
+  clock = lambda: time.perf_counter() - start
+  while first < len(jobs):
+    if arrivals is not None and arrivals[first] > clock():
+      time.sleep(arrivals[first] - clock())
+    sent = clock()
+    last = min(first + batch, len(jobs)) if arrivals is None else int(
+        np.searchsorted(arrivals, sent, side="right").clip(first + 1, first + batch))
+    group = list(range(first, last))
+    out, untimed = generate([jobs[i] for i in group])
+    start += untimed
+    done = clock()
+    for row, i in enumerate(group):
+      latency = done - (sent if arrivals is None else arrivals[i])
+      timings[i] = Timing(latency, int(min(out.lengths[row], jobs[i].max_tokens)), latency, [], int(out.nfe[row]))
+    first = last
+  return timings, clock()
+
+
 class StaticBatches:
-  """The same jobs through `dvl.generate`, `batch` at a time (a closed loop: the next batch starts when the
-  previous one is done); the first `run` of a job list compiles each batch shape outside the timing."""
+  """The same jobs through `dvl.generate` as `static_schedule`'s batches of up to `batch`; each batch shape
+  compiles the first time it comes up, off the clock."""
 
   def __init__(self, checkpoint: str, batch: int, pixels: tuple | None):
     import dvl_jax as dvl
@@ -147,7 +183,7 @@ class StaticBatches:
     # per layer, as `dvl generate` and `dvl serve` load it (weights read in place)
     self.model, self.batch, self.compiled = dvl.load(checkpoint, scan_layers=False), batch, set()
 
-  def _generate(self, group: list[Job], algorithm: str) -> Any:
+  def _generate(self, group: list[Job], algorithm: str) -> tuple[Any, float]:
     from PIL import Image
 
     import dvl_jax as dvl
@@ -155,23 +191,19 @@ class StaticBatches:
     images = [[Image.open(io.BytesIO(j.image)).convert("RGB")] if j.image else [] for j in group]
     inputs = self.processor([dvl.generation_prompt(j.question, len(i)) for j, i in zip(group, images)], images)
     config = dvl.SamplingConfig(gen_length=max(j.max_tokens for j in group), algorithm=algorithm)
-    return dvl.generate(self.model, inputs, config)
-
-  def run(self, jobs: list[Job], algorithm: str) -> tuple[list[Timing], float]:
-    groups = [jobs[i:i + self.batch] for i in range(0, len(jobs), self.batch)]
-    if algorithm not in self.compiled:
-      for group in groups:
-        self._generate(group, algorithm)
-      self.compiled.add(algorithm)
-    timings, start = [], time.perf_counter()
-    for group in groups:
+    grids = inputs.get("image_grid_thw")
+    shapes = (algorithm, config.gen_length, *(np.shape(v) for v in inputs.values() if v is not None),
+              None if grids is None else tuple(np.ravel(grids)))
+    untimed = 0.0
+    if shapes not in self.compiled:  # a first run compiles, off the clock
       tic = time.perf_counter()
-      out = self._generate(group, algorithm)
-      seconds = time.perf_counter() - tic
-      for row, job in enumerate(group):
-        tokens = int(min(out.lengths[row], job.max_tokens))
-        timings.append(Timing(seconds, tokens, seconds, [], int(out.nfe[row])))
-    return timings, time.perf_counter() - start
+      dvl.generate(self.model, inputs, config)
+      self.compiled.add(shapes)
+      untimed = time.perf_counter() - tic
+    return dvl.generate(self.model, inputs, config), untimed
+
+  def run(self, jobs: list[Job], algorithm: str, arrivals: np.ndarray | None) -> tuple[list[Timing], float]:
+    return static_schedule(jobs, self.batch, lambda group: self._generate(group, algorithm), arrivals)
 
 
 def row(name: str, algorithm: str, timings: list[Timing], wall: float, streamed: bool = True) -> str:
@@ -237,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
       rates.setdefault((algorithm, "continuous"), []).append(sum(t.tokens for t in timings) / wall)
       print(lines[-1], flush=True)
       if static is not None:
-        timings, wall = static.run(jobs, algorithm)
+        timings, wall = static.run(jobs, algorithm, arrival_times(len(jobs), args.request_rate, args.seed))
         lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
         rates.setdefault((algorithm, "static"), []).append(sum(t.tokens for t in timings) / wall)
         print(lines[-1], flush=True)
