@@ -4,11 +4,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA CPU flags that make compiles several times cheaper (LLVM's cheap pipeline) without changing the program
-# or its numbers; the test processes and the user-like processes they start both use them. One codegen thread
-# per compile: with two test workers on two cores splitting a module's codegen over threads gains nothing, and
-# worker processes crashed (SIGSEGV / SIGABRT) inside XLA's compile, load or (de)serialisation of train steps.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_parallel_codegen_split_count=1")
+# or its numbers; the test processes and the user-like processes they start both use them.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def user_env(fast_compile: bool = True) -> dict[str, str]:
