@@ -112,13 +112,13 @@ async def one_request(client: Any, body: dict[str, Any]) -> Timing:
 
 
 async def through_server(url: str, key: str | None, model: str, jobs: list[Job], algorithm: str, concurrency: int,
-                         rate: float | None, seed: int, warm: bool = True) -> tuple[list[Timing], float]:
+                         arrivals: np.ndarray | None, warm: bool = True) -> tuple[list[Timing], float]:
   import httpx
 
   headers = {"Authorization": f"Bearer {key}"} if key else {}
   limits = httpx.Limits(max_connections=max(concurrency, 1) * 2)
   async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as client:
-    gate = asyncio.Semaphore(concurrency if rate is None else len(jobs))
+    gate = asyncio.Semaphore(concurrency if arrivals is None else len(jobs))
 
     async def gated(job: Job) -> Timing:
       async with gate:
@@ -126,8 +126,7 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
 
     if warm:  # untimed: every prompt bucket and image shape compiles
       await asyncio.gather(*(gated(job) for job in jobs))
-    waits = arrival_times(len(jobs), rate, seed)
-    waits = np.zeros(len(jobs)) if waits is None else waits
+    waits = np.zeros(len(jobs)) if arrivals is None else arrivals
 
     async def scheduled(job: Job, wait: float) -> Timing:
       await asyncio.sleep(wait)
@@ -261,15 +260,16 @@ def main(argv: list[str] | None = None) -> None:
   lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
            "ITL ms p50 / p99 | latency ms p50 / p99 | tokens / forward |", "|---|---|---|---|---|---|---|---|---|"]
   rates: dict[tuple[str, str], list[float]] = {}  # (algorithm, batching) -> output tok/s per round
+  arrivals = arrival_times(len(jobs), args.request_rate, args.seed)  # the same for every row
   for round_ in range(args.repeats):
     for algorithm in args.algorithms.split(","):
       timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
-                                                 args.request_rate, args.seed, warm=round_ == 0))
+                                                 arrivals, warm=round_ == 0))
       lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
       rates.setdefault((algorithm, "continuous"), []).append(sum(t.tokens for t in timings) / wall)
       print(lines[-1], flush=True)
       if static is not None:
-        timings, wall = static.run(jobs, algorithm, arrival_times(len(jobs), args.request_rate, args.seed))
+        timings, wall = static.run(jobs, algorithm, arrivals)
         lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
         rates.setdefault((algorithm, "static"), []).append(sum(t.tokens for t in timings) / wall)
         print(lines[-1], flush=True)

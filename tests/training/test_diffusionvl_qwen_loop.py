@@ -21,7 +21,8 @@ from tests.training.test_loop import REPO, _assert_same_run, _config, _losses
 def no_persistent_cache():
   """This file's programs are not written to the shared compilation cache (so never read back either): XLA's CPU
   client segfaulted serialising one of its train steps for the cache, and once deserialising one, in two of four
-  CI runs on 2026-12-04, in these tests only. The bound is read at every write."""
+  CI runs on 2026-12-04. Not a confirmed cause: later that day a worker also crashed compiling another file's
+  train step with the cache off entirely. The bound is read at every write."""
   before = jax.config.jax_persistent_cache_min_compile_time_secs
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   yield
