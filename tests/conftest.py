@@ -24,6 +24,7 @@ from tests.user_process import FAST_COMPILE  # noqa: E402
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 _CACHE = os.environ.get("DVL_TESTS_XLA_CACHE")
@@ -34,3 +35,14 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_compilation_cache_max_size", 2 ** 40)  # never evicts; reads and writes take the lock
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _unmap_compiled_programs():
+  """Drops the in-memory compiled programs after each test file. XLA:CPU maps ~10 memory regions per loaded
+  executable and keeps them while its jit caches hold it; a worker that ran a few hundred tests' programs
+  reached Linux's `vm.max_map_count` (65,530 mappings: the core dump of a crashed CI worker had 65,532) and
+  died in the next compile (LLVM's "unable to allocate section memory" abort, or a segfault). The next file
+  reads the programs it shares with earlier ones back from the persistent cache."""
+  yield
+  jax.clear_caches()
