@@ -105,7 +105,7 @@ def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple[jax.Array, jax
   cache = kv_cache.write_prefix(cache, kv, ctx.placement.cache)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
   first, _ = sampler_common.propose_if_sampling(ctx.config, ctx.model.logits(last), ctx.rows.keys,
-                                                jnp.zeros((b,), jnp.int32), lengths > 0)
+                                                jnp.zeros((b,), jnp.int32), lengths > 0, ctx.placement)
   first = first[:, 0]
   tokens = jnp.full((b, ctx.config.gen_length), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
   ends = (first == cfg.eos_token_id) | (gen == 1)
@@ -143,7 +143,7 @@ def step(ctx: _Context, c: _Carry) -> _Carry:
   cache = kv_cache.write(c.cache, kv, slot, active, ctx.placement.cache)
   logits = ctx.model.logits(hidden)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    token, _ = sampler_common.propose_if_sampling(ctx.config, logits, r.keys, c.nfe, active)
+    token, _ = sampler_common.propose_if_sampling(ctx.config, logits, r.keys, c.nfe, active, ctx.placement)
   new = token[:, 0]
   tokens = _put(c.tokens, jnp.where(active, c.t, ctx.config.gen_length)[:, None], new[:, None])
   ends = ((c.t + 1) % ctx.config.block_size == 0) | (new == cfg.eos_token_id) | (c.t + 1 == r.gen)

@@ -341,7 +341,7 @@ def propose(ctx: _Context, c: _Carry, hidden: jax.Array) -> tuple[jax.Array, jax
   batch the pass falls in."""
   logits = ctx.model.logits(hidden)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.blk * (ctx.bs + 1) + c.step)
+    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.blk * (ctx.bs + 1) + c.step, ctx.placement)
 
 
 def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -101,27 +101,38 @@ def lower(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Samplin
   return run.lower(*args)
 
 
-def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
+def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array,
+            placement: Placement) -> tuple[jax.Array, jax.Array]:
   """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's settings `sampling`
   and its key folded with `count` `[B]`, which numbers the row's decoding passes: fresh randomness per pass, and
   a row samples as it would alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy
-  decision only; `config.confidence` None (not resolved against a model) is "sampled"."""
+  decision only; `config.confidence` None (not resolved against a model) is "sampled". The logits are on
+  `placement`'s mesh (`argmax_in_chunks`)."""
+  chunked = argmax_in_chunks(placement)
   if config.temperature == 0:
-    return remask.greedy(logits)
+    return remask.greedy(logits, chunked)
   return remask.propose(logits, jax.vmap(jax.random.fold_in)(sampling.keys, count), temperature=sampling.temperature,
-                        top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled")
+                        top_k=sampling.top_k, top_p=sampling.top_p, confidence=config.confidence or "sampled",
+                        chunked=chunked)
 
 
 def propose_if_sampling(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array,
-                        rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+                        rows: jax.Array, placement: Placement) -> tuple[jax.Array, jax.Array]:
   """`propose`, its sampled path taken only in a forward where one of `rows` `[B]` samples: a program compiled for
   sampling (the serving engine's slots, whose requests mostly decode greedily) otherwise pays just the argmax
   and its probability, not top-k / top-p sorts over the vocabulary. Greedy rows get the same tokens either way."""
+  greedy = lambda: remask.greedy(logits, argmax_in_chunks(placement))
   if config.temperature == 0:
-    return remask.greedy(logits)
-  return jax.lax.cond(samples(sampling, rows), lambda: propose(config, logits, sampling, count),
-                      lambda: remask.greedy(logits))
+    return greedy()
+  return jax.lax.cond(samples(sampling, rows), lambda: propose(config, logits, sampling, count, placement), greedy)
+
+
+def argmax_in_chunks(placement: Placement) -> bool:
+  """Whether greedy decisions find the argmax chunk by chunk (`remask.greedy`): on XLA:CPU, whose argmax over a
+  vocabulary is ~30x slower than its max (1 to 2 ms of a 10 to 16 ms CPU forward), and on one device only (over
+  a vocabulary-sharded mesh the chunks' gather would add collectives; on GPUs the NaN check's `cond` would wait
+  for the host, and XLA's GPU argmax is not slow)."""
+  return placement.mesh is None and jax.default_backend() == "cpu"
 
 
 def samples(sampling: remask.Sampling, rows: jax.Array) -> jax.Array:

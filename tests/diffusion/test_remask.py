@@ -9,6 +9,7 @@ import numpy as np
 
 from dvl_jax.diffusion import remask, sampler_common
 from dvl_jax.diffusion.sampling_config import SamplingConfig
+from dvl_jax.diffusion.sampling_mesh import Placement
 
 # (temperature, top_k, top_p) per row: greedy (its filters ignored), each filter alone, both, top-k 1, top-p 0
 SETTINGS = [(0.0, 0, 1.0), (0.7, 0, 1.0), (0.9, 5, 1.0), (1.3, 40, 0.8), (1.0, 0, 0.5), (0.0, 3, 0.5),
@@ -83,13 +84,33 @@ def test_the_greedy_probability_is_the_softmax_at_the_argmax_bit_for_bit():
   np.testing.assert_array_equal(p0, softmax[..., 0])
 
 
+def test_the_greedy_token_is_the_first_largest_logit_on_chunked_vocabularies():
+  """`greedy(chunked=True)` finds the argmax chunk by chunk (128 or the largest power of two dividing the
+  vocabulary): still the first index of the largest logit (ties inside a chunk and across chunks, the maximum
+  in the last chunk), and `jnp.argmax`'s answer for NaN, +inf and all -inf rows, whose probability is NaN."""
+  for vocab in (640, 96, 97):
+    logits = np.random.default_rng(vocab).normal(size=(9, vocab)).astype(np.float32)
+    logits[0, [5, 9]] = 50  # a tie inside the first chunk
+    logits[1, [vocab - 40, vocab - 1]] = 50  # the maximum in the last chunk, tied
+    logits[2, [3, vocab - 3]] = 50  # a tie across chunks
+    logits[3, 7] = np.nan
+    logits[4, [11, 2]] = np.inf
+    logits[5] = -np.inf
+    logits[6, [4, vocab // 2]] = [np.nan, np.inf]
+    for rows in (slice(0, 3), slice(0, 9)):  # finite rows only (the chunked path), and with the others
+      x0, p0 = jax.jit(remask.greedy, static_argnums=1)(jnp.asarray(logits[rows]), True)
+      np.testing.assert_array_equal(x0, jnp.argmax(jnp.asarray(logits[rows]), -1))
+      np.testing.assert_array_equal(x0[:3], np.argmax(logits[:3], -1))
+      np.testing.assert_array_equal(np.isnan(p0), [r in (3, 4, 5, 6) for r in range(9)[rows]])
+
+
 def test_a_greedy_program_compiles_no_sampling():
   """No sort (top-k / top-p) in the decision a greedy sampler compiles, whereas a sampled one has them: the
   compile key keeps whether rows may sample, and the values themselves are arrays."""
   logits = jnp.zeros((2, 4, 32), jnp.float32)
   sampling = remask.Sampling.of(jax.random.split(jax.random.key(0), 2), 0.7, 3, 0.9)
-  hlo = lambda config: jax.jit(sampler_common.propose, static_argnums=0).lower(
-      sampler_common.compile_key(config), logits, sampling, jnp.zeros(2, jnp.int32)).as_text()
+  hlo = lambda config: jax.jit(sampler_common.propose, static_argnums=(0, 4)).lower(
+      sampler_common.compile_key(config), logits, sampling, jnp.zeros(2, jnp.int32), Placement()).as_text()
   assert "stablehlo.sort" not in hlo(SamplingConfig())
   assert "stablehlo.sort" in hlo(SamplingConfig(temperature=0.5))
   assert sampler_common.compile_key(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9)) == \
