@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 from typing import Iterable
 
 import jax
@@ -28,6 +29,7 @@ from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
 from dvl_jax.models.interface import DiffusionLM
+from dvl_jax.serving import mappings
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
 
@@ -35,6 +37,7 @@ from dvl_jax.serving.request import Request, Result
 # most of its cost (the demo's model, 8 slots: 1.3 ms at 160 slots, 2.0 at 320, 3.9 at 640), and a request with
 # an image (~390 slots with its answer) in any slot sets the view for all: halving views left it at 640.
 VIEW_RATIO = 2 ** -0.5
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -177,7 +180,8 @@ class Engine:
     outputs are dropped. An image request compiles an `insert` per pair of prompt and patch-row buckets on first
     use, stalling every slot meanwhile (seconds): `images`, requests with one image each of the sizes to expect
     (as the processor makes them; their settings are not read), compile theirs for every prompt-length bucket
-    that holds them."""
+    that holds them. Logs a warning when the programs hold much of the process's memory mappings on a CPU
+    (`mappings`: past the limit a compile aborts the process)."""
     bucket, pad = self.config.length_bucket, self.model.config.pad_token_id
     lengths = sorted({min(round_up(n, bucket), self.max_prompt) for n in range(1, self.max_prompt + 1)})
     algorithms = list(algorithms)
@@ -194,6 +198,8 @@ class Engine:
       for view, width in itertools.product(self.views, self.widths):  # every slot is idle: the program compiles
         pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, width, self.state, pool.slots,
                                           np.arange(width, dtype=np.int32))
+    if (warning := mappings.warning()) is not None:
+      log.warning("after warm-up %s", warning)
 
   def _view(self, pool: _Pool) -> int:
     """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block); the

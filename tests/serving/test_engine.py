@@ -4,6 +4,7 @@ nothing recompiles after warm-up; bad requests raise one-line errors."""
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig, round_up
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
-from dvl_jax.serving import slots
+from dvl_jax.serving import mappings, slots
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.request import Request
 from dvl_jax.testing.tiny import tiny_config, tiny_model
@@ -179,6 +180,18 @@ def test_nothing_recompiles_after_warm_up():
   assert dict(slots.TRACES) == before
   for rid, request in sent.items():
     assert outputs[rid].tokens.shape == (1, request.max_tokens)
+
+
+def test_warm_up_warns_when_its_programs_hold_much_of_the_memory_mappings(monkeypatch, caplog):
+  engine = Engine(model(), CONFIG, **SIZES)
+  monkeypatch.setattr(mappings, "HEADROOM", 1.0)  # never
+  with caplog.at_level(logging.WARNING, logger="dvl_jax.serving.engine"):
+    engine.warm_up(["autoregressive"])
+    assert not caplog.records
+    monkeypatch.setattr(mappings, "HEADROOM", 0.0)  # any mapping is too many
+    engine.warm_up(["autoregressive"])
+  (record,) = caplog.records
+  assert "memory mappings Linux allows (vm.max_map_count" in record.getMessage()
 
 
 def test_a_step_ends_when_a_request_finishes_and_looks_often_while_a_slot_is_free(monkeypatch):

@@ -15,6 +15,7 @@ import openai
 from PIL import Image
 
 import dvl_jax as dvl
+from dvl_jax.serving import mappings
 from dvl_jax.serving.http.responses import Answer
 from tests.serving import http_server
 from tests.serving.http_server import GEN, KEY, MODEL
@@ -160,6 +161,9 @@ def test_metrics_count_requests_and_tokens(served):
   assert after["dvl_forwards_total"] - before["dvl_forwards_total"] == usage["nfe"]
   assert after["dvl_time_to_first_token_seconds_count"] == before["dvl_time_to_first_token_seconds_count"] + 1
   assert served.metric("dvl_slots") == 4 and served.metric("dvl_slots_busy") == 0
+  used, limit = mappings.usage()
+  assert served.metric("dvl_memory_mappings_limit") == limit
+  assert used / 2 < served.metric("dvl_memory_mappings") < limit  # the server's programs live in this process
 
 
 def test_an_answer_ends_at_eos_in_the_body_and_the_stream():

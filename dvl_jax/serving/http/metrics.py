@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from dvl_jax.serving import mappings
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OUTCOMES = ("finished", "rejected", "cancelled", "timeout", "failed")
 
@@ -33,6 +35,11 @@ class Metrics:
                                         registry=r, buckets=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0))
     self.tokens = Counter("dvl_generated_tokens", "Tokens of finished answers (through EOS)", registry=r)
     self.forwards = Counter("dvl_forwards", "Model forwards of finished answers (prefill included)", registry=r)
+    for i, (name, what) in enumerate([("dvl_memory_mappings", "Memory mappings the process holds (XLA:CPU: 3 per "
+                                       "compiled kernel; read at each scrape)"),
+                                      ("dvl_memory_mappings_limit", "Linux's vm.max_map_count: a compile past it "
+                                       "aborts the process")]):
+      Gauge(name, what, registry=r).set_function(lambda i=i: (mappings.usage() or (float("nan"),) * 2)[i])
 
   def finished(self, tokens: int, forwards: int, latency: float, ttft: float) -> None:
     self.requests.labels("finished").inc()

@@ -1,0 +1,37 @@
+"""How close this process is to Linux's limit on memory mappings (`vm.max_map_count`, 65,530 by default).
+
+XLA:CPU loads every kernel of a compiled program through LLVM's JIT, which maps the kernel's code, constants and
+data apart (three mappings, kept while the program lives). A decoding program has a few hundred kernels, so a
+CPU server's warm-up (a program per cache view, row width, prompt bucket and algorithm) takes tens of thousands:
+36,636 for `dvl serve --compact-rows` with both algorithms on a 151,680-token random checkpoint. Past the limit
+the next compile aborts the process (LLVM cannot map section memory), however much memory is free; the test
+suite's workers died of it (`tests/conftest.py`). Accelerator programs keep their kernels on the device.
+"""
+
+from __future__ import annotations
+
+MAPS = "/proc/self/maps"
+LIMIT = "/proc/sys/vm/max_map_count"
+HEADROOM = 0.5  # warn past this share of the limit: later programs (image shapes) need room too
+
+
+def usage(maps: str = MAPS, limit: str = LIMIT) -> tuple[int, int] | None:
+  """(mappings this process holds, the system's limit), or None where the system does not say (not Linux)."""
+  try:
+    with open(maps) as f:
+      used = sum(1 for _ in f)
+    with open(limit) as f:
+      return used, int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+def warning(maps: str = MAPS, limit: str = LIMIT) -> str | None:
+  """A one-line warning with the fix when this process holds more than `HEADROOM` of the limit, else None."""
+  counts = usage(maps, limit)
+  if counts is None or counts[0] <= HEADROOM * counts[1]:
+    return None
+  used, most = counts
+  return (f"this process holds {used:,} of the {most:,} memory mappings Linux allows (vm.max_map_count; XLA:CPU "
+          f"maps 3 per compiled kernel) and aborts when a later compile (a new image shape) passes the limit: "
+          f"raise it (sudo sysctl -w vm.max_map_count=262144) or compile fewer programs (fewer views, no compact rows)")
