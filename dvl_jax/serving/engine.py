@@ -48,6 +48,7 @@ class _Active:
   algorithm: str
   length: int  # prompt length P
   gen: int  # max_tokens G
+  program: tuple  # what its `insert` compiles for: the algorithm and the prefill's shapes
   emitted: int = 0  # generated tokens handed out as pieces
 
 
@@ -106,6 +107,7 @@ class Engine:
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, _Active] = {}
     self._ids = itertools.count()
+    self._inserted: set[tuple] = set()  # `_Active.program`s admitted so far: their `insert` is compiled
 
   @property
   def busy(self) -> int:
@@ -117,10 +119,16 @@ class Engine:
     return len(self._waiting)
 
   def submit(self, request: Request) -> int:
-    """Queues `request` (checked now: a bad one raises `ValueError` and changes nothing) -> its id."""
+    """Queues `request` (checked now: a bad one raises `ValueError` and changes nothing) -> its id. A request
+    whose `insert` is not compiled yet (a new prompt-length bucket or image shape) raises `mappings.NoRoom` when
+    the process is near its limit on memory mappings: refused, rather than a compile that aborts the process."""
     prefill = self._prefill(request)
+    program = (request.algorithm, jax.tree.structure(prefill), tuple(np.shape(x) for x in jax.tree.leaves(prefill)))
+    if program not in self._inserted:
+      mappings.check_room(f"a {len(request.prompt)}-token {request.algorithm} prompt"
+                          f"{' with an image' if request.pixel_values is not None else ''}")
     rid = next(self._ids)
-    self._requests[rid] = _Active(prefill, request.algorithm, len(request.prompt), request.max_tokens)
+    self._requests[rid] = _Active(prefill, request.algorithm, len(request.prompt), request.max_tokens, program)
     self._waiting.append(rid)
     return rid
 
@@ -150,6 +158,7 @@ class Engine:
       slot = pool.free.pop(0)
       pool.slots = programs.insert(pool.static, self.state, pool.slots, np.int32(slot), self._requests[rid].prefill)
       pool.slot_of[rid] = slot
+      self._inserted.add(self._requests[rid].program)
       admitted.append(rid)
     self._waiting = still
     pieces, finished = [], []

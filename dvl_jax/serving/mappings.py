@@ -13,6 +13,11 @@ from __future__ import annotations
 MAPS = "/proc/self/maps"
 LIMIT = "/proc/sys/vm/max_map_count"
 HEADROOM = 0.5  # warn past this share of the limit: later programs (image shapes) need room too
+FULL = 0.9  # past this share, a program that is not compiled yet is refused (a decoding program takes ~1,500)
+
+
+class NoRoom(RuntimeError):
+  """A request would need a new compiled program and the process is near its limit on memory mappings."""
 
 
 def usage(maps: str = MAPS, limit: str = LIMIT) -> tuple[int, int] | None:
@@ -35,3 +40,12 @@ def warning(maps: str = MAPS, limit: str = LIMIT) -> str | None:
   return (f"this process holds {used:,} of the {most:,} memory mappings Linux allows (vm.max_map_count; XLA:CPU "
           f"maps 3 per compiled kernel) and aborts when a later compile (a new image shape) passes the limit: "
           f"raise it (sudo sysctl -w vm.max_map_count=262144) or compile fewer programs (fewer views, no compact rows)")
+
+
+def check_room(what: str, maps: str = MAPS, limit: str = LIMIT) -> None:
+  """Raises `NoRoom` (one line, with the fix) when compiling `what` could take the process past the limit."""
+  counts = usage(maps, limit)
+  if counts is not None and counts[0] > FULL * counts[1]:
+    raise NoRoom(f"{what} needs a program this server has not compiled, and the process holds {counts[0]:,} of "
+                 f"the {counts[1]:,} memory mappings Linux allows (a compile past them aborts it): send a shape "
+                 f"it has served, or restart it with a higher vm.max_map_count or that shape warmed up")

@@ -194,6 +194,23 @@ def test_warm_up_warns_when_its_programs_hold_much_of_the_memory_mappings(monkey
   assert "memory mappings Linux allows (vm.max_map_count" in record.getMessage()
 
 
+def test_near_the_mapping_limit_only_requests_with_a_compiled_insert_are_taken(monkeypatch):
+  """A new prompt bucket would compile an `insert` past the limit (which aborts the process): refused, one line,
+  nothing changed; requests of a compiled shape keep coming in and decode."""
+  engine = Engine(model(), CONFIG, **SIZES)
+  engine.run([Request([5, 6, 7], max_tokens=4, algorithm="autoregressive")])  # its 8-token bucket is compiled
+  monkeypatch.setattr(mappings, "usage", lambda *_: (95, 100))
+  same = Request([8, 9], max_tokens=4, algorithm="autoregressive")
+  rid = engine.submit(same)
+  with pytest.raises(mappings.NoRoom, match=r"^a 13-token autoregressive prompt needs a program this server has not "
+                                            r"compiled, and the process holds 95 of the 100 memory mappings"):
+    engine.submit(Request([5] * 13, max_tokens=4, algorithm="autoregressive"))
+  assert engine.waiting == 1
+  outputs = engine.run()
+  assert list(outputs) == [rid]
+  assert_decodes_as_alone(engine, same, outputs[rid], alone(engine, same))
+
+
 def test_a_step_ends_when_a_request_finishes_and_looks_often_while_a_slot_is_free(monkeypatch):
   """So a finished request's slot is refilled at once, and a request that arrives while a slot is free waits at
   most `admit_every` forwards."""

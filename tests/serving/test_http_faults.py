@@ -25,6 +25,7 @@ from PIL import Image
 import dvl_jax as dvl
 from dvl_jax.cli.commands import main
 from dvl_jax.cli.serve import warm_up_images
+from dvl_jax.serving import mappings
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
 from dvl_jax.serving.engine import Engine
@@ -176,6 +177,23 @@ def test_a_full_queue_answers_429(served):
   assert reply.status_code == 429 and "--max-queue 0" in reply.json()["error"]["message"]
   with served.client() as client:
     assert send(client, TEXT, {"model": MODEL, "prompt": [5, 6], "max_tokens": 4}).status_code == 200
+
+
+def test_near_the_mapping_limit_a_request_needing_a_new_program_gets_503_and_the_server_goes_on(served,
+                                                                                             monkeypatch):
+  engine = served.app.state.worker.engine
+  body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 4}
+  with served.client() as client:
+    assert send(client, TEXT, body).status_code == 200  # its shape's insert is compiled
+    monkeypatch.setattr(mappings, "usage", lambda *_: (95, 100))
+    assert send(client, TEXT, body).status_code == 200  # the same shape: no new program
+    monkeypatch.setattr(engine, "_inserted", set())  # as if no shape had been served yet
+    reply = send(client, TEXT, body)
+    assert reply.status_code == 503
+    assert reply.json()["error"]["message"].startswith("a 2-token block_diffusion prompt needs a program this "
+                                                       "server has not compiled, and the process holds 95 of the 100")
+    monkeypatch.undo()
+    assert send(client, TEXT, body).json()["choices"][0]["finish_reason"] == "length"
 
 
 def test_a_request_past_its_deadline_is_cancelled_with_504(served):

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+from dvl_jax.serving import mappings
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
@@ -133,6 +134,10 @@ class Worker:
       except (ValueError, TypeError, OverflowError) as e:  # the engine's checks of the request's settings
         self._close(ticket, "rejected")
         ticket.put(Event("failed", ApiError(400, str(e))))
+        return
+      except mappings.NoRoom as e:  # its program would not fit: the others go on
+        self._close(ticket, "rejected")
+        ticket.put(Event("failed", ApiError(503, str(e), "server_error")))
         return
       except Exception as e:  # noqa: BLE001 - a bug this request hit; `submit` changed nothing, the others go on
         log.exception("engine.submit failed")
