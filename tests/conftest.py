@@ -36,13 +36,25 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_compilation_cache_max_size", 2 ** 40)  # never evicts; reads and writes take the lock
 
+from dvl_jax.serving import mappings  # noqa: E402  (after the settings above: nothing compiles first)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _unmap_compiled_programs():
-  """Drops the in-memory compiled programs after each test file. XLA:CPU maps ~10 memory regions per loaded
-  executable and keeps them while its jit caches hold it; a worker that ran a few hundred tests' programs
-  reached Linux's `vm.max_map_count` (65,530 mappings: the core dump of a crashed CI worker had 65,532) and
-  died in the next compile (LLVM's "unable to allocate section memory" abort, or a segfault). The next file
-  reads the programs it shares with earlier ones back from the persistent cache."""
+  """Drops the in-memory compiled programs after each test file. XLA:CPU maps 3 memory regions per kernel of a
+  loaded executable (a few hundred kernels for a sampler) and keeps them while its jit caches hold it; a worker
+  that ran a few hundred tests' programs reached Linux's `vm.max_map_count` (65,530 mappings: the core dump of a
+  crashed CI worker had 65,532) and died in the next compile (LLVM's "unable to allocate section memory" abort,
+  or a segfault). The next file reads the programs it shares with earlier ones back from the persistent cache."""
   yield
   jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _room_for_the_next_test():
+  """Also after a test once the process holds half the limit (`tests/serving/test_engine.py` alone reaches 26,575
+  mappings): a file that grows cannot take a worker down."""
+  yield
+  if (warning := mappings.warning()) is not None:
+    jax.clear_caches()
+    print(f"\nconftest: cleared the compiled programs: {warning}")
