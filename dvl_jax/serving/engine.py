@@ -60,6 +60,7 @@ class _Pool:
   slots: programs.Slots
   free: list[int]
   slot_of: dict[int, int] = dataclasses.field(default_factory=dict)  # request id -> slot
+  decoders: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (view, width)s `generate` compiled for
 
 
 class Engine:
@@ -165,10 +166,10 @@ class Engine:
     for pool in self._pools.values():
       if pool.slot_of:
         forwards = np.int32(self.admit_every if pool.free else self.chunk)  # the waiting ones were admitted
-        width = min(w for w in self.widths if w >= len(pool.slot_of))
+        view, width = self._decoder(pool)
         picked = np.array(sorted(pool.slot_of.values()) + sorted(pool.free), np.int32)[:width]  # busy ones first
-        pool.slots, out = programs.generate(pool.static, forwards, self._view(pool), width, self.state, pool.slots,
-                                            picked)
+        pool.slots, out = programs.generate(pool.static, forwards, view, width, self.state, pool.slots, picked)
+        pool.decoders.add((view, width))
         p, f = self._hand_out(pool, jax.device_get(out))
         pieces += p
         finished += f
@@ -207,15 +208,24 @@ class Engine:
       for view, width in itertools.product(self.views, self.widths):  # every slot is idle: the program compiles
         pool.slots, _ = programs.generate(pool.static, np.int32(self.chunk), view, width, self.state, pool.slots,
                                           np.arange(width, dtype=np.int32))
+        pool.decoders.add((view, width))
     if (warning := mappings.warning()) is not None:
       log.warning("after warm-up %s", warning)
 
-  def _view(self, pool: _Pool) -> int:
-    """The shortest of `views` that holds every busy slot's decoded span (`P + G` rounded up to a block); the
-    longest view is the whole cache, which holds any admitted request."""
+  def _decoder(self, pool: _Pool) -> tuple[int, int]:
+    """The (view, row width) of the pool's next chunk: the shortest of `views` that holds every busy slot's
+    decoded span (`P + G` rounded up to a block; the longest view is the whole cache, which holds any admitted
+    request) and the narrowest of `widths` that holds the busy slots. Near the memory-mapping limit
+    (`mappings.full`), rather than compile that program the smallest compiled one that holds them: a longer view
+    or a wider chunk gives the same tokens, at more cost."""
     need = max(round_up(self._requests[rid].length + self._requests[rid].gen, self.config.block_size)
                for rid in pool.slot_of)
-    return min(v for v in self.views if v >= need)
+    view = min(v for v in self.views if v >= need)
+    width = min(w for w in self.widths if w >= len(pool.slot_of))
+    if (view, width) in pool.decoders or not mappings.full():
+      return view, width
+    compiled = [(v, w) for v, w in pool.decoders if v >= view and w >= width]
+    return min(compiled, key=lambda vw: vw[0] * vw[1]) if compiled else (view, width)
 
   def _pool(self, algorithm: str) -> _Pool:
     """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""

@@ -42,10 +42,16 @@ def warning(maps: str = MAPS, limit: str = LIMIT) -> str | None:
           f"raise it (sudo sysctl -w vm.max_map_count=262144) or compile fewer programs (fewer views, no compact rows)")
 
 
+def full(maps: str = MAPS, limit: str = LIMIT) -> bool:
+  """Whether the process holds more than `FULL` of the limit: a new program may not fit."""
+  counts = usage(maps, limit)
+  return counts is not None and counts[0] > FULL * counts[1]
+
+
 def check_room(what: str, maps: str = MAPS, limit: str = LIMIT) -> None:
   """Raises `NoRoom` (one line, with the fix) when compiling `what` could take the process past the limit."""
-  counts = usage(maps, limit)
-  if counts is not None and counts[0] > FULL * counts[1]:
+  if full(maps, limit):
+    counts = usage(maps, limit)
     raise NoRoom(f"{what} needs a program this server has not compiled, and the process holds {counts[0]:,} of "
                  f"the {counts[1]:,} memory mappings Linux allows (a compile past them aborts it): send a shape "
                  f"it has served, or restart it with a higher vm.max_map_count or that shape warmed up")

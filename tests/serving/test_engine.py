@@ -211,6 +211,24 @@ def test_near_the_mapping_limit_only_requests_with_a_compiled_insert_are_taken(m
   assert_decodes_as_alone(engine, same, outputs[rid], alone(engine, same))
 
 
+def test_near_the_mapping_limit_a_chunk_runs_on_a_compiled_longer_view_with_the_same_tokens(monkeypatch):
+  engine = Engine(model(), CONFIG, **SIZES)
+  assert engine.views == [16, 24, 32]
+  real, views = slots.generate, []
+  monkeypatch.setattr(slots, "generate", lambda static, forwards, view, *rest: (views.append(view),
+                                                                                real(static, forwards, view, *rest))[1])
+  engine.run([Request([5] * 16, max_tokens=14, algorithm="autoregressive")])  # P + G = 30: the 32-slot view
+  assert set(views) == {32}
+  short = Request(list(range(5, 14)), max_tokens=4, algorithm="autoregressive")  # same bucket; P + G = 13: 16 slots
+  with monkeypatch.context() as near_the_limit:
+    near_the_limit.setattr(mappings, "usage", lambda *_: (95, 100))
+    (out,) = engine.run([short]).values()
+  assert set(views) == {32}  # the compiled program, not a new one for the shorter view
+  assert_decodes_as_alone(engine, short, out, alone(engine, short))
+  engine.run([short])
+  assert views[-1] == 16  # with room, the shortest view that holds it
+
+
 def test_a_step_ends_when_a_request_finishes_and_looks_often_while_a_slot_is_free(monkeypatch):
   """So a finished request's slot is refilled at once, and a request that arrives while a slot is free waits at
   most `admit_every` forwards."""
