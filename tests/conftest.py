@@ -36,7 +36,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_compilation_cache_max_size", 2 ** 40)  # never evicts; reads and writes take the lock
 
-from dvl_jax.serving import mappings  # noqa: E402  (after the settings above: nothing compiles first)
+from dvl_jax.core import mappings  # noqa: E402  (after the settings above: nothing compiles first)
 
 
 @pytest.fixture(autouse=True, scope="module")

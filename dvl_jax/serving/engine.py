@@ -24,12 +24,12 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from dvl_jax.core import mappings
 from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
 from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
 from dvl_jax.models.interface import DiffusionLM
-from dvl_jax.serving import mappings
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
 

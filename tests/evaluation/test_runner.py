@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import pytest
 
 from dvl_jax.cli import eval as eval_cli
 from dvl_jax.cli.commands import main
+from dvl_jax.core import mappings
 from dvl_jax.evaluation import get_task, runner
 
 LIMIT, GEN = 6, 16
@@ -121,6 +123,23 @@ def test_timing_repeats_time_the_fastest_run_of_the_same_answers(eval_model, tmp
   assert answers[3] == answers[1]
   with pytest.raises(ValueError, match="--timing-repeats must be >= 1"):
     runner.InProcess(model, processor, 0)
+
+
+def test_near_the_mapping_limit_each_batch_drops_the_compiled_programs_and_answers_the_same(eval_model, tmp_path,
+                                                                                            monkeypatch):
+  answers, real = {}, jax.clear_caches
+  for near in (False, True):
+    out = tmp_path / str(near)
+    with monkeypatch.context() as patch:
+      clears = []
+      patch.setattr(jax, "clear_caches", lambda: (clears.append(1), real()))
+      if near:
+        patch.setattr(mappings, "usage", lambda *_: (95, 100))
+      runner.evaluate(*eval_model, "synthetic", decoders=("dynamic",), limit=LIMIT, batch_size=2, gen_length=16,
+                      out_dir=str(out), log_samples=True, progress=False)
+    assert len(clears) == (-(-LIMIT // 2) if near else 0)  # before every batch, or never
+    answers[near] = [(row["answer"], row["nfe"]) for row in _log(out, "dynamic")]
+  assert answers[True] == answers[False]
 
 
 def test_cli_timing_repeats_are_in_process_only(capsys):

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
+from dvl_jax.core import mappings
 from dvl_jax.diffusion import remask, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig, round_up
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
-from dvl_jax.serving import mappings, slots
+from dvl_jax.serving import slots
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.request import Request
 from dvl_jax.testing.tiny import tiny_config, tiny_model

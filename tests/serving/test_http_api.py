@@ -15,7 +15,7 @@ import openai
 from PIL import Image
 
 import dvl_jax as dvl
-from dvl_jax.serving import mappings
+from dvl_jax.core import mappings
 from dvl_jax.serving.http.responses import Answer
 from tests.serving import http_server
 from tests.serving.http_server import GEN, KEY, MODEL

@@ -25,7 +25,7 @@ from PIL import Image
 import dvl_jax as dvl
 from dvl_jax.cli.commands import main
 from dvl_jax.cli.serve import warm_up_images
-from dvl_jax.serving import mappings
+from dvl_jax.core import mappings
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError
 from dvl_jax.serving.engine import Engine

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-from dvl_jax.serving import mappings
+from dvl_jax.core import mappings
 from dvl_jax.serving.engine import Engine
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.schema import ApiError

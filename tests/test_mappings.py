@@ -4,7 +4,7 @@ XLA:CPU program holds mappings for as long as it lives, and past Linux's limit t
 import jax
 import jax.numpy as jnp
 
-from dvl_jax.serving import mappings
+from dvl_jax.core import mappings
 
 
 def _files(tmp_path, lines: int, limit: str) -> tuple[str, str]:

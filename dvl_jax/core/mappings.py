@@ -5,7 +5,8 @@ data apart (three mappings, kept while the program lives). A decoding program ha
 CPU server's warm-up (a program per cache view, row width, prompt bucket and algorithm) takes tens of thousands:
 36,636 for `dvl serve --compact-rows` with both algorithms on a 151,680-token random checkpoint. Past the limit
 the next compile aborts the process (LLVM cannot map section memory), however much memory is free; the test
-suite's workers died of it (`tests/conftest.py`). Accelerator programs keep their kernels on the device.
+suite's workers died of it (`tests/conftest.py`). The server (`dvl_jax.serving`) and the in-process evaluator
+read it; accelerator programs keep their kernels on the device.
 """
 
 from __future__ import annotations
