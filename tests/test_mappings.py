@@ -15,7 +15,8 @@ def _files(tmp_path, lines: int, limit: str) -> tuple[str, str]:
 
 
 def test_usage_counts_the_mappings_and_reads_the_limit(tmp_path):
-  assert mappings.usage(*_files(tmp_path, 7, "65530\n")) == (7, 65530)
+  maps, most = _files(tmp_path, 7, "65530\n")
+  assert mappings.usage(maps, most) == (7, 65530) and mappings.limit(most) == 65530
   assert mappings.usage(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
   assert mappings.usage(*_files(tmp_path, 7, "unlimited")) is None
 

@@ -21,21 +21,33 @@ class NoRoom(RuntimeError):
   """A request would need a new compiled program and the process is near its limit on memory mappings."""
 
 
-def usage(maps: str = MAPS, limit: str = LIMIT) -> tuple[int, int] | None:
-  """(mappings this process holds, the system's limit), or None where the system does not say (not Linux)."""
+def limit(path: str = LIMIT) -> int | None:
+  """The system's limit on one process's memory mappings, or None where the system does not say (not Linux)."""
   try:
-    with open(maps) as f:
-      used = sum(1 for _ in f)
-    with open(limit) as f:
-      return used, int(f.read())
+    with open(path) as f:
+      return int(f.read())
   except (OSError, ValueError):
     return None
 
 
-def warning(maps: str = MAPS, limit: str = LIMIT) -> str | None:
+def usage(maps: str = MAPS, limit_path: str = LIMIT) -> tuple[int, int] | None:
+  """(mappings this process holds, the system's limit), or None where the system does not say (not Linux)."""
+  most = limit(limit_path)
+  try:
+    with open(maps) as f:
+      return (sum(1 for _ in f), most) if most is not None else None
+  except OSError:
+    return None
+
+
+def _past(share: float, counts: tuple[int, int] | None) -> bool:
+  return counts is not None and counts[0] > share * counts[1]
+
+
+def warning(maps: str = MAPS, limit_path: str = LIMIT) -> str | None:
   """A one-line warning with the fix when this process holds more than `HEADROOM` of the limit, else None."""
-  counts = usage(maps, limit)
-  if counts is None or counts[0] <= HEADROOM * counts[1]:
+  counts = usage(maps, limit_path)
+  if not _past(HEADROOM, counts):
     return None
   used, most = counts
   return (f"this process holds {used:,} of the {most:,} memory mappings Linux allows (vm.max_map_count; XLA:CPU "
@@ -43,16 +55,15 @@ def warning(maps: str = MAPS, limit: str = LIMIT) -> str | None:
           f"raise it (sudo sysctl -w vm.max_map_count=262144) or compile fewer programs (fewer views, no compact rows)")
 
 
-def full(maps: str = MAPS, limit: str = LIMIT) -> bool:
+def full(maps: str = MAPS, limit_path: str = LIMIT) -> bool:
   """Whether the process holds more than `FULL` of the limit: a new program may not fit."""
-  counts = usage(maps, limit)
-  return counts is not None and counts[0] > FULL * counts[1]
+  return _past(FULL, usage(maps, limit_path))
 
 
-def check_room(what: str, maps: str = MAPS, limit: str = LIMIT) -> None:
+def check_room(what: str, maps: str = MAPS, limit_path: str = LIMIT) -> None:
   """Raises `NoRoom` (one line, with the fix) when compiling `what` could take the process past the limit."""
-  if full(maps, limit):
-    counts = usage(maps, limit)
+  counts = usage(maps, limit_path)
+  if _past(FULL, counts):
     raise NoRoom(f"{what} needs a program this server has not compiled, and the process holds {counts[0]:,} of "
                  f"the {counts[1]:,} memory mappings Linux allows (a compile past them aborts it): send a shape "
                  f"it has served, or restart it with a higher vm.max_map_count or that shape warmed up")

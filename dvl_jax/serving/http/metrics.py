@@ -35,11 +35,11 @@ class Metrics:
                                         registry=r, buckets=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0))
     self.tokens = Counter("dvl_generated_tokens", "Tokens of finished answers (through EOS)", registry=r)
     self.forwards = Counter("dvl_forwards", "Model forwards of finished answers (prefill included)", registry=r)
-    for i, (name, what) in enumerate([("dvl_memory_mappings", "Memory mappings the process holds (XLA:CPU: 3 per "
-                                       "compiled kernel; read at each scrape)"),
-                                      ("dvl_memory_mappings_limit", "Linux's vm.max_map_count: a compile past it "
-                                       "aborts the process")]):
-      Gauge(name, what, registry=r).set_function(lambda i=i: (mappings.usage() or (float("nan"),) * 2)[i])
+    nan = float("nan")
+    Gauge("dvl_memory_mappings", "Memory mappings the process holds (XLA:CPU: 3 per compiled kernel; read at each "
+          "scrape)", registry=r).set_function(lambda: (mappings.usage() or (nan,))[0])
+    Gauge("dvl_memory_mappings_limit", "Linux's vm.max_map_count: a compile past it aborts the process",
+          registry=r).set_function(lambda: mappings.limit() or nan)
 
   def finished(self, tokens: int, forwards: int, latency: float, ttft: float) -> None:
     self.requests.labels("finished").inc()
