@@ -4,7 +4,6 @@ AR loss, the projector alone; stage 2: anyres crops, BD3-LM, everything)."""
 
 import os
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,18 +14,6 @@ from dvl_jax.testing.tiny import save_tiny_checkpoint
 from dvl_jax.training.loop import train
 from tests.data.helpers import make_llava_processor, write_llava_dataset
 from tests.training.test_loop import REPO, _assert_same_run, _config, _losses
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_persistent_cache():
-  """This file's programs are not written to the shared compilation cache (so never read back either): XLA's CPU
-  client segfaulted serialising one of its train steps for the cache, and once deserialising one, in two of four
-  CI runs on 2026-12-04. Not a confirmed cause: later that day a worker also crashed compiling another file's
-  train step with the cache off entirely. The bound is read at every write."""
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-  yield
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 @pytest.fixture(scope="module")
