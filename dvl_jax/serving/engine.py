@@ -162,7 +162,7 @@ class Engine:
       self._inserted.add(self._requests[rid].program)
       admitted.append(rid)
     self._waiting = still
-    pieces, finished = [], []
+    pieces, finished, nfe = [], [], {}
     for pool in self._pools.values():
       if pool.slot_of:
         forwards = np.int32(self.admit_every if pool.free else self.chunk)  # the waiting ones were admitted
@@ -170,10 +170,12 @@ class Engine:
         picked = np.array(sorted(pool.slot_of.values()) + sorted(pool.free), np.int32)[:width]  # busy ones first
         pool.slots, out = programs.generate(pool.static, forwards, view, width, self.state, pool.slots, picked)
         pool.decoders.add((view, width))
-        p, f = self._hand_out(pool, jax.device_get(out))
+        out = jax.device_get(out)
+        nfe |= {rid: int(out["nfe"][slot]) for rid, slot in pool.slot_of.items()}
+        p, f = self._hand_out(pool, out)
         pieces += p
         finished += f
-    return Result(admitted, pieces, finished)
+    return Result(admitted, pieces, finished, nfe)
 
   def run(self, requests: Iterable[Request] = ()) -> dict[int, GenerateOutput]:
     """Submits `requests` and steps until nothing is left -> every request's output by id."""

@@ -60,3 +60,4 @@ class Result(NamedTuple):
   admitted: list[int]  # request ids that got a slot
   pieces: list[tuple[int, np.ndarray]]  # (request id, its next final tokens): whole blocks, then the rest at the end
   finished: list[tuple[int, GenerateOutput]]  # (request id, its output, as `dvl.generate` gives it for one prompt)
+  forwards: dict[int, int]  # request id -> its forwards so far, prefill included (each request that decoded)

@@ -182,3 +182,52 @@ def test_an_answer_ends_at_eos_in_the_body_and_the_stream():
                            "tokens_per_forward": 1.5}
   last = json.loads(answer.last_chunk(out, 3).decode().removeprefix("data: "))
   assert last["choices"][0]["finish_reason"] == "stop" and math.isclose(last["usage"]["tokens_per_forward"], 1.5)
+
+
+def test_an_answer_ends_before_its_first_stop_sequence():
+  """Hand-made pieces: text that may begin a stop sequence is held back, then shown once it does not; at a stop
+  the text ends before it, the ids run through the token that completed it, usage counts the forwards so far."""
+  decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+  answer = Answer("text", MODEL, decode, eos_id=2, stop=("7 8", "4 4 4"))
+  assert answer.add(np.array([5, 7]), forwards=3) == ([5, 7], "5 ")  # "7" may begin "7 8"
+  assert answer.add(np.array([9, 4]), forwards=4) == ([9, 4], "7 9 ")  # it did not; "4" may begin "4 4 4"
+  assert answer.add(np.array([7, 8, 6]), forwards=6) == ([7, 8], "4 ")  # "7 8" completes at the 8
+  assert answer.stopped and answer.add(np.array([6]), forwards=7) == ([], "")
+  body = answer.body(None, prompt_tokens=3, token_ids=True)
+  assert body["choices"][0] == {"index": 0, "finish_reason": "stop", "logprobs": None, "text": "5 7 9 4 ",
+                                "token_ids": [5, 7, 9, 4, 7, 8]}
+  assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9, "nfe": 6,
+                           "tokens_per_forward": 1.0}
+  last = json.loads(answer.last_chunk(None, 3).decode().removeprefix("data: "))
+  assert last["choices"][0]["text"] == "" and last["choices"][0]["finish_reason"] == "stop"
+  held = Answer("text", MODEL, decode, eos_id=2, stop=("5 6",))
+  assert held.add(np.array([4, 5]), forwards=1) == ([4, 5], "4 ")
+  out = dvl.GenerateOutput.build(np.array([[4, 5]]), np.array([2]), np.array([2]), 2, np.zeros((1, 2), int), 2)
+  last = json.loads(held.last_chunk(out, 1).decode().removeprefix("data: "))
+  assert last["choices"][0]["text"] == "5" and last["choices"][0]["finish_reason"] == "length"  # held back till now
+
+
+def test_a_stop_sequence_ends_the_answer_early_in_the_body_and_the_stream(served):
+  want = alone(served, QUESTION, chat=False, gen_length=GEN)
+  tokens, text = want.tokens[0, :want.lengths[0]].tolist(), want.text[0]
+  stop = text.split()[3]  # a word of the first block or so: most of the answer is left to decode
+  decode = lambda ids: served.processor.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+  through = next(n for n in range(1, len(tokens) + 1) if stop in decode(tokens[:n]))
+  stopped = served.metric('dvl_requests_total{outcome="stopped"}')
+  body = {"model": MODEL, "prompt": QUESTION, "max_tokens": GEN, "stop": [stop, "never said"],
+          "return_token_ids": True}
+  with served.client() as client:
+    reply = client.post("/v1/completions", json=body).json()
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+      lines = [line for line in streamed.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  choice = reply["choices"][0]
+  assert choice["text"] == text[:text.index(stop)] and choice["token_ids"] == tokens[:through]
+  assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == through
+  assert 0 < reply["usage"]["nfe"] < want.nfe[0]  # it left its slot before the answer's end
+  assert "".join(e["choices"][0]["text"] for e in events) == text[:text.index(stop)]
+  assert sum((e["choices"][0].get("token_ids", []) for e in events), []) == tokens[:through]
+  assert events[-1]["choices"][0]["finish_reason"] == "stop" and events[-1]["usage"] == reply["usage"]
+  served.wait_idle()
+  assert served.metric('dvl_requests_total{outcome="stopped"}') == stopped + 2

@@ -111,7 +111,7 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
     except ValueError as e:
       raise ApiError(400, _one_line(e)) from e
     deadline = asyncio.get_running_loop().time() + settings.request_timeout
-    answer = Answer(name, settings.model_name, inputs.decode, eos_id)
+    answer = Answer(name, settings.model_name, inputs.decode, eos_id, body.stops)
     ticket = worker.submit(request)
     if body.stream:
       try:
@@ -125,13 +125,19 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
     try:
       event = await _next(worker, ticket, deadline, settings, gone)
       while event.kind != "finished":
+        if event.kind == "piece" and answer.stop:  # watched for its stop sequences
+          answer.add(event.value, event.forwards)
+          if answer.stopped:
+            worker.cancel(ticket, "stopped")  # its slot goes to the next request
+            break
         event = await _next(worker, ticket, deadline, settings, gone)
     except _Disconnected:
       return Response(status_code=499)  # nobody reads it
     finally:
       gone.cancel()
       worker.cancel(ticket)
-    return JSONResponse(answer.body(event.value, len(request.prompt), body.return_token_ids))
+    output = None if answer.stopped else event.value
+    return JSONResponse(answer.body(output, len(request.prompt), body.return_token_ids))
 
   return app
 
@@ -160,8 +166,9 @@ class _CountResponses:
 
 async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Settings, answer: Answer,
                   body: Decoding, prompt_tokens: int):
-  """Server-Sent Events: one chunk per final block, the finish reason and usage, then `[DONE]`; a request that
-  times out ends with an error event. Starlette cancels this generator when the client disconnects."""
+  """Server-Sent Events: one chunk per final block (up to a stop sequence), the finish reason and usage, then
+  `[DONE]`; a request that times out ends with an error event. Starlette cancels this generator when the client
+  disconnects."""
   try:
     first = True
     while True:
@@ -173,9 +180,13 @@ async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Set
       if event.kind == "finished":
         yield answer.last_chunk(event.value, prompt_tokens)
         break
-      tokens, text = answer.add(event.value)
+      tokens, text = answer.add(event.value, event.forwards)
       yield answer.chunk(tokens, text, body.return_token_ids, role=first)
       first = False
+      if answer.stopped:
+        worker.cancel(ticket, "stopped")
+        yield answer.last_chunk(None, prompt_tokens)
+        break
     yield DONE
   finally:
     worker.cancel(ticket)

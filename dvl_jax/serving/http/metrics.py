@@ -11,15 +11,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from dvl_jax.core import mappings
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-OUTCOMES = ("finished", "rejected", "cancelled", "timeout", "failed")
+OUTCOMES = ("finished", "stopped", "rejected", "cancelled", "timeout", "failed")
 
 
 class Metrics:
   def __init__(self, slots: int):
     self.registry = CollectorRegistry()
     r = self.registry
-    self.requests = Counter("dvl_requests", "Requests that reached the engine, by outcome (rejected: the engine "
-                            "refused its settings; cancelled: the client went away)", ["outcome"], registry=r)
+    self.requests = Counter("dvl_requests", "Requests that reached the engine, by outcome (stopped: ended at a "
+                            "stop sequence; rejected: the engine refused its settings; cancelled: the client went "
+                            "away)", ["outcome"], registry=r)
     for outcome in OUTCOMES:
       self.requests.labels(outcome)
     self.responses = Counter("dvl_http_responses", "HTTP responses by route and status code (a 4xx: a bad request)",

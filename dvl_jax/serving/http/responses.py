@@ -1,8 +1,10 @@
 """OpenAI response bodies and Server-Sent Event chunks, for chat (`chat.completion`) and text completions.
 
 An answer is the generated tokens through the first EOS, as `dvl.generate` reports them (`GenerateOutput.lengths`;
-block diffusion decodes the rest of the EOS's block too, which no client sees). `usage` adds dvl's speed to
-OpenAI's token counts: NFE (model forwards, the prompt's prefill included) and tokens per forward.
+block diffusion decodes the rest of the EOS's block too, which no client sees). With stop sequences it ends
+earlier, at the first token after which its text holds one of them: its text stops before that sequence (as
+OpenAI's does), its token ids run through that token. `usage` adds dvl's speed to OpenAI's token counts: NFE
+(model forwards, the prompt's prefill included) and tokens per forward.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -20,37 +22,66 @@ DONE = b"data: [DONE]\n\n"
 
 
 class Answer:
-  """The answer of one request as its pieces arrive: tokens through EOS, and the text shown so far (a text
-  ending in an incomplete UTF-8 character, U+FFFD, waits for the next piece)."""
+  """The answer of one request as its pieces arrive: tokens through EOS or a stop sequence, and the text shown
+  so far (a text ending in an incomplete UTF-8 character, U+FFFD, or in what may begin a stop sequence waits for
+  the next piece)."""
 
-  def __init__(self, kind: str, model: str, decode: Callable[[list[int]], str], eos_id: int):
-    self.kind, self.model, self.decode, self.eos_id = kind, model, decode, eos_id
+  def __init__(self, kind: str, model: str, decode: Callable[[list[int]], str], eos_id: int,
+               stop: Sequence[str] = ()):
+    self.kind, self.model, self.decode, self.eos_id, self.stop = kind, model, decode, eos_id, tuple(stop)
     self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     self.created = int(time.time())
     self.tokens: list[int] = []
     self.shown = ""
+    self.stopped_at: int | None = None  # where the text ends once a stop sequence was met
+    self.forwards = 0  # the request's forwards when its last piece was handed out
 
-  def add(self, piece: np.ndarray) -> tuple[list[int], str]:
-    """A piece's new tokens (cut after EOS) and the text they add."""
-    if self.eos_id in self.tokens:
+  @property
+  def stopped(self) -> bool:
+    return self.stopped_at is not None
+
+  def add(self, piece: np.ndarray, forwards: int = 0) -> tuple[list[int], str]:
+    """A piece's new tokens (cut after EOS or the token that completes a stop sequence) and the text they add;
+    `forwards`: the request's forwards so far."""
+    if self.eos_id in self.tokens or self.stopped:
       return [], ""
     new = [int(t) for t in piece]
     if self.eos_id in new:
       new = new[:new.index(self.eos_id) + 1]
+    before, self.forwards = len(self.tokens), forwards
     self.tokens += new
+    if self.stop and self._stop_in(self.decode(self.tokens)) is not None:
+      end = next(n for n in range(before + 1, len(self.tokens) + 1) if self._stop_in(self.decode(self.tokens[:n]))
+                 is not None)
+      self.tokens = self.tokens[:end]
+      self.stopped_at = self._stop_in(self.decode(self.tokens))
+      new = new[:end - before]
     return new, self._delta(final=False)
 
+  def _stop_in(self, text: str) -> int | None:
+    """Where the first stop sequence in `text` begins, if any."""
+    return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=None)
+
+  def _text(self, tokens: list[int]) -> str:
+    text = self.decode(tokens)
+    return text if self.stopped_at is None else text[:self.stopped_at]
+
   def _delta(self, final: bool) -> str:
-    text = self.decode(self.tokens)
-    if (text.endswith("\ufffd") and not final) or not text.startswith(self.shown):
+    text = self._text(self.tokens)
+    if not (final or self.stopped):  # hold back what may still turn out to begin a stop sequence
+      text = text[:len(text) - max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])),
+                                   default=0)]
+      if text.endswith("\ufffd"):
+        return ""
+    if not text.startswith(self.shown):
       return ""
     delta, self.shown = text[len(self.shown):], text
     return delta
 
-  def body(self, output: GenerateOutput, prompt_tokens: int, token_ids: bool) -> dict[str, Any]:
-    """The whole (non-streamed) response."""
-    tokens = output.tokens[0, :output.lengths[0]].tolist()
-    text = self.decode(tokens)
+  def body(self, output: GenerateOutput | None, prompt_tokens: int, token_ids: bool) -> dict[str, Any]:
+    """The whole (non-streamed) response: of `output`, or of the pieces if a stop sequence ended them."""
+    tokens = self.tokens if self.stopped else output.tokens[0, :output.lengths[0]].tolist()
+    text = self._text(tokens)
     choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason(tokens), "logprobs": None}
     if self.kind == "chat":
       choice["message"] = {"role": "assistant", "content": text}
@@ -59,7 +90,7 @@ class Answer:
     if token_ids:
       choice["token_ids"] = tokens
     return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
-            "created": self.created, "model": self.model, "choices": [choice], "usage": usage(output, prompt_tokens)}
+            "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(output, prompt_tokens)}
 
   def chunk(self, tokens: list[int], text: str, token_ids: bool, *, role: bool = False) -> bytes:
     """One streamed piece (`role`: the first chat chunk names the assistant)."""
@@ -72,29 +103,36 @@ class Answer:
       choice["token_ids"] = tokens
     return self._event(choice)
 
-  def last_chunk(self, output: GenerateOutput, prompt_tokens: int) -> bytes:
-    """The end of a stream: whatever text was held back, the finish reason and the usage."""
+  def last_chunk(self, output: GenerateOutput | None, prompt_tokens: int) -> bytes:
+    """The end of a stream (`output`: None when a stop sequence ended it): whatever text was held back, the
+    finish reason and the usage."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason(self.tokens), "logprobs": None}
     text = self._delta(final=True)
     if self.kind == "chat":
       choice["delta"] = {"content": text} if text else {}
     else:
       choice["text"] = text
-    return self._event(choice, usage=usage(output, prompt_tokens))
+    return self._event(choice, usage=self.usage(output, prompt_tokens))
 
   def finish_reason(self, tokens: list[int]) -> str:
-    return "stop" if self.eos_id in tokens else "length"
+    return "stop" if self.stopped or self.eos_id in tokens else "length"
+
+  def usage(self, output: GenerateOutput | None, prompt_tokens: int) -> dict[str, Any]:
+    """Token counts, NFE and tokens per forward: of `output`, or, when a stop sequence ended the answer, of its
+    tokens through the stop over the forwards run until then."""
+    if self.stopped:
+      completion, forwards = len(self.tokens), max(self.forwards, 1)
+      per_forward = completion / forwards
+    else:
+      completion, forwards = int(output.lengths[0]), int(output.nfe[0])
+      per_forward = float(output.tokens_per_forward[0])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "nfe": forwards, "tokens_per_forward": per_forward}
 
   def _event(self, choice: dict[str, Any], **extra: Any) -> bytes:
     data = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
             "created": self.created, "model": self.model, "choices": [choice], **extra}
     return f"data: {json.dumps(data)}\n\n".encode()
-
-
-def usage(output: GenerateOutput, prompt_tokens: int) -> dict[str, Any]:
-  completion = int(output.lengths[0])
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-          "nfe": int(output.nfe[0]), "tokens_per_forward": float(output.tokens_per_forward[0])}
 
 
 def error_event(message: str, status: int) -> bytes:

@@ -2,7 +2,7 @@
 fields), and how a body that does not fit becomes a one-line 4xx.
 
 Types are strict (`"10"` is not a number) and a field this server does not implement is refused by name rather
-than ignored: a client that sends `n=2`, `tools` or `stop` would otherwise get an answer to a different
+than ignored: a client that sends `n=2`, `tools` or `logprobs` would otherwise get an answer to a different
 question than it asked. Values the engine checks (max_tokens, sampling ranges, prompt length) are left to it.
 """
 
@@ -16,6 +16,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 
+MAX_STOP = 4  # OpenAI's limit on stop sequences
 _TYPE_NAME = re.compile(r"^([A-Z]|str$|int$|float$|bool$|.*\[)")  # a union branch in an error's location
 
 
@@ -52,9 +53,9 @@ class Decoding(_Strict):
   stream: bool = False
   stream_options: StreamOptions | None = None
   user: str | None = None  # an end-user id: no effect on the answer
+  stop: str | list[str] | None = None  # up to MAX_STOP strings: the answer ends before the first one it holds
   # Standard fields accepted only at the value that changes nothing.
   n: int = 1
-  stop: str | list[str] | None = None
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
   logprobs: bool | int | None = None
@@ -70,8 +71,9 @@ class Decoding(_Strict):
     if self.n != 1:
       raise ValueError(f"n={self.n}: this server returns one choice per request; send n=1 (or omit it) and "
                        "repeat the request with different seeds")
-    if self.stop:
-      raise ValueError("stop sequences are not supported: an answer ends at EOS or max_tokens; omit stop")
+    if not all(self.stops) or len(self.stops) > MAX_STOP:
+      raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings, got "
+                       f"{self.stop!r}")
     if self.presence_penalty or self.frequency_penalty:
       raise ValueError("presence / frequency penalties are not supported; omit them or send 0")
     if self.logprobs:
@@ -79,6 +81,10 @@ class Decoding(_Strict):
     if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
       raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
     return self
+
+  @property
+  def stops(self) -> tuple[str, ...]:
+    return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
   @property
   def answer_tokens(self) -> int | None:

@@ -5,7 +5,8 @@ Each request travels as a `Ticket`: the handler's `submit` puts it in the inbox 
 `max_queue` requests already wait for a slot), the worker submits it to the engine between steps and sends
 events back through the handler's loop: `accepted` or `failed` (the engine's `ValueError`: a 400), then
 `piece` per final block and `finished` with the `GenerateOutput`. A handler whose client left or whose time ran
-out sends `cancel`, which frees the request's slot at the next step boundary.
+out, or whose answer reached a stop sequence, sends `cancel`, which frees the request's slot at the next step
+boundary.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ IDLE_WAIT = 0.05  # seconds an idle worker waits for the inbox before checking w
 class Event(NamedTuple):
   kind: str  # "accepted" | "piece" | "finished" | "failed"
   value: Any = None  # piece: tokens [n]; finished: GenerateOutput; failed: ApiError
+  forwards: int = 0  # piece: the request's forwards so far (prefill included)
 
 
 @dataclasses.dataclass(eq=False)
@@ -44,7 +46,7 @@ class Ticket:
   rid: int | None = None  # the engine's id once submitted
   first: float | None = None  # time of the first piece
   queued: bool = True  # counted among the requests waiting for a slot
-  cancelled: str | None = None  # why its handler dropped it: "cancelled" (the client left) or "timeout"
+  cancelled: str | None = None  # why its handler dropped it: "cancelled" (the client left), "timeout", "stopped"
   over: bool = False  # finished, failed or cancelled (set by the worker): nothing more comes
 
   def put(self, event: Event) -> None:
@@ -94,7 +96,8 @@ class Worker:
     return ticket
 
   def cancel(self, ticket: Ticket, outcome: str = "cancelled") -> None:
-    """Drops `ticket`'s request wherever it is (`outcome`: "cancelled" or "timeout", for the metrics)."""
+    """Drops `ticket`'s request wherever it is (`outcome`: "cancelled", "timeout" or "stopped", for the
+    metrics)."""
     if not (ticket.over or ticket.cancelled):
       ticket.cancelled = outcome
       self._inbox.put(("cancel", ticket))
@@ -159,7 +162,7 @@ class Worker:
       if ticket.first is None:
         ticket.first = now
         self.metrics.ttft.observe(now - ticket.handed)
-      ticket.put(Event("piece", tokens))
+      ticket.put(Event("piece", tokens, result.forwards[rid]))
     for rid, output in result.finished:
       ticket = self._tickets.pop(rid)
       ticket.over = True
