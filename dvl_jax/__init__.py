@@ -27,7 +27,8 @@ Public surface (design §3):
     metrics = dvl.train(config, workdir)   # a training run from an ml_collections config, as `dvl train`
 
 `inputs` is the processor's output, a `dvl.Prompts`, or lists of token ids. `dvl.generation_prompt(question,
-num_images)` is DiffusionVL's chat prompt with one `<image>` per image. Token ids in LLaVA's convention (one
+num_images)` is DiffusionVL's chat prompt with one `<image>` per image (`dvl.conversation_prompt(turns, system)`
+the same for a multi-turn conversation). Token ids in LLaVA's convention (one
 -200 per image) become the model's with `dvl.expand_image_placeholders(ids, image_grid_thw,
 image_token_id=...)`; `model.image_features(pixel_values, layout)` takes a `dvl.VisionLayout` from
 `dvl.vision_layout(image_grid_thw, model.config.vision)`. `out.clean_text` is `out.text` after
@@ -57,6 +58,7 @@ _EXPORTS = {  # name -> the module that defines it
     "load": "dvl_jax.checkpoints.loading",
     "Processor": "dvl_jax.data.processor",
     "generation_prompt": "dvl_jax.data.chat_template",
+    "conversation_prompt": "dvl_jax.data.chat_template",
     "expand_image_placeholders": "dvl_jax.data.image_tokens",
     "vision_layout": "dvl_jax.core.vision_layout",
     "VisionLayout": "dvl_jax.core.vision_layout",

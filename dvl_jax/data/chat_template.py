@@ -7,7 +7,7 @@ each message can be tokenized on its own, and no vision start/end tokens: an ima
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from dvl_jax.data.bad_rows import EMPTY_ANSWER, MALFORMED_CONVERSATION, BadRow
 from dvl_jax.data.processor import IMAGE_MARKER
@@ -57,6 +57,15 @@ def conversation_messages(conversations: Any, num_images: int) -> list[tuple[str
 
 def generation_prompt(question: str, num_images: int = 1) -> str:
   """The inference prompt: system, user `<image>\\n{question}` (images space-separated), open assistant turn."""
-  images = " ".join([IMAGE_MARKER] * num_images)
-  user = f"{images}\n{question}" if num_images else question
-  return render_message("system", SYSTEM_PROMPT) + render_message("user", user) + f"{IM_START}assistant\n"
+  return conversation_prompt([("user", question, num_images)])
+
+
+def conversation_prompt(turns: Sequence[tuple[str, str, int]], system: str = SYSTEM_PROMPT) -> str:
+  """A chat's inference prompt: the `system` message, each `(role, text, num_images)` turn (user or assistant;
+  a user turn's images lead it, as `generation_prompt` writes its one turn) and an open assistant turn. One user
+  turn under the default system message is `generation_prompt`'s prompt."""
+  rendered = []
+  for role, text, num_images in turns:
+    images = " ".join([IMAGE_MARKER] * num_images)
+    rendered.append(render_message(role, f"{images}\n{text}" if num_images else text))
+  return render_message("system", system) + "".join(rendered) + f"{IM_START}assistant\n"

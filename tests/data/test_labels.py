@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from dvl_jax.data.bad_rows import BadRow
-from dvl_jax.data.chat_template import conversation_messages, generation_prompt, move_image_to_front
+from dvl_jax.data.chat_template import (SYSTEM_PROMPT, conversation_messages, conversation_prompt, generation_prompt,
+                                        move_image_to_front, render_message)
 from dvl_jax.data.labels import IGNORE, StructuralTokens
 from dvl_jax.data.llava_json import to_record
 from dvl_jax.data.samples import SampleEncoder
@@ -81,3 +82,17 @@ def test_generation_prompt():
       "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
       "<|im_start|>user\n<image>\nWhy?<|im_end|>\n<|im_start|>assistant\n")
   assert "user\n<image> <image>\nWhy?" in generation_prompt("Why?", num_images=2)
+
+
+def test_a_conversation_prompt_is_the_training_text_up_to_the_last_answer():
+  """Asked the last question of a multi-turn LLaVA conversation, the model sees the text it was trained on up to
+  that answer: the system message, the earlier turns (the image leading the first question) and an open turn."""
+  conversation = [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."},
+                  {"from": "human", "value": "Which colour?"}, {"from": "gpt", "value": "Grey."}]
+  trained = render_message("system", SYSTEM_PROMPT) + "".join(
+      render_message(role, content) for role, content in conversation_messages(conversation, 1))
+  prompt = conversation_prompt([("user", "What is it?", 1), ("assistant", "A cat.", 0), ("user", "Which colour?", 0)])
+  assert trained.startswith(prompt) and trained[len(prompt):] == "Grey.<|im_end|>\n"
+  assert conversation_prompt([("user", "Why?", 2)]) == generation_prompt("Why?", 2)
+  assert conversation_prompt([("user", "Why?", 0)], system="Be brief.").startswith(
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>")

@@ -63,6 +63,25 @@ def test_answers_through_both_endpoints_equal_dvl_generate_alone(served):
   ])
 
 
+def test_a_conversation_with_a_system_message_is_the_chat_format_of_its_turns(served):
+  chatml = ("<|im_start|>system\nBe brief .<|im_end|>\n<|im_start|>user\n<image>\nWhat is this ?<|im_end|>\n"
+            "<|im_start|>assistant\na cat<|im_end|>\n<|im_start|>user\nWhat is it ?<|im_end|>\n"
+            "<|im_start|>assistant\n")
+  messages = [{"role": "developer", "content": "Be brief ."},
+              {"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                           {"type": "image_url", "image_url": {"url": served.image}}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+              {"role": "user", "content": "What is it ?"}]
+  check_concurrently(served, [
+      ("chat", {"model": MODEL, "messages": messages, "max_tokens": 16, "return_token_ids": True},
+       lambda: alone(served, chatml, [image_of(served.image)], chat=False, gen_length=16)),
+      ("chat", {"model": MODEL, "messages": [{**messages[0], "role": "system"}, messages[-1]], "max_tokens": 16,
+                "return_token_ids": True},
+       lambda: alone(served, chatml.replace(chatml[chatml.index("<|im_start|>user"):chatml.rindex("<|im_start|>user")],
+                                            ""), chat=False, gen_length=16)),
+  ])
+
+
 def test_per_request_algorithm_and_sampling_equal_dvl_generate_alone(served):
   check_concurrently(served, [
       ("chat", chat_body(QUESTION, max_tokens=16, algorithm="autoregressive"),

@@ -1,9 +1,10 @@
 """Request bodies -> engine `Request`s, the prompt built exactly as `dvl generate` and the evaluator build it.
 
-A chat request's text parts joined with newlines are the question and its image parts the images, in order:
-the prompt is `dvl.generation_prompt(question, n_images)` run through the checkpoint's `dvl.Processor`, so a
-greedy answer through the server is the token-for-token answer of `dvl.generate` (a question that already
-places its `<image>` markers keeps them, as the evaluator's tasks do). A completion prompt is raw text or
+A chat request's messages are the conversation, each message's text parts joined with newlines and its image
+parts its images, in order: the prompt is `conversation_prompt` of its turns under its system message (else the
+checkpoint's chat format's own) run through the checkpoint's `dvl.Processor`. One user message is
+`dvl.generation_prompt(question, n_images)`, so a greedy answer through the server is the token-for-token answer
+of `dvl.generate` (a message that already places its `<image>` markers keeps them, as the evaluator's tasks do). A completion prompt is raw text or
 token ids, with no chat template. Decoding settings a request leaves out take the server's defaults.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dvl_jax.data.chat_template import generation_prompt
+from dvl_jax.data.chat_template import SYSTEM_PROMPT, conversation_prompt
 from dvl_jax.data.processor import IMAGE_MARKER
 from dvl_jax.diffusion.sampling_config import SamplingConfig
 from dvl_jax.serving.http.media import MediaLimits, load_image
@@ -40,8 +41,8 @@ class Inputs:
       raise ValueError(f"{len(urls)} images exceed the server's limit of {self.max_images} per request "
                        "(--max-images)")
     images = [load_image(url, self.limits) for url in urls]
-    text = body.text
-    prompt = generation_prompt(text, 0 if IMAGE_MARKER in text else len(images))
+    turns = [(m.role, m.text, 0 if IMAGE_MARKER in m.text else len(m.image_urls)) for m in body.turns]
+    prompt = conversation_prompt(turns, SYSTEM_PROMPT if body.system is None else body.system)
     with self._lock:
       inputs = self.processor([prompt], [images])
     return self._request(inputs["input_ids"][0], body, inputs["pixel_values"], inputs["image_grid_thw"])

@@ -107,32 +107,51 @@ class ImagePart(_Strict):
 
 
 class Message(_Strict):
-  role: Literal["system", "user", "assistant"]
+  role: Literal["system", "developer", "user", "assistant"]  # developer: newer clients' name for system
   content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
   name: str | None = None
 
-
-class ChatRequest(Decoding):
-  messages: list[Message]
-
-  @pydantic.model_validator(mode="after")
-  def _one_user_message(self) -> "ChatRequest":
-    if len(self.messages) != 1 or self.messages[0].role != "user":
-      roles = [m.role for m in self.messages]
-      raise ValueError(f"messages must be one user message (the checkpoint's chat format has its own system prompt "
-                       f"and answers one question), got roles {roles}")
-    return self
-
   @property
   def text(self) -> str:
-    """The text parts, joined with newlines: the question."""
-    content = self.messages[0].content
+    """The text parts, joined with newlines."""
+    content = self.content
     return content if isinstance(content, str) else "\n".join(p.text for p in content if isinstance(p, TextPart))
 
   @property
   def image_urls(self) -> list[str]:
-    content = self.messages[0].content
-    return [] if isinstance(content, str) else [p.image_url.url for p in content if isinstance(p, ImagePart)]
+    return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+
+class ChatRequest(Decoding):
+  """A conversation: an optional system (or developer) message first, then user and assistant turns ending with
+  the user's; images only in user turns."""
+
+  messages: list[Message]
+
+  @pydantic.model_validator(mode="after")
+  def _a_conversation_to_answer(self) -> "ChatRequest":
+    roles = [m.role for m in self.messages]
+    if not roles or roles[-1] != "user":
+      raise ValueError(f"messages must end with a user message (the question to answer), got roles {roles}")
+    if any(role in ("system", "developer") for role in roles[1:]):
+      raise ValueError(f"a system or developer message may only come first, got roles {roles}")
+    if any(m.image_urls for m in self.messages if m.role != "user"):
+      raise ValueError("only user messages may hold images")
+    return self
+
+  @property
+  def system(self) -> str | None:
+    """The system message's text, if the conversation has one (else the checkpoint's chat format's own)."""
+    return self.messages[0].text if self.messages[0].role in ("system", "developer") else None
+
+  @property
+  def turns(self) -> list[Message]:
+    """The user and assistant messages, in order."""
+    return [m for m in self.messages if m.role in ("user", "assistant")]
+
+  @property
+  def image_urls(self) -> list[str]:
+    return [url for m in self.turns for url in m.image_urls]
 
 
 class CompletionRequest(Decoding):
