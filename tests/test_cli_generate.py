@@ -244,3 +244,23 @@ def test_bench_without_the_benchmarks_folder_says_so(monkeypatch, tmp_path):
   monkeypatch.setattr(bench_cli, "FOLDER", str(tmp_path))
   code, _, err = dvl_main("bench", "train")
   assert code == 2 and len(err.splitlines()) == 1 and "ship with the source repository" in err
+
+
+def test_requests_near_the_mapping_limit_drop_the_compiled_programs_before_each_batch(files, monkeypatch):
+  from dvl_jax.core import mappings
+  root = files["root"]
+  lines = [{"prompt": QUESTION, "images": ["image0.png"]}, {"prompt": "Tell me more about it .", "images": []}]
+  path = root / "near_limit.jsonl"
+  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+  outputs, real = {}, jax.clear_caches
+  for near in (False, True):
+    with monkeypatch.context() as patch:
+      clears = []
+      patch.setattr(jax, "clear_caches", lambda: (clears.append(1), real()))
+      if near:
+        patch.setattr(mappings, "usage", lambda *_: (95, 100))
+      code, out, err = dvl_main(*generate_args(files, "--requests", str(path), "--json", "--batch-size", "1"))
+    assert code == 0, err
+    assert len(clears) == (2 if near else 0)  # before every batch, or never
+    outputs[near] = [json.loads(line)["tokens"] for line in out.getvalue().splitlines()]
+  assert outputs[True] == outputs[False] and len(outputs[True]) == 2
