@@ -219,7 +219,8 @@ class Engine:
     decoded span (`P + G` rounded up to a block; the longest view is the whole cache, which holds any admitted
     request) and the narrowest of `widths` that holds the busy slots. Near the memory-mapping limit
     (`mappings.full`), rather than compile that program the smallest compiled one that holds them: a longer view
-    or a wider chunk gives the same tokens, at more cost."""
+    or a wider chunk gives the same tokens, at more cost; if none does, every compiled program is dropped first
+    (`_drop_programs`)."""
     need = max(round_up(self._requests[rid].length + self._requests[rid].gen, self.config.block_size)
                for rid in pool.slot_of)
     view = min(v for v in self.views if v >= need)
@@ -227,7 +228,20 @@ class Engine:
     if (view, width) in pool.decoders or not mappings.full():
       return view, width
     compiled = [(v, w) for v, w in pool.decoders if v >= view and w >= width]
-    return min(compiled, key=lambda vw: vw[0] * vw[1]) if compiled else (view, width)
+    if compiled:
+      return min(compiled, key=lambda vw: vw[0] * vw[1])
+    self._drop_programs()
+    return view, width
+
+  def _drop_programs(self) -> None:
+    """Drops every compiled program (each compiles again when next used): near the memory-mapping limit, the
+    room a program that must compile now needs, rather than a compile that aborts the process."""
+    log.warning("near the memory-mapping limit with no compiled program for this chunk: dropping every compiled "
+                "program; they compile again as requests need them (%s)", mappings.warning())
+    jax.clear_caches()
+    self._inserted.clear()
+    for pool in self._pools.values():
+      pool.decoders.clear()
 
   def _pool(self, algorithm: str) -> _Pool:
     """The pool of `algorithm`, made on its first request: every slot idle (a dead row, prompt length 0)."""

@@ -230,6 +230,19 @@ def test_near_the_mapping_limit_a_chunk_runs_on_a_compiled_longer_view_with_the_
   assert views[-1] == 16  # with room, the shortest view that holds it
 
 
+def test_near_the_mapping_limit_with_no_compiled_program_that_fits_every_program_is_dropped_first(monkeypatch):
+  engine = Engine(model(), CONFIG, **SIZES)
+  engine.run([Request(list(range(5, 14)), max_tokens=4, algorithm="autoregressive")])  # P + G = 13: 16 slots only
+  long = Request([5] * 16, max_tokens=14, algorithm="autoregressive")  # the same bucket; P + G = 30: 32 slots
+  real, clears = jax.clear_caches, []
+  with monkeypatch.context() as near_the_limit:
+    near_the_limit.setattr(mappings, "usage", lambda *_: (95, 100))
+    near_the_limit.setattr(jax, "clear_caches", lambda: (clears.append(1), real()))
+    (out,) = engine.run([long]).values()
+  assert len(clears) == 1 and engine._pools["autoregressive"].decoders == {(32, engine.slots)}
+  assert_decodes_as_alone(engine, long, out, alone(engine, long))
+
+
 def test_a_step_ends_when_a_request_finishes_and_looks_often_while_a_slot_is_free(monkeypatch):
   """So a finished request's slot is refilled at once, and a request that arrives while a slot is free waits at
   most `admit_every` forwards."""
