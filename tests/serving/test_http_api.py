@@ -16,7 +16,7 @@ from PIL import Image
 
 import dvl_jax as dvl
 from dvl_jax.core import mappings
-from dvl_jax.serving.http.responses import Answer
+from dvl_jax.serving.http.responses import Answer, usage
 from tests.serving import http_server
 from tests.serving.http_server import GEN, KEY, MODEL
 
@@ -80,6 +80,40 @@ def test_a_conversation_with_a_system_message_is_the_chat_format_of_its_turns(se
        lambda: alone(served, chatml.replace(chatml[chatml.index("<|im_start|>user"):chatml.rindex("<|im_start|>user")],
                                             ""), chat=False, gen_length=16)),
   ])
+
+
+def test_several_prompts_and_choices_each_equal_dvl_generate_alone(served):
+  """`prompt` as a list and `n`: a choice per prompt and seed (choice j samples with seed + j), in that order."""
+  prompts, seeds = [[6, 8, 10], [5, 9, 11, 7]], (3, 4)
+  body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 16, "temperature": 0.9, "seed": 3,
+          "return_token_ids": True}
+  with served.client() as client:
+    reply = client.post("/v1/completions", json=body).json()
+  wants = [alone(served, p, chat=False, seed=seed, gen_length=16, temperature=0.9) for p in prompts for seed in seeds]
+  assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+  assert [c["token_ids"] for c in reply["choices"]] == [w.tokens[0].tolist() for w in wants]
+  assert reply["choices"][0]["token_ids"] != reply["choices"][1]["token_ids"]  # another seed, another sample
+  assert reply["usage"]["prompt_tokens"] == 3 + 4 and reply["usage"]["completion_tokens"] == 4 * 16
+  with served.client() as client:  # a list of text prompts
+    texts = client.post("/v1/completions", json={"model": MODEL, "prompt": [QUESTION, QUESTION], "max_tokens": 16})
+  assert [c["text"] for c in texts.json()["choices"]] == [alone(served, QUESTION, chat=False, gen_length=16).text[0]] * 2
+
+
+def test_a_streamed_chat_with_several_choices_interleaves_them_and_ends_with_the_usage(served):
+  want = alone(served, QUESTION, gen_length=16)
+  with served.client() as client, client.stream("POST", "/v1/chat/completions", json=chat_body(
+      QUESTION, max_tokens=16, n=2, stream=True)) as streamed:
+    lines = [line for line in streamed.iter_lines() if line]
+  assert lines[-1] == "data: [DONE]"
+  events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  for index in (0, 1):
+    deltas = [c["delta"] for e in events for c in e["choices"] if c["index"] == index]
+    assert deltas[0]["role"] == "assistant" and "".join(d.get("content", "") for d in deltas) == want.text[0]
+    assert [c["token_ids"] for e in events for c in e["choices"] if c["index"] == index and "token_ids" in c] != []
+    ends = [c["finish_reason"] for e in events for c in e["choices"] if c["index"] == index and c["finish_reason"]]
+    assert ends == ["length"]
+  assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2 * 16
+  assert all("usage" not in e for e in events[:-1])
 
 
 def test_per_request_algorithm_and_sampling_equal_dvl_generate_alone(served):
@@ -191,39 +225,34 @@ def test_an_answer_ends_at_eos_in_the_body_and_the_stream():
   out = dvl.GenerateOutput.build(np.array([[5, 7, eos, 9, 9, 9]]), np.array([6]), np.array([4]), 4,
                                  np.zeros((1, 6), int), eos)
   decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-  answer = Answer("chat", MODEL, decode, eos)
+  answer = Answer("chat", decode, eos)
   assert answer.add(np.array([5, 7])) == ([5, 7], "5 7")
   assert answer.add(np.array([eos, 9, 9, 9])) == ([eos], f" {eos}")
   assert answer.add(np.array([9])) == ([], "")
-  body = answer.body(out, prompt_tokens=3, token_ids=True)
-  assert body["choices"][0]["token_ids"] == [5, 7, eos] and body["choices"][0]["finish_reason"] == "stop"
-  assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "nfe": 4,
-                           "tokens_per_forward": 1.5}
-  last = json.loads(answer.last_chunk(out, 3).decode().removeprefix("data: "))
-  assert last["choices"][0]["finish_reason"] == "stop" and math.isclose(last["usage"]["tokens_per_forward"], 1.5)
+  choice = answer.choice(out, token_ids=True)
+  assert choice["token_ids"] == [5, 7, eos] and choice["finish_reason"] == "stop"
+  assert usage(3, [answer.usage(out)]) == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "nfe": 4,
+                                           "tokens_per_forward": 1.5}
+  assert answer.last_piece()["finish_reason"] == "stop"
 
 
 def test_an_answer_ends_before_its_first_stop_sequence():
   """Hand-made pieces: text that may begin a stop sequence is held back, then shown once it does not; at a stop
   the text ends before it, the ids run through the token that completed it, usage counts the forwards so far."""
   decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-  answer = Answer("text", MODEL, decode, eos_id=2, stop=("7 8", "4 4 4"))
+  answer = Answer("text", decode, eos_id=2, stop=("7 8", "4 4 4"), index=3)
   assert answer.add(np.array([5, 7]), forwards=3) == ([5, 7], "5 ")  # "7" may begin "7 8"
   assert answer.add(np.array([9, 4]), forwards=4) == ([9, 4], "7 9 ")  # it did not; "4" may begin "4 4 4"
   assert answer.add(np.array([7, 8, 6]), forwards=6) == ([7, 8], "4 ")  # "7 8" completes at the 8
   assert answer.stopped and answer.add(np.array([6]), forwards=7) == ([], "")
-  body = answer.body(None, prompt_tokens=3, token_ids=True)
-  assert body["choices"][0] == {"index": 0, "finish_reason": "stop", "logprobs": None, "text": "5 7 9 4 ",
-                                "token_ids": [5, 7, 9, 4, 7, 8]}
-  assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9, "nfe": 6,
-                           "tokens_per_forward": 1.0}
-  last = json.loads(answer.last_chunk(None, 3).decode().removeprefix("data: "))
-  assert last["choices"][0]["text"] == "" and last["choices"][0]["finish_reason"] == "stop"
-  held = Answer("text", MODEL, decode, eos_id=2, stop=("5 6",))
+  assert answer.choice(None, token_ids=True) == {"index": 3, "finish_reason": "stop", "logprobs": None,
+                                                 "text": "5 7 9 4 ", "token_ids": [5, 7, 9, 4, 7, 8]}
+  assert usage(3, [answer.usage(None)]) == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9, "nfe": 6,
+                                            "tokens_per_forward": 1.0}
+  assert answer.last_piece() == {"index": 3, "finish_reason": "stop", "logprobs": None, "text": ""}
+  held = Answer("text", decode, eos_id=2, stop=("5 6",))
   assert held.add(np.array([4, 5]), forwards=1) == ([4, 5], "4 ")
-  out = dvl.GenerateOutput.build(np.array([[4, 5]]), np.array([2]), np.array([2]), 2, np.zeros((1, 2), int), 2)
-  last = json.loads(held.last_chunk(out, 1).decode().removeprefix("data: "))
-  assert last["choices"][0]["text"] == "5" and last["choices"][0]["finish_reason"] == "length"  # held back till now
+  assert held.last_piece()["text"] == "5" and held.last_piece()["finish_reason"] == "length"  # held back till now
 
 
 def test_a_stop_sequence_ends_the_answer_early_in_the_body_and_the_stream(served):

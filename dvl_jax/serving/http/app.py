@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dvl_jax.serving.engine import Engine
+from dvl_jax.serving.request import SEEDS
 from dvl_jax.serving.http.inputs import Inputs
 from dvl_jax.serving.http.media import MediaLimits
 from dvl_jax.serving.http.metrics import Metrics
-from dvl_jax.serving.http.responses import DONE, Answer, error_event
+from dvl_jax.serving.http.responses import DONE, Answer, Completion, error_event, usage
 from dvl_jax.serving.http.schema import ApiError, ChatRequest, CompletionRequest, Decoding, parse
 from dvl_jax.serving.http.worker import Event, Ticket, Worker
 
@@ -107,37 +108,49 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
       raise ApiError(404, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
                      "not_found_error")
     try:
-      request = await run_in_threadpool(build, body)
+      prompts = await run_in_threadpool(build, body)
     except ValueError as e:
       raise ApiError(400, _one_line(e)) from e
+    requests = [dataclasses.replace(r, seed=_choice_seed(r.seed, j)) for r in prompts for j in range(body.n)]
+    answers = [Answer(name, inputs.decode, eos_id, body.stops, index) for index in range(len(requests))]
+    prompt_tokens = sum(len(r.prompt) for r in prompts)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout
-    answer = Answer(name, settings.model_name, inputs.decode, eos_id, body.stops)
-    ticket = worker.submit(request)
+    completion = Completion(name, settings.model_name)
+    tickets = worker.submit_all(requests)
     if body.stream:
       try:
-        await _next(worker, ticket, deadline, settings)  # accepted, or the engine's 400 before the stream starts
+        for ticket in tickets:  # accepted, or the engine's 400 before the stream starts
+          await _next(worker, ticket, deadline, settings)
       except BaseException:
-        worker.cancel(ticket)
+        for ticket in tickets:
+          worker.cancel(ticket)
         raise
-      return StreamingResponse(_stream(worker, ticket, deadline, settings, answer, body, len(request.prompt)),
+      return StreamingResponse(_stream(worker, tickets, deadline, settings, completion, answers, body,
+                                       prompt_tokens),
                                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     gone = asyncio.ensure_future(_disconnect(http))
+    events = _Events(worker, tickets, deadline, settings, gone)
+    outputs: dict[int, Any] = {}
     try:
-      event = await _next(worker, ticket, deadline, settings, gone)
-      while event.kind != "finished":
+      while len(outputs) < len(tickets):
+        index, event = await events.next()
+        answer = answers[index]
+        if index in outputs:  # an event read before the choice's request was dropped
+          continue
         if event.kind == "piece" and answer.stop:  # watched for its stop sequences
           answer.add(event.value, event.forwards)
           if answer.stopped:
-            worker.cancel(ticket, "stopped")  # its slot goes to the next request
-            break
-        event = await _next(worker, ticket, deadline, settings, gone)
+            events.drop(index, "stopped")  # its slot goes to the next request
+            outputs[index] = None
+        elif event.kind == "finished":
+          outputs[index] = event.value
     except _Disconnected:
       return Response(status_code=499)  # nobody reads it
     finally:
       gone.cancel()
-      worker.cancel(ticket)
-    output = None if answer.stopped else event.value
-    return JSONResponse(answer.body(output, len(request.prompt), body.return_token_ids))
+      events.close()
+    return JSONResponse(completion.body([a.choice(outputs[a.index], body.return_token_ids) for a in answers],
+                                        usage(prompt_tokens, [a.usage(outputs[a.index]) for a in answers])))
 
   return app
 
@@ -164,32 +177,86 @@ class _CountResponses:
     await self.app(scope, receive, counted)
 
 
-async def _stream(worker: Worker, ticket: Ticket, deadline: float, settings: Settings, answer: Answer,
-                  body: Decoding, prompt_tokens: int):
-  """Server-Sent Events: one chunk per final block (up to a stop sequence), the finish reason and usage, then
-  `[DONE]`; a request that times out ends with an error event. Starlette cancels this generator when the client
+async def _stream(worker: Worker, tickets: list[Ticket], deadline: float, settings: Settings, completion: Completion,
+                  answers: list[Answer], body: Decoding, prompt_tokens: int):
+  """Server-Sent Events: one chunk per final block of a choice (up to a stop sequence), each choice's end with its
+  finish reason, the usage (with one choice: in its last chunk; with several: a chunk of its own), then `[DONE]`;
+  a request that times out ends with an error event. Starlette cancels this generator when the client
   disconnects."""
+  events = _Events(worker, tickets, deadline, settings)
+  outputs: dict[int, Any] = {}
+  named: set[int] = set()  # choices whose first chunk (naming the assistant) went out
   try:
-    first = True
-    while True:
+    while len(outputs) < len(tickets):
       try:
-        event = await _next(worker, ticket, deadline, settings)
+        index, event = await events.next()
       except ApiError as e:
         yield error_event(e.message, e.status)
         break
-      if event.kind == "finished":
-        yield answer.last_chunk(event.value, prompt_tokens)
-        break
-      tokens, text = answer.add(event.value, event.forwards)
-      yield answer.chunk(tokens, text, body.return_token_ids, role=first)
-      first = False
-      if answer.stopped:
-        worker.cancel(ticket, "stopped")
-        yield answer.last_chunk(None, prompt_tokens)
-        break
+      answer = answers[index]
+      if index in outputs:  # an event read before the choice's request was dropped
+        continue
+      if event.kind == "piece":
+        tokens, text = answer.add(event.value, event.forwards)
+        yield completion.event([answer.piece(tokens, text, body.return_token_ids, role=index not in named)])
+        named.add(index)
+        if answer.stopped:
+          events.drop(index, "stopped")
+      if event.kind == "finished" or answer.stopped:
+        outputs[index] = None if answer.stopped else event.value
+        whole = {"usage": usage(prompt_tokens, [answer.usage(outputs[index])])} if len(tickets) == 1 else {}
+        yield completion.event([answer.last_piece()], **whole)
+    else:
+      if len(tickets) > 1:
+        yield completion.event([], usage=usage(prompt_tokens, [a.usage(outputs[a.index]) for a in answers]))
     yield DONE
   finally:
-    worker.cancel(ticket)
+    events.close()
+
+
+class _Events:
+  """The events of a response's tickets, one at a time as they come, as (choice index, event); a failure (a
+  passed deadline, the client gone, the engine's refusal) is raised. Each ticket is read by a task of its own
+  until its request finishes or is dropped."""
+
+  def __init__(self, worker: Worker, tickets: list[Ticket], deadline: float, settings: Settings,
+               gone: asyncio.Future | None = None):
+    self.worker, self.tickets = worker, tickets
+    self._queue: asyncio.Queue = asyncio.Queue()
+    self._tasks = [asyncio.ensure_future(self._read(i, t, deadline, settings, gone)) for i, t in enumerate(tickets)]
+
+  async def _read(self, index: int, ticket: Ticket, deadline: float, settings: Settings,
+                  gone: asyncio.Future | None) -> None:
+    try:
+      while True:
+        event = await _next(self.worker, ticket, deadline, settings, gone)
+        self._queue.put_nowait((index, event))
+        if event.kind == "finished":
+          return
+    except (ApiError, _Disconnected) as e:
+      self._queue.put_nowait((index, e))
+
+  async def next(self) -> tuple[int, Event]:
+    index, item = await self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return index, item
+
+  def drop(self, index: int, outcome: str) -> None:
+    """Ends choice `index`'s request now (`outcome`, for the metrics): nothing more is read from it."""
+    self._tasks[index].cancel()
+    self.worker.cancel(self.tickets[index], outcome)
+
+  def close(self) -> None:
+    for task, ticket in zip(self._tasks, self.tickets):
+      task.cancel()
+      self.worker.cancel(ticket)
+
+
+def _choice_seed(seed: int, choice: int) -> int:
+  """Choice j's seed: the request's + j, wrapped within the valid seeds (a bad seed is left for the engine to
+  refuse)."""
+  return seed if choice == 0 or not 0 <= seed < SEEDS else (seed + choice) % SEEDS
 
 
 async def _next(worker: Worker, ticket: Ticket, deadline: float, settings: Settings,

@@ -34,8 +34,9 @@ class Inputs:
     self._lock = threading.Lock()  # a fast tokenizer refuses concurrent calls ("Already borrowed")
     self._decoder = copy.deepcopy(processor.tokenizer)  # the event loop's own: decoding never waits for an image
 
-  def chat(self, body: ChatRequest) -> Request:
-    """Raises `ValueError` (a 400) for a bad image or a prompt the processor refuses."""
+  def chat(self, body: ChatRequest) -> list[Request]:
+    """The request of the conversation (one); raises `ValueError` (a 400) for a bad image or a prompt the
+    processor refuses."""
     urls = body.image_urls
     if len(urls) > self.max_images:
       raise ValueError(f"{len(urls)} images exceed the server's limit of {self.max_images} per request "
@@ -45,19 +46,23 @@ class Inputs:
     prompt = conversation_prompt(turns, SYSTEM_PROMPT if body.system is None else body.system)
     with self._lock:
       inputs = self.processor([prompt], [images])
-    return self._request(inputs["input_ids"][0], body, inputs["pixel_values"], inputs["image_grid_thw"])
+    return [self._request(inputs["input_ids"][0], body, inputs["pixel_values"], inputs["image_grid_thw"])]
 
-  def completion(self, body: CompletionRequest) -> Request:
-    if isinstance(body.prompt, str):
+  def completion(self, body: CompletionRequest) -> list[Request]:
+    """A request per prompt."""
+    return [self._completion(prompt, body) for prompt in body.prompts]
+
+  def _completion(self, prompt: str | list[int], body: CompletionRequest) -> Request:
+    if isinstance(prompt, str):
       with self._lock:
-        ids = self.processor([body.prompt], [[]])["input_ids"][0]
+        ids = self.processor([prompt], [[]])["input_ids"][0]
       return self._request(ids, body)
     cfg = self.processor.config
-    bad = [t for t in body.prompt if not 0 <= t < cfg.text.vocab_size or t in (cfg.image_token_id, cfg.video_token_id)]
+    bad = [t for t in prompt if not 0 <= t < cfg.text.vocab_size or t in (cfg.image_token_id, cfg.video_token_id)]
     if bad:
       raise ValueError(f"prompt token {bad[0]} is not a text token of this model (ids 0..{cfg.text.vocab_size - 1}, "
                        "no image tokens: send images to /v1/chat/completions)")
-    return self._request(np.asarray(body.prompt), body)
+    return self._request(np.asarray(prompt), body)
 
   def decode(self, tokens: Any) -> str:
     """Generated ids -> text, as `dvl.generate(..., tokenizer=)` decodes them (on the event loop's thread only)."""

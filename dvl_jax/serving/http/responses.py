@@ -22,15 +22,13 @@ DONE = b"data: [DONE]\n\n"
 
 
 class Answer:
-  """The answer of one request as its pieces arrive: tokens through EOS or a stop sequence, and the text shown
-  so far (a text ending in an incomplete UTF-8 character, U+FFFD, or in what may begin a stop sequence waits for
-  the next piece)."""
+  """One choice of a response as its request's pieces arrive: tokens through EOS or a stop sequence, and the
+  text shown so far (a text ending in an incomplete UTF-8 character, U+FFFD, or in what may begin a stop
+  sequence waits for the next piece)."""
 
-  def __init__(self, kind: str, model: str, decode: Callable[[list[int]], str], eos_id: int,
-               stop: Sequence[str] = ()):
-    self.kind, self.model, self.decode, self.eos_id, self.stop = kind, model, decode, eos_id, tuple(stop)
-    self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    self.created = int(time.time())
+  def __init__(self, kind: str, decode: Callable[[list[int]], str], eos_id: int, stop: Sequence[str] = (),
+               index: int = 0):
+    self.kind, self.decode, self.eos_id, self.stop, self.index = kind, decode, eos_id, tuple(stop), index
     self.tokens: list[int] = []
     self.shown = ""
     self.stopped_at: int | None = None  # where the text ends once a stop sequence was met
@@ -78,61 +76,69 @@ class Answer:
     delta, self.shown = text[len(self.shown):], text
     return delta
 
-  def body(self, output: GenerateOutput | None, prompt_tokens: int, token_ids: bool) -> dict[str, Any]:
-    """The whole (non-streamed) response: of `output`, or of the pieces if a stop sequence ended them."""
+  def choice(self, output: GenerateOutput | None, token_ids: bool) -> dict[str, Any]:
+    """The whole choice (a non-streamed response): of `output`, or of the pieces if a stop sequence ended them."""
     tokens = self.tokens if self.stopped else output.tokens[0, :output.lengths[0]].tolist()
-    text = self._text(tokens)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason(tokens), "logprobs": None}
-    if self.kind == "chat":
-      choice["message"] = {"role": "assistant", "content": text}
-    else:
-      choice["text"] = text
-    if token_ids:
-      choice["token_ids"] = tokens
-    return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
-            "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(output, prompt_tokens)}
+    return self._choice(self._text(tokens), self.finish_reason(tokens), tokens if token_ids else None, "message")
 
-  def chunk(self, tokens: list[int], text: str, token_ids: bool, *, role: bool = False) -> bytes:
+  def piece(self, tokens: list[int], text: str, token_ids: bool, *, role: bool = False) -> dict[str, Any]:
     """One streamed piece (`role`: the first chat chunk names the assistant)."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None}
-    if self.kind == "chat":
-      choice["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
-    else:
-      choice["text"] = text
-    if token_ids:
-      choice["token_ids"] = tokens
-    return self._event(choice)
+    return self._choice(text, None, tokens if token_ids else None, "delta", role)
 
-  def last_chunk(self, output: GenerateOutput | None, prompt_tokens: int) -> bytes:
-    """The end of a stream (`output`: None when a stop sequence ended it): whatever text was held back, the
-    finish reason and the usage."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason(self.tokens), "logprobs": None}
+  def last_piece(self) -> dict[str, Any]:
+    """The end of a stream: whatever text was held back, and the finish reason."""
     text = self._delta(final=True)
+    return self._choice(text, self.finish_reason(self.tokens), None, "delta", empty=not text)
+
+  def _choice(self, text: str, finish: str | None, tokens: list[int] | None, field: str, role: bool = False,
+              empty: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": self.index, "finish_reason": finish, "logprobs": None}
     if self.kind == "chat":
-      choice["delta"] = {"content": text} if text else {}
+      choice[field] = {} if empty else {"role": "assistant", "content": text} if role or field == "message" else {
+          "content": text}
     else:
       choice["text"] = text
-    return self._event(choice, usage=self.usage(output, prompt_tokens))
+    if tokens is not None:
+      choice["token_ids"] = tokens
+    return choice
 
   def finish_reason(self, tokens: list[int]) -> str:
     return "stop" if self.stopped or self.eos_id in tokens else "length"
 
-  def usage(self, output: GenerateOutput | None, prompt_tokens: int) -> dict[str, Any]:
-    """Token counts, NFE and tokens per forward: of `output`, or, when a stop sequence ended the answer, of its
-    tokens through the stop over the forwards run until then."""
+  def usage(self, output: GenerateOutput | None) -> tuple[int, int, int]:
+    """(completion tokens, forwards, tokens decoded): of `output`, or, when a stop sequence ended the answer, its
+    tokens through the stop and the forwards run until then."""
     if self.stopped:
-      completion, forwards = len(self.tokens), max(self.forwards, 1)
-      per_forward = completion / forwards
-    else:
-      completion, forwards = int(output.lengths[0]), int(output.nfe[0])
-      per_forward = float(output.tokens_per_forward[0])
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion, "nfe": forwards, "tokens_per_forward": per_forward}
+      return len(self.tokens), self.forwards, len(self.tokens)
+    nfe = int(output.nfe[0])
+    return int(output.lengths[0]), nfe, round(float(output.tokens_per_forward[0]) * max(nfe, 1))
 
-  def _event(self, choice: dict[str, Any], **extra: Any) -> bytes:
+
+class Completion:
+  """What a response's choices share: its id, time and model, and OpenAI's envelopes around them."""
+
+  def __init__(self, kind: str, model: str):
+    self.kind, self.model = kind, model
+    self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    self.created = int(time.time())
+
+  def body(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+    """The whole (non-streamed) response."""
+    return {"id": self.id, "object": "chat.completion" if self.kind == "chat" else "text_completion",
+            "created": self.created, "model": self.model, "choices": choices, "usage": usage}
+
+  def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
     data = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created, "model": self.model, "choices": [choice], **extra}
+            "created": self.created, "model": self.model, "choices": choices, **extra}
     return f"data: {json.dumps(data)}\n\n".encode()
+
+
+def usage(prompt_tokens: int, parts: Sequence[tuple[int, int, int]]) -> dict[str, Any]:
+  """OpenAI's token counts over a response's choices (`Answer.usage` each) plus dvl's NFE (their forwards,
+  prefills included) and tokens per forward (tokens decoded over forwards)."""
+  completion, forwards, decoded = (sum(part[k] for part in parts) for k in range(3))
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+          "nfe": forwards, "tokens_per_forward": decoded / max(forwards, 1)}
 
 
 def error_event(message: str, status: int) -> bytes:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_CHOICES = 16  # n: a request's choices per prompt
 _TYPE_NAME = re.compile(r"^([A-Z]|str$|int$|float$|bool$|.*\[)")  # a union branch in an error's location
 
 
@@ -54,8 +55,8 @@ class Decoding(_Strict):
   stream_options: StreamOptions | None = None
   user: str | None = None  # an end-user id: no effect on the answer
   stop: str | list[str] | None = None  # up to MAX_STOP strings: the answer ends before the first one it holds
+  n: int = 1  # choices per prompt, up to MAX_CHOICES: choice j samples with seed + j
   # Standard fields accepted only at the value that changes nothing.
-  n: int = 1
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
   logprobs: bool | int | None = None
@@ -68,9 +69,8 @@ class Decoding(_Strict):
 
   @pydantic.model_validator(mode="after")
   def _refuse_what_changes_the_answer(self) -> "Decoding":
-    if self.n != 1:
-      raise ValueError(f"n={self.n}: this server returns one choice per request; send n=1 (or omit it) and "
-                       "repeat the request with different seeds")
+    if not 1 <= self.n <= MAX_CHOICES:
+      raise ValueError(f"n must be in [1, {MAX_CHOICES}] (choices per prompt), got {self.n}")
     if not all(self.stops) or len(self.stops) > MAX_STOP:
       raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings, got "
                        f"{self.stop!r}")
@@ -155,15 +155,24 @@ class ChatRequest(Decoding):
 
 
 class CompletionRequest(Decoding):
-  prompt: Any  # a string, or a list of token ids (checked below: a union's errors would be several lines)
+  prompt: Any  # a string or a list of token ids, or a list of either (several prompts; checked below: a union's
+  # errors would be several lines)
 
   @pydantic.field_validator("prompt")
   @classmethod
-  def _one_prompt(cls, prompt: Any) -> str | list[int]:
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
-                                   and all(type(t) is int for t in prompt)):  # noqa: E721 (bool is not a token)
+  def _prompts(cls, prompt: Any) -> Any:
+    ids = lambda p: isinstance(p, list) and p and all(type(t) is int for t in p)  # noqa: E721,E731 (bool: no token)
+    if isinstance(prompt, str) or ids(prompt) or (isinstance(prompt, list) and prompt and (
+        all(isinstance(p, str) for p in prompt) or all(ids(p) for p in prompt))):
       return prompt
-    raise ValueError("prompt must be a string or a non-empty list of token ids (one prompt per request)")
+    raise ValueError("prompt must be a string or a non-empty list of token ids, or a non-empty list of strings or of "
+                     "such lists (several prompts)")
+
+  @property
+  def prompts(self) -> list[str | list[int]]:
+    """The prompts, each a string or token ids."""
+    several = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+    return list(self.prompt) if several else [self.prompt]
 
 
 def parse(kind: type[Decoding], body: bytes) -> Decoding:

@@ -84,16 +84,24 @@ class Worker:
 
   def submit(self, request: Request) -> Ticket:
     """Hands `request` to the worker (on the handler's event loop) -> its ticket; 429 / 503 as an `ApiError`."""
+    return self.submit_all([request])[0]
+
+  def submit_all(self, requests: list[Request]) -> list[Ticket]:
+    """Hands over every request of one HTTP request, or none: a 429 when they do not all fit in the queue."""
     if not self.healthy:
       raise ApiError(503, self.error or "the server is shutting down; retry on another replica", "server_error")
+    if 1 < len(requests) > self.max_queue:
+      raise ApiError(400, f"this request asks for {len(requests)} answers (prompts x n), more than the server queues "
+                     f"(--max-queue {self.max_queue}); send fewer prompts or a smaller n")
     with self._lock:
-      if self._waiting >= self.max_queue:
+      if self._waiting + len(requests) > self.max_queue:
         raise ApiError(429, f"the server is busy: {self._waiting} requests already wait for a slot (--max-queue "
                        f"{self.max_queue}); retry later", "rate_limit_error")
-      self._waiting += 1
-    ticket = Ticket(request, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
-    self._inbox.put(("submit", ticket))
-    return ticket
+      self._waiting += len(requests)
+    tickets = [Ticket(r, asyncio.get_running_loop(), asyncio.Queue(), time.monotonic()) for r in requests]
+    for ticket in tickets:
+      self._inbox.put(("submit", ticket))
+    return tickets
 
   def cancel(self, ticket: Ticket, outcome: str = "cancelled") -> None:
     """Drops `ticket`'s request wherever it is (`outcome`: "cancelled", "timeout" or "stopped", for the
