@@ -166,6 +166,10 @@ def test_the_openai_client_works_unchanged(served):
   assert client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16).choices[0].text == text
   pieces = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, stream=True)
   assert "".join(c.choices[0].text for c in pieces) == text
+  several = client.completions.create(model=MODEL, prompt=[QUESTION, QUESTION], n=2, max_tokens=16,
+                                      stop=text.split()[2])
+  assert [c.text for c in several.choices] == [text[:text.index(text.split()[2])]] * 4
+  assert [c.finish_reason for c in several.choices] == ["stop"] * 4
   try:
     client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=GEN + 1)
     raise AssertionError("max_tokens over the engine's limit was accepted")
