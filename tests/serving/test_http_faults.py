@@ -225,25 +225,26 @@ def test_a_request_past_its_deadline_is_cancelled_with_504(served):
   assert served.metric('dvl_requests_total{outcome="timeout"}') == cancelled + 2
 
 
-def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served, monkeypatch):
+@pytest.mark.parametrize("choices", [1, 2])
+def test_a_client_that_disconnects_cancels_its_request_and_frees_its_slot(served, monkeypatch, choices):
   served.wait_idle()
   engine = served.app.state.worker.engine
   step = engine.step
   monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])  # a slower model: 64 steps take > 1 s
   count = lambda outcome: served.metric(f'dvl_requests_total{{outcome="{outcome}"}}')  # noqa: E731
   before = count("cancelled"), count("finished")
-  long = {"model": MODEL, "prompt": [5, 6], "max_tokens": GEN, "steps": 8}  # 64 forwards, 2 a step
+  long = {"model": MODEL, "prompt": [5, 6], "max_tokens": GEN, "steps": 8, "n": choices}  # 64 forwards, 2 a step
   with served.client() as client, client.stream("POST", TEXT, json={**long, "stream": True}) as reply:
     lines = reply.iter_lines()  # kept: a dropped iterator would close the connection at once
     assert next(lines).startswith("data: {")  # the first block: the request holds a slot
-    assert served.metric("dvl_slots_busy") == 1
+    assert served.metric("dvl_slots_busy") == choices
   host, port = served.url.removeprefix("http://").split(":")
   with socket.create_connection((host, int(port))) as sock:  # a non-streamed request, gone once sent
     body = json.dumps(long).encode()
     sock.sendall(f"POST {TEXT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: "
                  f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
   served.wait_idle()
-  assert (count("cancelled"), count("finished")) == (before[0] + 2, before[1])
+  assert (count("cancelled"), count("finished")) == (before[0] + 2 * choices, before[1])
 
 
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch):
