@@ -96,7 +96,8 @@ def test_several_prompts_and_choices_each_equal_dvl_generate_alone(served):
   assert reply["usage"]["prompt_tokens"] == 3 + 4 and reply["usage"]["completion_tokens"] == 4 * 16
   with served.client() as client:  # a list of text prompts
     texts = client.post("/v1/completions", json={"model": MODEL, "prompt": [QUESTION, QUESTION], "max_tokens": 16})
-  assert [c["text"] for c in texts.json()["choices"]] == [alone(served, QUESTION, chat=False, gen_length=16).text[0]] * 2
+  text = alone(served, QUESTION, chat=False, gen_length=16).text[0]
+  assert [c["text"] for c in texts.json()["choices"]] == [text] * 2
 
 
 def test_a_streamed_chat_with_several_choices_interleaves_them_and_ends_with_the_usage(served):

@@ -22,13 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from dvl_jax.serving.engine import Engine
-from dvl_jax.serving.request import SEEDS
 from dvl_jax.serving.http.inputs import Inputs
 from dvl_jax.serving.http.media import MediaLimits
 from dvl_jax.serving.http.metrics import Metrics
 from dvl_jax.serving.http.responses import DONE, Answer, Completion, error_event, usage
 from dvl_jax.serving.http.schema import ApiError, ChatRequest, CompletionRequest, Decoding, parse
 from dvl_jax.serving.http.worker import Event, Ticket, Worker
+from dvl_jax.serving.request import SEEDS
 
 log = logging.getLogger("dvl.serve")
 

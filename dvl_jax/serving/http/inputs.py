@@ -4,8 +4,9 @@ A chat request's messages are the conversation, each message's text parts joined
 parts its images, in order: the prompt is `conversation_prompt` of its turns under its system message (else the
 checkpoint's chat format's own) run through the checkpoint's `dvl.Processor`. One user message is
 `dvl.generation_prompt(question, n_images)`, so a greedy answer through the server is the token-for-token answer
-of `dvl.generate` (a message that already places its `<image>` markers keeps them, as the evaluator's tasks do). A completion prompt is raw text or
-token ids, with no chat template. Decoding settings a request leaves out take the server's defaults.
+of `dvl.generate` (a message that already places its `<image>` markers keeps them, as the evaluator's tasks do).
+A completion's prompts (one or several) are raw text or token ids, with no chat template. Decoding settings a
+request leaves out take the server's defaults.
 """
 
 from __future__ import annotations

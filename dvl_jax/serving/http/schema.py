@@ -2,7 +2,7 @@
 fields), and how a body that does not fit becomes a one-line 4xx.
 
 Types are strict (`"10"` is not a number) and a field this server does not implement is refused by name rather
-than ignored: a client that sends `n=2`, `tools` or `logprobs` would otherwise get an answer to a different
+than ignored: a client that sends `tools`, `logprobs` or a penalty would otherwise get an answer to a different
 question than it asked. Values the engine checks (max_tokens, sampling ranges, prompt length) are left to it.
 """
 

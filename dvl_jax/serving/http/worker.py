@@ -90,7 +90,7 @@ class Worker:
     """Hands over every request of one HTTP request, or none: a 429 when they do not all fit in the queue."""
     if not self.healthy:
       raise ApiError(503, self.error or "the server is shutting down; retry on another replica", "server_error")
-    if 1 < len(requests) > self.max_queue:
+    if len(requests) > max(self.max_queue, 1):  # could never fit (one request alone is merely "busy")
       raise ApiError(400, f"this request asks for {len(requests)} answers (prompts x n), more than the server queues "
                      f"(--max-queue {self.max_queue}); send fewer prompts or a smaller n")
     with self._lock:
