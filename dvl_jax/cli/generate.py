@@ -5,7 +5,7 @@ Every `SamplingConfig` field is an option, derived from the dataclass so the two
 (`generate(on_block=...)`); with `--json` each request prints one JSON object. `--clean-answer` prints
 answers cleaned as the original evaluation scored them (whole: the clean-up needs the end). Bad inputs
 (checkpoint, images, requests file, prompt length) are found before any weights load. A long requests file
-compiles per prompt shape; near the process's limit on memory mappings (`mappings.full`) the compiled programs
+compiles per prompt shape; near the process's limit on memory mappings (`mappings.make_room`) the compiled programs
 are dropped before the next batch, as `dvl eval` does.
 """
 
@@ -152,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
     live = None if args.json else _LiveText(processor.tokenizer, processor.config.eos_token_id)
     if live and args.requests:
       print(f"[{start + 1}/{len(requests)}] {chunk[0].prompt}", flush=True)
-    if mappings.full():  # a long file compiles per prompt shape: past the process's limit a compile would abort
-      jax.clear_caches()
+    mappings.make_room()  # a long file compiles per prompt shape: past the process's limit a compile would abort
     tic = time.perf_counter()
     out = dvl.generate(model, inputs, config, rng=jax.random.fold_in(key, start), tokenizer=processor.tokenizer,
                        on_block=None if live is None or args.clean_answer else live.on_block)

@@ -11,6 +11,8 @@ read it; accelerator programs keep their kernels on the device.
 
 from __future__ import annotations
 
+import jax
+
 MAPS = "/proc/self/maps"
 LIMIT = "/proc/sys/vm/max_map_count"
 HEADROOM = 0.5  # warn past this share of the limit: later programs (image shapes) need room too
@@ -58,6 +60,14 @@ def warning(maps: str = MAPS, limit_path: str = LIMIT) -> str | None:
 def full(maps: str = MAPS, limit_path: str = LIMIT) -> bool:
   """Whether the process holds more than `FULL` of the limit: a new program may not fit."""
   return _past(FULL, usage(maps, limit_path))
+
+
+def make_room(maps: str = MAPS, limit_path: str = LIMIT) -> None:
+  """Drops the process's compiled programs (they compile again when next used) when it holds more than `FULL` of
+  the limit: for a loop that compiles per input shape (`dvl generate --requests`, `dvl eval`) before its next
+  batch."""
+  if full(maps, limit_path):
+    jax.clear_caches()
 
 
 def check_room(what: str, maps: str = MAPS, limit_path: str = LIMIT) -> None:

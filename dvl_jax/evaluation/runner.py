@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Any, Callable, Generator, Iterator, NamedTuple, Sequence
 
-import jax
-
 from dvl_jax.core import mappings
 from dvl_jax.diffusion.sampler import generate
 from dvl_jax.diffusion.sampling_config import SamplingConfig
@@ -52,8 +50,8 @@ class InProcess:
   """Answers with `dvl.generate` on `model` in this process, `batch_size` samples per call. `timing_repeats`:
   each batch is generated that many times and its fastest run is its time (the answers are the same: greedy and
   seeded decoding repeat exactly), so a hiccup of a shared machine does not land on one decoder's row. A long
-  run compiles per prompt shape and decoder; near the process's limit on memory mappings (`mappings.full`: a CPU
-  compile past it aborts) the compiled programs are dropped before the next batch and compile again as needed."""
+  run compiles per prompt shape and decoder; near the process's limit on memory mappings (`mappings.make_room`: a
+  CPU compile past it aborts) the compiled programs are dropped before the next batch and compile again as needed."""
 
   model: Any
   processor: Any
@@ -71,8 +69,7 @@ class InProcess:
       chunk = samples[start:start + batch_size]
       padded = [*chunk, *chunk[-1:] * (batch_size - len(chunk))]
       inputs = self.processor([task.chat_prompt(s) for s in padded], [list(s.images) for s in padded])
-      if mappings.full():
-        jax.clear_caches()
+      mappings.make_room()
       if start == 0:
         generate(self.model, inputs, config, tokenizer=self.processor.tokenizer)  # compile outside the timing
       fastest = float("inf")
