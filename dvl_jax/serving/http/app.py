@@ -135,8 +135,6 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
       while len(outputs) < len(tickets):
         index, event = await events.next()
         answer = answers[index]
-        if index in outputs:  # an event read before the choice's request was dropped
-          continue
         if event.kind == "piece" and answer.stop:  # watched for its stop sequences
           answer.add(event.value, event.forwards)
           if answer.stopped:
@@ -194,8 +192,6 @@ async def _stream(worker: Worker, tickets: list[Ticket], deadline: float, settin
         yield error_event(e.message, e.status)
         break
       answer = answers[index]
-      if index in outputs:  # an event read before the choice's request was dropped
-        continue
       if event.kind == "piece":
         tokens, text = answer.add(event.value, event.forwards)
         yield completion.event([answer.piece(tokens, text, body.return_token_ids, role=index not in named)])
@@ -222,6 +218,7 @@ class _Events:
   def __init__(self, worker: Worker, tickets: list[Ticket], deadline: float, settings: Settings,
                gone: asyncio.Future | None = None):
     self.worker, self.tickets = worker, tickets
+    self._dropped: set[int] = set()
     self._queue: asyncio.Queue = asyncio.Queue()
     self._tasks = [asyncio.ensure_future(self._read(i, t, deadline, settings, gone)) for i, t in enumerate(tickets)]
 
@@ -237,13 +234,17 @@ class _Events:
       self._queue.put_nowait((index, e))
 
   async def next(self) -> tuple[int, Event]:
-    index, item = await self._queue.get()
+    while True:
+      index, item = await self._queue.get()
+      if index not in self._dropped:  # else read before its choice was dropped
+        break
     if isinstance(item, BaseException):
       raise item
     return index, item
 
   def drop(self, index: int, outcome: str) -> None:
-    """Ends choice `index`'s request now (`outcome`, for the metrics): nothing more is read from it."""
+    """Ends choice `index`'s request now (`outcome`, for the metrics): nothing more comes from it."""
+    self._dropped.add(index)
     self._tasks[index].cancel()
     self.worker.cancel(self.tickets[index], outcome)
 

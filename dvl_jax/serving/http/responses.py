@@ -94,8 +94,8 @@ class Answer:
               empty: bool = False) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": self.index, "finish_reason": finish, "logprobs": None}
     if self.kind == "chat":
-      choice[field] = {} if empty else {"role": "assistant", "content": text} if role or field == "message" else {
-          "content": text}
+      named = {"role": "assistant"} if role or field == "message" else {}
+      choice[field] = {} if empty else {**named, "content": text}
     else:
       choice["text"] = text
     if tokens is not None:
