@@ -87,7 +87,7 @@ def chat_body(job: Job, model: str, algorithm: str) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(job.image).decode()
     content.insert(0, {"type": "image_url", "image_url": {"url": url}})
   return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": job.max_tokens,
-          "stream": True, "algorithm": algorithm}
+          "stream": True, "stream_options": {"include_usage": True}, "algorithm": algorithm}
 
 
 async def one_request(client: Any, body: dict[str, Any]) -> Timing:
@@ -104,7 +104,7 @@ async def one_request(client: Any, body: dict[str, Any]) -> Timing:
         raise RuntimeError(f"stream failed: {event['error']['message']}")
       if event.get("usage"):
         usage = event["usage"]
-      else:
+      elif event["choices"] and event["choices"][0]["finish_reason"] is None:  # a block (not the end)
         arrivals.append(time.perf_counter())
   latency = time.perf_counter() - start
   first = arrivals[0] - start if arrivals else latency

@@ -2,6 +2,7 @@
 alone, whatever shares the slots; the official `openai` client works unchanged; SSE sends one chunk per block
 and `[DONE]`; the API key guards /v1; /metrics counts; an answer stops at EOS."""
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -15,6 +16,7 @@ import openai
 from PIL import Image
 
 import dvl_jax as dvl
+from benchmarks import serve
 from dvl_jax.core import mappings
 from dvl_jax.serving.http.responses import Answer, usage
 from tests.serving import http_server
@@ -103,7 +105,7 @@ def test_several_prompts_and_choices_each_equal_dvl_generate_alone(served):
 def test_a_streamed_chat_with_several_choices_interleaves_them_and_ends_with_the_usage(served):
   want = alone(served, QUESTION, gen_length=16)
   with served.client() as client, client.stream("POST", "/v1/chat/completions", json=chat_body(
-      QUESTION, max_tokens=16, n=2, stream=True)) as streamed:
+      QUESTION, max_tokens=16, n=2, stream=True, stream_options={"include_usage": True})) as streamed:
     lines = [line for line in streamed.iter_lines() if line]
   assert lines[-1] == "data: [DONE]"
   events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
@@ -114,7 +116,7 @@ def test_a_streamed_chat_with_several_choices_interleaves_them_and_ends_with_the
     ends = [c["finish_reason"] for e in events for c in e["choices"] if c["index"] == index and c["finish_reason"]]
     assert ends == ["length"]
   assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2 * 16
-  assert all("usage" not in e for e in events[:-1])
+  assert all(e["usage"] is None for e in events[:-1])  # as OpenAI's chunks say it
 
 
 def test_per_request_algorithm_and_sampling_equal_dvl_generate_alone(served):
@@ -155,18 +157,21 @@ def test_the_openai_client_works_unchanged(served):
   assert reply.choices[0].message.content == want.text[0]
   assert reply.usage.completion_tokens == 16 and reply.usage.model_extra["nfe"] == want.nfe[0]
   chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, stream=True,
+                                               stream_options={"include_usage": True},
                                                extra_body={"return_token_ids": True}))
+  *chunks, counted = chunks  # the usage comes last, alone
+  assert counted.choices == [] and counted.usage.completion_tokens == 16 and counted.usage.model_extra["nfe"] > 0
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text[0]
   streamed = [t for c in chunks[:-1] for t in c.choices[0].model_extra["token_ids"]]
   assert streamed == want.tokens[0].tolist()
   prompt = reply.usage.prompt_tokens
   assert len(chunks) - 1 == len({(prompt + i) // 8 for i in range(16)})  # one chunk per block, then the end
   assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
-  assert chunks[-1].usage.completion_tokens == 16
+  assert all(c.usage is None for c in chunks)
   text = alone(served, QUESTION, chat=False, gen_length=16).text[0]
   assert client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16).choices[0].text == text
-  pieces = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, stream=True)
-  assert "".join(c.choices[0].text for c in pieces) == text
+  pieces = list(client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, stream=True))
+  assert "".join(c.choices[0].text for c in pieces) == text and all(c.usage is None for c in pieces)  # not asked
   several = client.completions.create(model=MODEL, prompt=[QUESTION, QUESTION], n=2, max_tokens=16,
                                       stop=text.split()[2])
   assert [c.text for c in several.choices] == [text[:text.index(text.split()[2])]] * 4
@@ -182,15 +187,28 @@ def test_the_openai_client_works_unchanged(served):
 def test_sse_sends_one_chunk_per_block_then_done(served):
   prompt = [5, 9, 11, 7, 3]  # 5 tokens: the 16-token answer spans blocks 0, 1 and 2 (positions 5..20)
   with served.client() as client, client.stream("POST", "/v1/completions", json={
-      "model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True, "return_token_ids": True}) as reply:
+      "model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": True, "return_token_ids": True,
+      "stream_options": {"include_usage": True}}) as reply:
     assert reply.headers["content-type"].startswith("text/event-stream")
     lines = [line for line in reply.iter_lines() if line]
   assert lines[-1] == "data: [DONE]"
   events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  *events, counted = events
   assert [len(e["choices"][0].get("token_ids", [])) for e in events] == [3, 8, 5, 0]
   want = alone(served, prompt, gen_length=16)
   assert sum((e["choices"][0].get("token_ids", []) for e in events), []) == want.tokens[0].tolist()
-  assert events[-1]["usage"]["nfe"] == want.nfe[0] and events[-1]["choices"][0]["finish_reason"] == "length"
+  assert events[-1]["choices"][0]["finish_reason"] == "length"
+  assert counted["choices"] == [] and counted["usage"]["nfe"] == want.nfe[0]
+
+
+def test_the_serve_benchmark_times_each_block_and_reads_the_usage_it_asks_for(served):
+  """`benchmarks/serve.py`'s client: tokens and forwards from the usage chunk, a gap between each two blocks."""
+  jobs = [serve.Job(QUESTION, None, 16)]
+  (timing,), _ = asyncio.run(serve.through_server(served.url, KEY, MODEL, jobs, "block_diffusion", 1, None, False))
+  want = alone(served, QUESTION, gen_length=16)
+  prompt = served.processor([dvl.generation_prompt(QUESTION, 0)], [[]])["input_ids"].shape[1]
+  assert (timing.tokens, timing.forwards) == (16, want.nfe[0])
+  assert len(timing.gaps) == len({(prompt + i) // 8 for i in range(16)}) - 1 and 0 < timing.ttft < timing.latency
 
 
 def test_the_api_key_guards_v1_only(served):
@@ -271,16 +289,17 @@ def test_a_stop_sequence_ends_the_answer_early_in_the_body_and_the_stream(served
           "return_token_ids": True}
   with served.client() as client:
     reply = client.post("/v1/completions", json=body).json()
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True,
+                                                         "stream_options": {"include_usage": True}}) as streamed:
       lines = [line for line in streamed.iter_lines() if line]
   assert lines[-1] == "data: [DONE]"
-  events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+  *events, counted = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
   choice = reply["choices"][0]
   assert choice["text"] == text[:text.index(stop)] and choice["token_ids"] == tokens[:through]
   assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == through
   assert 0 < reply["usage"]["nfe"] < want.nfe[0]  # it left its slot before the answer's end
   assert "".join(e["choices"][0]["text"] for e in events) == text[:text.index(stop)]
   assert sum((e["choices"][0].get("token_ids", []) for e in events), []) == tokens[:through]
-  assert events[-1]["choices"][0]["finish_reason"] == "stop" and events[-1]["usage"] == reply["usage"]
+  assert events[-1]["choices"][0]["finish_reason"] == "stop" and counted["usage"] == reply["usage"]
   served.wait_idle()
   assert served.metric('dvl_requests_total{outcome="stopped"}') == stopped + 2

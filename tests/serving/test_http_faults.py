@@ -82,6 +82,8 @@ def bad_requests(served):
       (CHAT, chat(stop=list("abcde")), 400, "at most 4"),
       (CHAT, chat(stop=5), 400, "stop"),
       (CHAT, chat(stream="yes"), 400, "stream"),
+      (CHAT, chat(stream_options={"include_usage": True}), 400, "only allowed with stream: true"),
+      (CHAT, chat(stream=True, stream_options={"include_usage": 1}), 400, "include_usage"),
       (CHAT, {"model": MODEL, "messages": []}, 400, "end with a user message"),
       (CHAT, {"model": MODEL, "messages": [*chat()["messages"], {"role": "assistant", "content": "x"}]}, 400,
        "end with a user message"),
@@ -263,7 +265,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(served, monkeypatch)
       assert time.monotonic() < end, "the server did not start"
       time.sleep(0.05)
     with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", TEXT, json={
-        "model": "ckpt", "prompt": [5, 6], "max_tokens": GEN, "steps": 8, "stream": True}) as reply:
+        "model": "ckpt", "prompt": [5, 6], "max_tokens": GEN, "steps": 8, "stream": True,
+        "stream_options": {"include_usage": True}}) as reply:
       for line in reply.iter_lines():
         if not lines:
           os.kill(os.getpid(), signal.SIGTERM)

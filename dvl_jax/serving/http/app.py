@@ -178,9 +178,10 @@ class _CountResponses:
 async def _stream(worker: Worker, tickets: list[Ticket], deadline: float, settings: Settings, completion: Completion,
                   answers: list[Answer], body: Decoding, prompt_tokens: int):
   """Server-Sent Events: one chunk per final block of a choice (up to a stop sequence), each choice's end with its
-  finish reason, the usage (with one choice: in its last chunk; with several: a chunk of its own), then `[DONE]`;
-  a request that times out ends with an error event. Starlette cancels this generator when the client
-  disconnects."""
+  finish reason, then `[DONE]`; a request that times out ends with an error event. As OpenAI's API does, the
+  usage is sent only when `stream_options.include_usage` asks for it: in a chunk with no choices before `[DONE]`,
+  every other chunk carrying `"usage": null`. Starlette cancels this generator when the client disconnects."""
+  extra = {"usage": None} if body.include_usage else {}
   events = _Events(worker, tickets, deadline, settings)
   outputs: dict[int, Any] = {}
   named: set[int] = set()  # choices whose first chunk (naming the assistant) went out
@@ -194,16 +195,15 @@ async def _stream(worker: Worker, tickets: list[Ticket], deadline: float, settin
       answer = answers[index]
       if event.kind == "piece":
         tokens, text = answer.add(event.value, event.forwards)
-        yield completion.event([answer.piece(tokens, text, body.return_token_ids, role=index not in named)])
+        yield completion.event([answer.piece(tokens, text, body.return_token_ids, role=index not in named)], **extra)
         named.add(index)
         if answer.stopped:
           events.drop(index, "stopped")
       if event.kind == "finished" or answer.stopped:
         outputs[index] = None if answer.stopped else event.value
-        whole = {"usage": usage(prompt_tokens, [answer.usage(outputs[index])])} if len(tickets) == 1 else {}
-        yield completion.event([answer.last_piece()], **whole)
+        yield completion.event([answer.last_piece()], **extra)
     else:
-      if len(tickets) > 1:
+      if body.include_usage:
         yield completion.event([], usage=usage(prompt_tokens, [a.usage(outputs[a.index]) for a in answers]))
     yield DONE
   finally:
