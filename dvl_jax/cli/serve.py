@@ -30,9 +30,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   cmd = sub.add_parser(
       "serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching",
       description="POST /v1/chat/completions (text and image_url parts), POST /v1/completions (text or token ids), "
-      "GET /v1/models, /health and /metrics (Prometheus). Requests take OpenAI's fields plus dvl's algorithm, "
-      "remasking_strategy, steps, confidence_threshold, top_k and return_token_ids; the sampling options below are "
-      "their defaults.")
+      "GET /v1/models (and /v1/models/ID), /health and /metrics (Prometheus). Requests take OpenAI's fields plus "
+      "dvl's algorithm, remasking_strategy, steps, confidence_threshold, top_k and return_token_ids; the sampling "
+      "options below are their defaults.")
   cmd.add_argument("--checkpoint", required=True,
                    help="converted checkpoint directory (config.json, params/, tokenizer.json), as written by "
                    "`dvl convert` or training (required)")

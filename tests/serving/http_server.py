@@ -41,12 +41,15 @@ class Served:
   def client(self, timeout: float = 300) -> httpx.Client:
     return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout)
 
-  def metric(self, name: str) -> float:
-    """A sample's value from /metrics, e.g. 'dvl_requests_total{outcome="cancelled"}'."""
+  def metric(self, name: str, default: float | None = None) -> float:
+    """A sample's value from /metrics, e.g. 'dvl_requests_total{outcome="cancelled"}' (`default` if absent: a
+    labelled counter appears with its first count)."""
     for line in httpx.get(f"{self.url}/metrics").text.splitlines():
       if line.startswith(name + " "):
         return float(line.split()[-1])
-    raise KeyError(name)
+    if default is None:
+      raise KeyError(name)
+    return default
 
   def wait_idle(self, timeout: float = 20.0) -> None:
     """Until no request holds a slot or waits for one (bounded)."""

@@ -149,7 +149,12 @@ def check_concurrently(served, cases):
 
 def test_the_openai_client_works_unchanged(served):
   client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY)
-  assert [m.id for m in client.models.list()] == [MODEL]
+  assert [m.id for m in client.models.list()] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
+  try:
+    client.models.retrieve("gpt-4o")
+    raise AssertionError("an unknown model was retrieved")
+  except openai.NotFoundError as e:
+    assert "not served here" in e.message
   messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": served.image}},
                                            {"type": "text", "text": QUESTION}]}]
   want = alone(served, QUESTION, [image_of(served.image)], gen_length=16)
@@ -212,15 +217,18 @@ def test_the_serve_benchmark_times_each_block_and_reads_the_usage_it_asks_for(se
 
 
 def test_the_api_key_guards_v1_only(served):
-  url = f"{served.url}/v1/models"
-  for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-    try:
-      urllib.request.urlopen(urllib.request.Request(url, headers=headers))
-      raise AssertionError(f"{headers} was let in")
-    except urllib.error.HTTPError as e:
-      assert e.code == 401 and "Authorization: Bearer" in json.load(e)["error"]["message"]
+  for path in ("/v1/models", f"/v1/models/{MODEL}"):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+      try:
+        urllib.request.urlopen(urllib.request.Request(served.url + path, headers=headers))
+        raise AssertionError(f"{headers} was let in")
+      except urllib.error.HTTPError as e:
+        assert e.code == 401 and "Authorization: Bearer" in json.load(e)["error"]["message"]
+  retrieved = served.metric('dvl_http_responses_total{code="200",route="/v1/models/{model}"}', default=0.0)
   with served.client() as client:
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+  assert served.metric('dvl_http_responses_total{code="200",route="/v1/models/{model}"}') == retrieved + 1
   with urllib.request.urlopen(f"{served.url}/health") as reply:  # probes need no key
     assert json.load(reply)["status"] == "ok"
 

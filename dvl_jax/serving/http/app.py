@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import time
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -88,10 +89,19 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
   async def prometheus() -> Response:
     return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+  served = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "dvl"}
+
   @app.get("/v1/models")
   async def models(http: HttpRequest) -> dict[str, Any]:
     _authorize(http, settings)
-    return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "owned_by": "dvl"}]}
+    return {"object": "list", "data": [served]}
+
+  @app.get("/v1/models/{name:path}")
+  async def model(http: HttpRequest, name: str) -> dict[str, Any]:
+    """OpenAI's retrieve (`client.models.retrieve`): the served model, else a 404."""
+    _authorize(http, settings)
+    _check_model(name, settings)
+    return served
 
   @app.post("/v1/chat/completions")
   async def chat(http: HttpRequest) -> Response:
@@ -104,9 +114,7 @@ def create_app(engine: Engine, processor: Any, settings: Settings, *, slots: int
   async def complete(http: HttpRequest, kind: type[Decoding], build: Callable, name: str) -> Response:
     _authorize(http, settings)
     body = parse(kind, await _read_body(http, settings.max_body_bytes))
-    if body.model != settings.model_name:
-      raise ApiError(404, f"model {body.model!r} is not served here; this server serves {settings.model_name!r}",
-                     "not_found_error")
+    _check_model(body.model, settings)
     try:
       prompts = await run_in_threadpool(build, body)
     except ValueError as e:
@@ -157,7 +165,7 @@ class _CountResponses:
   """Counts responses by route and status: a plain ASGI wrapper of `send`, so the handlers get the server's own
   `receive` (the disconnect a cancellation waits for) untouched."""
 
-  ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+  ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")  # bounded labels
 
   def __init__(self, app: Any, metrics: Metrics):
     self.app, self.metrics = app, metrics
@@ -165,7 +173,8 @@ class _CountResponses:
   async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
     if scope["type"] != "http":
       return await self.app(scope, receive, send)
-    route = scope["path"] if scope["path"] in self.ROUTES else "other"  # bounded label values
+    path = scope["path"]
+    route = path if path in self.ROUTES else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
     async def counted(message: dict) -> None:
       if message["type"] == "http.response.start":
@@ -313,6 +322,12 @@ def _authorize(http: HttpRequest, settings: Settings) -> None:
   if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
     raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
                    "given to dvl serve --api-key", "authentication_error")
+
+
+def _check_model(name: str, settings: Settings) -> None:
+  if name != settings.model_name:
+    raise ApiError(404, f"model {name!r} is not served here; this server serves {settings.model_name!r}",
+                   "not_found_error")
 
 
 def _one_line(error: Exception) -> str:
