@@ -18,8 +18,9 @@ from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, che
                                          load_processor)
 from dvl_jax.cli.generate import add_sampling_options, load_mesh
 from dvl_jax.diffusion.sampling_config import SamplingConfig
+from dvl_jax.serving.engine import MAX_PROMPT, longest_prompt
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": 1024, "chunk": 16, "admit_every": 2,
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": None, "chunk": 16, "admit_every": 2,
             "views": 7,
             "max_queue": 64, "request_timeout": 600.0, "grace_period": 30.0, "max_body_bytes": 64 * 2 ** 20,
             "max_images": 8, "max_image_bytes": 20 * 2 ** 20, "max_image_pixels": 4096 * 4096}
@@ -49,7 +50,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   engine.add_argument("--slots", type=int, default=d["slots"], help="requests decoded at once (rows of the KV "
                       f"cache; a multiple of the mesh's data axis) (default: {d['slots']})")
   engine.add_argument("--max-prompt", type=int, default=d["max_prompt"], help="longest prompt in tokens, image "
-                      f"tokens included; longer ones get a 400 (default: {d['max_prompt']})")
+                      f"tokens included; longer ones get a 400 (default: {MAX_PROMPT}, or less where the model's "
+                      "max_position_embeddings would not hold it and --gen-length more)")
   engine.add_argument("--chunk", type=int, default=d["chunk"], help="decoding forwards between two looks at the "
                       "queue while every slot is busy; a look also comes as soon as a request finishes (latency of "
                       f"streamed blocks vs. host overhead) (default: {d['chunk']})")
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
   check_checkpoint(args.checkpoint)
   for name in ("slots", "max_prompt", "chunk", "admit_every", "views", "max_images", "max_body_bytes",
                "max_image_bytes", "max_image_pixels"):
-    if getattr(args, name) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.max_queue < 0 or args.request_timeout <= 0 or args.grace_period < 0:
     raise ValueError("--max-queue and --grace-period must be >= 0 and --request-timeout > 0")
@@ -140,9 +142,15 @@ def run(args: argparse.Namespace) -> int:
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   config.resolve(processor.config)  # checks the options against the model before it loads; the engine keeps
   # the config unresolved, so AR requests take the model's positions (M-RoPE) and block diffusion flat ones
+  max_prompt = args.max_prompt or longest_prompt(processor.config, config)
+  fits = longest_prompt(processor.config, config, cap=max_prompt)
+  if fits < max_prompt:
+    raise ValueError(f"--max-prompt {max_prompt} + --gen-length {config.gen_length} exceed the model's "
+                     f"{processor.config.text.max_position_embeddings} positions (max_position_embeddings); lower "
+                     f"--max-prompt to {fits} or --gen-length")
   model = dvl.load(args.checkpoint, mesh=load_mesh(args.mesh, processor.config, args.slots), dtype=args.dtype,
                    **load_options(args))
-  engine = dvl.Engine(model, config, slots=args.slots, max_prompt=args.max_prompt, chunk=args.chunk,
+  engine = dvl.Engine(model, config, slots=args.slots, max_prompt=max_prompt, chunk=args.chunk,
                       admit_every=args.admit_every, views=args.views)
   warm = args.warm_up or config.algorithm
   if warm != "none":

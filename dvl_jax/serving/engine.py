@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from dvl_jax.core import mappings
+from dvl_jax.core.config import ModelConfig
 from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
@@ -37,7 +38,24 @@ from dvl_jax.serving.request import Request, Result
 # most of its cost (the demo's model, 8 slots: 1.3 ms at 160 slots, 2.0 at 320, 3.9 at 640), and a request with
 # an image (~390 slots with its answer) in any slot sets the view for all: halving views left it at 640.
 VIEW_RATIO = 2 ** -0.5
+MAX_PROMPT = 1024  # `longest_prompt`'s cap: a server's default
 log = logging.getLogger(__name__)
+
+
+def longest_prompt(model_config: ModelConfig, config: SamplingConfig = SamplingConfig(), max_tokens: int | None = None,
+                   cap: int = MAX_PROMPT) -> int:
+  """The longest `max_prompt` (at most `cap`) whose cache, with `max_tokens` (default `config.gen_length`) after
+  it, fits the model's `max_position_embeddings`: a default that serves any checkpoint (the demo's has 1024
+  positions, so 1024 prompt tokens would not leave room for an answer)."""
+  positions, gen = model_config.text.max_position_embeddings, max_tokens or config.gen_length
+  bs, bucket = config.block_size or model_config.block_size, config.length_bucket
+  prompt = min(cap, positions)
+  while prompt > 0 and round_up(round_up(prompt, bucket) + gen, bs) > positions:
+    prompt = round_up(prompt, bucket) - bucket  # the longest prompt of the bucket below
+  if prompt < 1:
+    raise ValueError(f"max_tokens (--gen-length) {gen} leaves no room for a prompt in this model's {positions} "
+                     "positions (max_position_embeddings); ask for fewer")
+  return prompt
 
 
 @dataclasses.dataclass
@@ -99,6 +117,12 @@ class Engine:
     max_tokens = max_tokens or config.gen_length
     bs = config.block_size or model.config.block_size
     max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
+    if max_len > (positions := model.config.text.max_position_embeddings):
+      if config.max_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's {positions} positions (max_position_embeddings)")
+      raise ValueError(f"max_prompt {max_prompt} + max_tokens {max_tokens} need a {max_len}-slot cache, more than "
+                       f"the model's {positions} positions (max_position_embeddings); lower max_prompt to "
+                       f"{longest_prompt(model.config, config, max_tokens)} or max_tokens")
     self.config = dataclasses.replace(config, block_size=bs, gen_length=max_tokens, max_len=max_len)
     self.views = sorted({min(round_up(round(max_len * VIEW_RATIO ** k), bs), max_len) for k in range(views)})
     if config.compact_rows and self._placement.mesh is not None:

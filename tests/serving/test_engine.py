@@ -16,7 +16,7 @@ from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig, round_up
 from dvl_jax.parallel.mesh import make_mesh
 from dvl_jax.parallel.rules import shard_model
 from dvl_jax.serving import slots
-from dvl_jax.serving.engine import Engine
+from dvl_jax.serving.engine import Engine, longest_prompt
 from dvl_jax.serving.request import Request
 from dvl_jax.testing.tiny import tiny_config, tiny_model
 
@@ -269,6 +269,31 @@ def test_the_cache_views_step_down_by_about_a_square_root_of_two():
   engine = Engine(model(), CONFIG, slots=8, max_prompt=512, max_tokens=128, views=7)
   assert engine.config.max_len == 640 and engine.views == [80, 120, 160, 232, 320, 456, 640]
   assert all(v % engine.config.block_size == 0 for v in engine.views)
+
+
+def test_the_longest_prompt_is_the_longest_whose_cache_fits_the_positions():
+  """`longest_prompt` (`dvl serve`'s default max_prompt) against a search over every prompt length: the longest
+  with `round_up(round_up(P, bucket) + G, block)` within `max_position_embeddings`, capped."""
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    positions, gen, bucket, block = (int(rng.integers(*r)) for r in ((16, 600), (1, 200), (1, 70), (1, 17)))
+    cap = int(rng.choice([positions, rng.integers(1, 700)]))
+    cfg = with_positions(positions)
+    config = SamplingConfig(gen_length=gen, length_bucket=bucket, block_size=block)
+    fits = [p for p in range(1, cap + 1) if round_up(round_up(p, bucket) + gen, block) <= positions]
+    if not fits:
+      with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        longest_prompt(cfg, config, cap=cap)
+    else:
+      assert longest_prompt(cfg, config, cap=cap) == max(fits)
+  demo = with_positions(1024)  # the demo's model: 1024 prompt tokens + 128 do not fit
+  assert longest_prompt(demo, SamplingConfig()) == 896 and longest_prompt(CFG, SamplingConfig()) == 1024
+  with pytest.raises(ValueError, match="lower max_prompt to 896 or max_tokens"):
+    Engine(tiny_model(demo), SamplingConfig(), max_prompt=1024, max_tokens=128)
+
+
+def with_positions(positions):
+  return CFG.replace(text=dataclasses.replace(CFG.text, max_position_embeddings=positions))
 
 
 def test_compacted_chunks_run_narrower_decode_as_alone_and_nothing_recompiles(monkeypatch):

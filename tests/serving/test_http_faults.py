@@ -330,7 +330,9 @@ def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys
                          (["--checkpoint", served.checkpoint, "--allowed-local-media-path", "/no/such/dir"],
                           "is not a folder"),
                          (["--checkpoint", served.checkpoint, "--warm-up-images", "448x448,448"],
-                          "--warm-up-images takes sizes like 448x448,1280x720; got '448'")]:
+                          "--warm-up-images takes sizes like 448x448,1280x720; got '448'"),
+                         (["--checkpoint", served.checkpoint, "--max-prompt", "4000", "--gen-length", "128"],
+                          "lower --max-prompt to 3968 or --gen-length")]:
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1, err
