@@ -82,7 +82,7 @@ def bad_requests(served):
       (CHAT, chat(stop=list("abcde")), 400, "at most 4"),
       (CHAT, chat(stop=5), 400, "stop"),
       (CHAT, chat(stream="yes"), 400, "stream"),
-      (CHAT, chat(stream_options={"include_usage": True}), 400, "only allowed with stream: true"),
+      (CHAT, chat(stream_options={"include_usage": False}), 400, "only allowed with stream: true"),
       (CHAT, chat(stream=True, stream_options={"include_usage": 1}), 400, "include_usage"),
       (CHAT, {"model": MODEL, "messages": []}, 400, "end with a user message"),
       (CHAT, {"model": MODEL, "messages": [*chat()["messages"], {"role": "assistant", "content": "x"}]}, 400,
@@ -133,7 +133,8 @@ def good_requests(served):
     return out.tokens[0, :out.lengths[0]].tolist()
 
   return [
-      (CHAT, chat(return_token_ids=True, max_tokens=16), alone(processor([dvl.generation_prompt(QUESTION, 0)]))),
+      (CHAT, chat(return_token_ids=True, max_tokens=16, stream_options={}),  # empty: accepted unstreamed, as vLLM
+       alone(processor([dvl.generation_prompt(QUESTION, 0)]))),
       (CHAT, with_image(served.image, return_token_ids=True, max_tokens=16),
        alone(processor([dvl.generation_prompt(QUESTION, 1)], [[image]]))),
       (TEXT, {"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 16, "return_token_ids": True}, alone([[7, 8, 9]])),

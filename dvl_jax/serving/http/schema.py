@@ -80,7 +80,7 @@ class Decoding(_Strict):
       raise ValueError("logprobs are not supported; omit logprobs (return_token_ids gives the tokens)")
     if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
       raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
-    if self.stream_options is not None and not self.stream:
+    if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:  # as vLLM
       raise ValueError("stream_options is only allowed with stream: true; remove it or stream the answer")
     return self
 
