@@ -123,11 +123,6 @@ def warm_up_images(sizes: str | None, processor: Any) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-  import uvicorn
-
-  import dvl_jax as dvl
-  from dvl_jax.serving.http import MediaLimits, Settings, create_app
-
   check_checkpoint(args.checkpoint)
   for name in ("slots", "max_prompt", "chunk", "admit_every", "views", "max_images", "max_body_bytes",
                "max_image_bytes", "max_image_pixels"):
@@ -137,6 +132,38 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--max-queue and --grace-period must be >= 0 and --request-timeout > 0")
   if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
     raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+  sock = reserve(args.host, args.port)
+  try:
+    return _serve(args, sock)
+  finally:
+    sock.close()
+
+
+def reserve(host: str, port: int) -> socket.socket:
+  """The server's socket, bound before anything loads (a busy port or a bad address fails at once, not after the
+  warm-up's minutes) and listening only once uvicorn serves on it: meanwhile a client is refused, not queued."""
+  if not 0 <= port <= 65535:
+    raise ValueError(f"--port must be in [0, 65535], got {port}")
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+  except OSError as e:
+    raise OSError(f"--host {host}: {e.strerror or e}") from e
+  try:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+  except OSError as e:
+    sock.close()
+    raise OSError(f"cannot bind {host}:{port} ({e.strerror or e}); pick a free --port (0: any free one)") from e
+  return sock
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
+  import uvicorn
+
+  import dvl_jax as dvl
+  from dvl_jax.serving.http import MediaLimits, Settings, create_app
+
   processor = load_processor(args)
   images = warm_up_images(args.warm_up_images, processor)  # a bad size fails before the model loads
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
@@ -161,7 +188,6 @@ def run(args: argparse.Namespace) -> int:
                       max_images=args.max_images, media=MediaLimits(args.max_image_bytes, args.max_image_pixels,
                                                                     args.allowed_local_media_path))
   app = create_app(engine, processor, settings, slots=args.slots)
-  sock = socket.create_server((args.host, args.port))
   host, port = sock.getsockname()[:2]
   server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=args.grace_period, log_level=args.log_level))
   print(f"dvl serve: {name} on http://{host}:{port}/v1", flush=True)

@@ -324,8 +324,16 @@ def test_an_engine_that_fails_fails_its_requests_with_503_and_turns_unhealthy():
     worker.submit(Request([5]))  # refused before it reaches the dead thread
 
 
-def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys):
+def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys, monkeypatch):
+  monkeypatch.setattr(dvl, "load", lambda *_, **__: pytest.fail("the model loaded before the options were checked"))
+  busy = socket.create_server(("127.0.0.1", 0))  # another server's port
+  port = busy.getsockname()[1]
   for argv, fragment in [(["--checkpoint", "/no/such/ckpt"], "checkpoint /no/such/ckpt does not exist"),
+                         (["--checkpoint", served.checkpoint, "--port", "70000"], "--port must be in [0, 65535]"),
+                         (["--checkpoint", served.checkpoint, "--port", str(port)],
+                          f"cannot bind 127.0.0.1:{port} (Address already in use); pick a free --port"),
+                         (["--checkpoint", served.checkpoint, "--host", "no-such-host.invalid"],
+                          "--host no-such-host.invalid:"),
                          (["--checkpoint", served.checkpoint, "--slots", "0"], "--slots must be >= 1"),
                          (["--checkpoint", served.checkpoint, "--request-timeout", "0"], "--request-timeout > 0"),
                          (["--checkpoint", served.checkpoint, "--allowed-local-media-path", "/no/such/dir"],
@@ -337,6 +345,7 @@ def test_dvl_serve_refuses_bad_options_in_one_line_before_loading(served, capsys
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1, err
+  busy.close()
 
 
 def test_warm_up_images_are_blank_images_of_those_sizes_through_the_processor(served):
