@@ -169,8 +169,8 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
   config = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
   config.resolve(processor.config)  # checks the options against the model before it loads; the engine keeps
   # the config unresolved, so AR requests take the model's positions (M-RoPE) and block diffusion flat ones
-  max_prompt = args.max_prompt or longest_prompt(processor.config, config)
-  fits = longest_prompt(processor.config, config, cap=max_prompt)
+  fits = longest_prompt(processor.config, config, cap=args.max_prompt or MAX_PROMPT)
+  max_prompt = args.max_prompt or fits
   if fits < max_prompt:
     raise ValueError(f"--max-prompt {max_prompt} + --gen-length {config.gen_length} exceed the model's "
                      f"{processor.config.text.max_position_embeddings} positions (max_position_embeddings); lower "
