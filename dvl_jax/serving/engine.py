@@ -42,6 +42,11 @@ MAX_PROMPT = 1024  # `longest_prompt`'s cap: a server's default
 log = logging.getLogger(__name__)
 
 
+def cache_length(max_prompt: int, max_tokens: int, bucket: int, block_size: int) -> int:
+  """A row's cache slots: the longest prompt's bucket, then `max_tokens`, in whole blocks."""
+  return round_up(round_up(max_prompt, bucket) + max_tokens, block_size)
+
+
 def longest_prompt(model_config: ModelConfig, config: SamplingConfig = SamplingConfig(), max_tokens: int | None = None,
                    cap: int = MAX_PROMPT) -> int:
   """The longest `max_prompt` (at most `cap`) whose cache, with `max_tokens` (default `config.gen_length`) after
@@ -50,7 +55,7 @@ def longest_prompt(model_config: ModelConfig, config: SamplingConfig = SamplingC
   positions, gen = model_config.text.max_position_embeddings, max_tokens or config.gen_length
   bs, bucket = config.block_size or model_config.block_size, config.length_bucket
   prompt = min(cap, positions)
-  while prompt > 0 and round_up(round_up(prompt, bucket) + gen, bs) > positions:
+  while prompt > 0 and cache_length(prompt, gen, bucket, bs) > positions:
     prompt = round_up(prompt, bucket) - bucket  # the longest prompt of the bucket below
   if prompt < 1:
     raise ValueError(f"max_tokens (--gen-length) {gen} leaves no room for a prompt in this model's {positions} "
@@ -116,7 +121,7 @@ class Engine:
     self.chunk, self.admit_every = chunk, min(admit_every, chunk)
     max_tokens = max_tokens or config.gen_length
     bs = config.block_size or model.config.block_size
-    max_len = config.max_len or round_up(round_up(max_prompt, config.length_bucket) + max_tokens, bs)
+    max_len = config.max_len or cache_length(max_prompt, max_tokens, config.length_bucket, bs)
     if max_len > (positions := model.config.text.max_position_embeddings):
       if config.max_len:
         raise ValueError(f"max_len {max_len} exceeds the model's {positions} positions (max_position_embeddings)")

@@ -48,24 +48,26 @@ class Answer:
       new = new[:new.index(self.eos_id) + 1]
     before, self.forwards = len(self.tokens), forwards
     self.tokens += new
-    if self.stop and self._stop_in(self.decode(self.tokens)) is not None:
+    text = self.decode(self.tokens)
+    if self.stop and self._stop_in(text) is not None:
       end = next(n for n in range(before + 1, len(self.tokens) + 1) if self._stop_in(self.decode(self.tokens[:n]))
                  is not None)
-      self.tokens = self.tokens[:end]
-      self.stopped_at = self._stop_in(self.decode(self.tokens))
+      self.tokens, text = self.tokens[:end], self.decode(self.tokens[:end])
+      self.stopped_at = self._stop_in(text)
       new = new[:end - before]
-    return new, self._delta(final=False)
+    return new, self._delta(text, final=False)
 
   def _stop_in(self, text: str) -> int | None:
     """Where the first stop sequence in `text` begins, if any."""
     return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=None)
 
-  def _text(self, tokens: list[int]) -> str:
-    text = self.decode(tokens)
-    return text if self.stopped_at is None else text[:self.stopped_at]
+  def _cut(self, decoded: str) -> str:
+    """`decoded` up to where a stop sequence was met."""
+    return decoded if self.stopped_at is None else decoded[:self.stopped_at]
 
-  def _delta(self, final: bool) -> str:
-    text = self._text(self.tokens)
+  def _delta(self, decoded: str, final: bool) -> str:
+    """What of `decoded` (all tokens' text) is new since the last delta."""
+    text = self._cut(decoded)
     if not (final or self.stopped):  # hold back what may still turn out to begin a stop sequence
       text = text[:len(text) - max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])),
                                    default=0)]
@@ -79,7 +81,8 @@ class Answer:
   def choice(self, output: GenerateOutput | None, token_ids: bool) -> dict[str, Any]:
     """The whole choice (a non-streamed response): of `output`, or of the pieces if a stop sequence ended them."""
     tokens = self.tokens if self.stopped else output.tokens[0, :output.lengths[0]].tolist()
-    return self._choice(self._text(tokens), self.finish_reason(tokens), tokens if token_ids else None, "message")
+    text = self._cut(self.decode(tokens))
+    return self._choice(text, self.finish_reason(tokens), tokens if token_ids else None, "message")
 
   def piece(self, tokens: list[int], text: str, token_ids: bool, *, role: bool = False) -> dict[str, Any]:
     """One streamed piece (`role`: the first chat chunk names the assistant)."""
@@ -87,7 +90,7 @@ class Answer:
 
   def last_piece(self) -> dict[str, Any]:
     """The end of a stream: whatever text was held back, and the finish reason."""
-    text = self._delta(final=True)
+    text = self._delta(self.decode(self.tokens), final=True)
     return self._choice(text, self.finish_reason(self.tokens), None, "delta", empty=not text)
 
   def _choice(self, text: str, finish: str | None, tokens: list[int] | None, field: str, role: bool = False,
