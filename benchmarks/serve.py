@@ -14,8 +14,9 @@ stream), each batch shape compiled off the clock the first time it comes up. Clo
 sent when it starts. With `--request-rate` they arrive at the server rows' times and queue, a batch taking the
 queued ones, and a latency counts the wait for the batches before (a static server under the same load). Each
 algorithm of `--algorithms` runs the whole workload (the server takes `algorithm` per request). `--repeats R`
-runs R rounds of every row back to back and ends with each row's median and the median of the rounds'
-continuous / static ratios: on a shared machine a ratio of neighbours is much steadier than either rate.
+runs R rounds of every row back to back and ends with each row's median output tok/s and latency p99, and the
+medians of the rounds' continuous / static ratios of both: on a shared machine a ratio of neighbours is much
+steadier than either number (one round's p99 is one slow batch or request away from another value).
 
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
@@ -259,36 +260,44 @@ def main(argv: list[str] | None = None) -> None:
   print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image")
   lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
            "ITL ms p50 / p99 | latency ms p50 / p99 | tokens / forward |", "|---|---|---|---|---|---|---|---|---|"]
-  rates: dict[tuple[str, str], list[float]] = {}  # (algorithm, batching) -> output tok/s per round
+  rounds: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (algorithm, batching) -> (tok/s, p99 s) each
   arrivals = arrival_times(len(jobs), args.request_rate, args.seed)  # the same for every row
   for round_ in range(args.repeats):
     for algorithm in args.algorithms.split(","):
       timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
                                                  arrivals, warm=round_ == 0))
       lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
-      rates.setdefault((algorithm, "continuous"), []).append(sum(t.tokens for t in timings) / wall)
+      rounds.setdefault((algorithm, "continuous"), []).append(rate_and_p99(timings, wall))
       print(lines[-1], flush=True)
       if static is not None:
         timings, wall = static.run(jobs, algorithm, arrivals)
         lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
-        rates.setdefault((algorithm, "static"), []).append(sum(t.tokens for t in timings) / wall)
+        rounds.setdefault((algorithm, "static"), []).append(rate_and_p99(timings, wall))
         print(lines[-1], flush=True)
   print("\n".join(lines))
   if args.repeats > 1:
-    print(f"\nmedian over {args.repeats} rounds\n" + "\n".join(medians(rates)))
+    print(f"\nmedian over {args.repeats} rounds\n" + "\n".join(medians(rounds)))
 
 
-def medians(rates: dict[tuple[str, str], list[float]]) -> list[str]:
-  """Each row's median output tok/s and, per algorithm, the median of the rounds' continuous / static ratios
-  (each round's pair ran back to back, so a ratio is steadier than either rate on a shared machine)."""
-  lines = ["| algorithm | continuous tok/s | static tok/s | continuous / static |", "|---|---|---|---|"]
-  for algorithm in dict.fromkeys(a for a, _ in rates):
-    cont, stat = rates[(algorithm, "continuous")], rates.get((algorithm, "static"))
-    if stat is None:
-      lines.append(f"| {algorithm} | {np.median(cont):.1f} | - | - |")
+def rate_and_p99(timings: list[Timing], wall: float) -> tuple[float, float]:
+  """A row's output tokens/s and latency p99 (s)."""
+  return sum(t.tokens for t in timings) / wall, float(np.percentile([t.latency for t in timings], 99))
+
+
+def medians(rounds: dict[tuple[str, str], list[tuple[float, float]]]) -> list[str]:
+  """Each row's median output tok/s and latency p99 and, per algorithm, the medians of the rounds' continuous /
+  static ratios of both (each round's pair ran back to back, so a ratio is steadier than either number)."""
+  lines = ["| algorithm | continuous tok/s | static tok/s | tok/s continuous / static | latency p99 ms, continuous "
+           "/ static | p99 continuous / static |", "|---|---|---|---|---|---|"]
+  for algorithm in dict.fromkeys(a for a, _ in rounds):
+    cont = np.array(rounds[(algorithm, "continuous")])
+    if (algorithm, "static") not in rounds:
+      lines.append(f"| {algorithm} | {np.median(cont[:, 0]):.1f} | - | - | {np.median(cont[:, 1]) * 1e3:.0f} / - | - |")
       continue
-    ratio = np.median(np.array(cont) / np.array(stat))
-    lines.append(f"| {algorithm} | {np.median(cont):.1f} | {np.median(stat):.1f} | {ratio:.2f}x |")
+    stat = np.array(rounds[(algorithm, "static")])
+    rate, p99 = (np.median(cont[:, i] / stat[:, i]) for i in (0, 1))
+    lines.append(f"| {algorithm} | {np.median(cont[:, 0]):.1f} | {np.median(stat[:, 0]):.1f} | {rate:.2f}x | "
+                 f"{np.median(cont[:, 1]) * 1e3:.0f} / {np.median(stat[:, 1]) * 1e3:.0f} | {p99:.2f}x |")
   return lines
 
 

@@ -1,6 +1,6 @@
-"""`benchmarks/serve.py`: the summary of alternating rounds (`--repeats`) is each row's median rate and the
-median of the rounds' own continuous / static ratios (not the ratio of the medians); the static rows batch as a
-static server would, in a closed loop or under the server rows' arrivals (`--request-rate`)."""
+"""`benchmarks/serve.py`: the summary of alternating rounds (`--repeats`) is each row's median rate and p99 and
+the medians of the rounds' own continuous / static ratios (not the ratios of the medians); the static rows batch
+as a static server would, in a closed loop or under the server rows' arrivals (`--request-rate`)."""
 
 import time
 import types
@@ -10,14 +10,16 @@ import numpy as np
 from benchmarks import serve
 
 
-def test_medians_take_each_rounds_own_ratio():
-  rates = {("block_diffusion", "continuous"): [100.0, 300.0, 200.0],
-           ("block_diffusion", "static"): [50.0, 300.0, 100.0],  # ratios 2, 1, 2: median 2 (medians' ratio: 1.33)
-           ("autoregressive", "continuous"): [40.0, 60.0]}  # no static row
-  table = serve.medians(rates)
+def test_medians_take_each_rounds_own_ratios():
+  rounds = {("block_diffusion", "continuous"): [(100.0, 6.0), (300.0, 9.0), (200.0, 5.0)],
+            # tok/s ratios 2, 1, 2: median 2 (medians' ratio 1.33); p99 ratios 0.5, 1.5, 1.25: median 1.25 (1.0)
+            ("block_diffusion", "static"): [(50.0, 12.0), (300.0, 6.0), (100.0, 4.0)],
+            ("autoregressive", "continuous"): [(40.0, 2.0), (60.0, 3.0)]}  # no static row
+  table = serve.medians(rounds)
+  assert len(table[0].split(" | ")) == len(table[2].split(" | ")) == 6
   cells = [line.strip("| ").split(" | ") for line in table[2:]]
-  assert cells[0] == ["block_diffusion", "200.0", "100.0", f"{np.median([2.0, 1.0, 2.0]):.2f}x"]
-  assert cells[1] == ["autoregressive", "50.0", "-", "-"]
+  assert cells[0] == ["block_diffusion", "200.0", "100.0", "2.00x", "6000 / 6000", "1.25x"]
+  assert cells[1] == ["autoregressive", "50.0", "-", "-", "2500 / -", "-"]
 
 
 class FakeBatches:
