@@ -31,7 +31,7 @@ cell not started by its section's deadline, or whose backend fails here (no cuDN
 written as JSON (`--json`, default runs/accelerator.json) with the raw numbers behind each cell.
 
     python benchmarks/accelerator.py [--json PATH] [--budget-s 450] [--sections attention train sampler]
-                                     [--batches 1 8 32]
+                                     [--batches 1 8 32] [--settings "AR greedy" "dynamic t0.85 fused" ...]
     python benchmarks/accelerator.py --tiny
 """
 
@@ -76,6 +76,7 @@ DEADLINES = {"attention": 0.2, "train": 0.45, "sampler": 0.93}  # no cell of a s
 UNSUPPORTED = {"splash": splash.unsupported, "pallas_gpu": pallas_gpu.unsupported, "cudnn": cudnn.unsupported}
 CPU_BACKENDS = ("xla", "pallas_gpu", "splash")  # the kernels interpreted: their code paths, not their speed
 NOT_RUN = "not run"
+XLA_FLAGS = os.environ.get("XLA_FLAGS", "")  # in the header and the JSON: an A/B of compiler flags is two runs
 # Every batch gets these first, the other settings after: each new program compiles for 20-45 s on a GPU, and
 # on an H200 the full grid did not fit the budget (batch 32's block diffusion was left out).
 FIRST_SETTINGS = ("AR greedy", "static s8 reference (original)", "dynamic t0.85 fused", "threshold t0.9 fused")
@@ -91,6 +92,7 @@ class Shapes:
   heads: tuple[int, int, int]  # attention's query heads, kv heads, head_dim
   sampler: ModelConfig
   batches: tuple[int, ...]
+  settings: tuple[str, ...]  # the sampler's rows per batch: `benchmarks/sampling.py`'s SETTINGS names
   gen: int  # new tokens per row
   prompt: int  # row i's prompt has prompt + 3 i tokens (different lengths: per-row offsets)
   train: ModelConfig
@@ -106,14 +108,15 @@ def shapes(tiny: bool) -> Shapes:
   if tiny:
     cfg = tiny_text_config(param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=False)
     return Shapes(name="tiny", lengths=(256,), heads=(cfg.text.num_heads, cfg.text.num_kv_heads, cfg.text.head_dim),
-                  sampler=cfg, batches=(2,), gen=16, prompt=5, train=tiny_text_config(compute_dtype="bfloat16"),
+                  sampler=cfg, batches=(2,), settings=tuple(sampling.SETTINGS), gen=16, prompt=5,
+                  train=tiny_text_config(compute_dtype="bfloat16"),
                   train_rows=2, train_length=32, repeats=1, copy_bytes=16 * 2**20, matmul_n=256)
   t = QWEN25_VL_3B.text
   sampler_cfg = QWEN25_VL_3B.replace(family="qwen2", vision=None, position_mode="flat", param_dtype="bfloat16",
                                      compute_dtype="bfloat16", text=dataclasses.replace(t, tie_word_embeddings=False),
                                      scan_layers=False)  # per-layer weights, read in place (`dvl generate`'s default)
   return Shapes(name="full", lengths=(2048, 8192, 16384), heads=(t.num_heads, t.num_kv_heads, t.head_dim),
-                sampler=sampler_cfg, batches=(1, 8, 32), gen=256, prompt=64,
+                sampler=sampler_cfg, batches=(1, 8, 32), settings=tuple(sampling.SETTINGS), gen=256, prompt=64,
                 train=train.model_config("1b", "bfloat16").replace(family="qwen2", vision=None), train_rows=4,
                 train_length=1024, repeats=2, copy_bytes=2**30, matmul_n=8192)
 
@@ -149,7 +152,8 @@ class Report:
   def header(self) -> str:
     d = self.limits
     return (f"{jax.device_count()} x {d.kind} ({d.platform}); HBM {d.bandwidth_gbs:.0f} GB/s ({d.bandwidth_source}), "
-            f"peak {d.peak_tflops:.3g} TFLOP/s ({d.peak_source}); shapes {self.shapes_name}")
+            f"peak {d.peak_tflops:.3g} TFLOP/s ({d.peak_source}); shapes {self.shapes_name}"
+            + (f"; XLA_FLAGS={XLA_FLAGS}" if XLA_FLAGS else ""))
 
   def markdown(self) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -157,7 +161,7 @@ class Report:
 
   def to_json(self) -> dict[str, Any]:
     return {"device": dataclasses.asdict(self.limits), "device_count": jax.device_count(),
-            "shapes": self.shapes_name, "budget_s": self.budget_s, "columns": list(COLUMNS),
+            "shapes": self.shapes_name, "budget_s": self.budget_s, "xla_flags": XLA_FLAGS, "columns": list(COLUMNS),
             "rows": [dataclasses.asdict(row) for row in self.rows]}
 
   def emit(self, json_path: str) -> dict[str, Any]:
@@ -292,7 +296,7 @@ def train_cell(s: Shapes, peak: float) -> tuple[tuple[str, ...], dict[str, Any]]
 
 def plan_sampler(report: Report, s: Shapes) -> dict[tuple[int, str], Row]:
   return {(b, name): report.plan("sampler", name, f"batch {b}, {s.gen} new") for b in s.batches
-          for name in sampling.SETTINGS}
+          for name in s.settings}
 
 
 def decoding_model(cfg: ModelConfig) -> Any:
@@ -346,7 +350,7 @@ def run_sampler(rows: dict[tuple[int, str], Row], s: Shapes, bandwidth: float, d
   for batch in s.batches:
     ids = np.random.default_rng(batch).integers(3, min(1000, s.sampler.text.vocab_size - 8), s.prompt + 3 * batch)
     prompts[batch] = dvl.Prompts.from_lists([ids[:s.prompt + 3 * i].tolist() for i in range(batch)])
-  first_pass = [(b, name) for b in s.batches for name in sampling.SETTINGS if name in FIRST_SETTINGS]
+  first_pass = [key for key in rows if key[1] in FIRST_SETTINGS]
   for batch, name in first_pass + [key for key in rows if key not in first_pass]:
     config = dvl.SamplingConfig(gen_length=s.gen, **sampling.SETTINGS[name])
     cell = functools.partial(sampler_cell, model, prompts[batch], config, s, read_bytes, bandwidth)
@@ -364,6 +368,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="(default: all)")
   parser.add_argument("--batches", type=int, nargs="+", help="the sampler's batch sizes, e.g. 32 alone to finish "
                       "a table a budget cut short (default: 1 8 32; --tiny: 2)")
+  parser.add_argument("--settings", nargs="+", choices=list(sampling.SETTINGS), metavar="SETTING",
+                      help="the sampler's settings, e.g. \"AR greedy\" alone under two XLA_FLAGS "
+                      f"(default: all of {', '.join(sampling.SETTINGS)})")
   parser.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s (default: the device table, else measured)")
   parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: the device table, else measured)")
   args = parser.parse_args(argv)
@@ -386,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   os.environ.pop(dispatch.ENV_VAR, None)  # every backend is asked for by name here
   s = shapes(args.tiny)
   s = s if args.batches is None else dataclasses.replace(s, batches=tuple(args.batches))
+  s = s if args.settings is None else dataclasses.replace(s, settings=tuple(dict.fromkeys(args.settings)))
   limits = devices.limits(args.bandwidth_gbs, args.peak_tflops, copy_bytes=s.copy_bytes, matmul_n=s.matmul_n)
   report = Report(limits, s.name, args.budget_s)
   attention_rows, train_row, sampler_rows = plan_attention(report, s), plan_train(report, s), plan_sampler(report, s)

@@ -107,13 +107,17 @@ def test_every_batch_runs_the_first_settings_before_any_batch_runs_the_rest(monk
   assert order[:len(first)] == first and sorted(order) == sorted((r.shape, r.setting) for r in report.rows)
 
 
-def test_batches_choose_the_sampler_rows(tmp_path):
-  """Only the sampler asked for, at batch 3: its rows alone are measured, the others say why not."""
-  report = accelerator.main(["--tiny", "--sections", "sampler", "--batches", "3", "--json", str(tmp_path / "a.json"),
-                             "--budget-s", "1800"])
-  measured = [r for r in report["rows"] if r["na"] is None]
-  assert {r["shape"] for r in measured} == {f"batch 3, {TINY.gen} new"} and len(measured) == len(sampling.SETTINGS)
+def test_batches_and_settings_choose_the_sampler_rows(tmp_path):
+  """Only the sampler asked for, two of its settings at batch 3: their rows alone are measured, in the order
+  asked, the other sections say why not; the JSON records the compiler flags the cells ran under."""
+  settings = ["dynamic t0.85 fused", "AR greedy"]
+  report = accelerator.main(["--tiny", "--sections", "sampler", "--batches", "3", "--settings", *settings,
+                             "--json", str(tmp_path / "a.json"), "--budget-s", "1800"])
+  sampler_rows = rows(report, "sampler")
+  assert [r["setting"] for r in sampler_rows] == settings and all(r["na"] is None for r in sampler_rows)
+  assert {r["shape"] for r in sampler_rows} == {f"batch 3, {TINY.gen} new"}
   assert all(r["na"] == "not asked for (--sections)" for r in report["rows"] if r["section"] != "sampler")
+  assert report["xla_flags"] == os.environ.get("XLA_FLAGS", "")
 
 
 def test_train_mfu_is_the_analytic_flops_over_time_over_peak(run):
@@ -160,7 +164,8 @@ def test_bad_options_are_one_line_errors(capsys):
   for argv, message in ((["--tiny", "--budget-s", "0"], "--budget-s must be positive; got 0.0"),
                         ([], "JAX sees no GPU or TPU"),
                         (["--tiny", "--sections", "kernels"], "invalid choice: 'kernels'"),
-                        (["--tiny", "--batches", "4", "0"], "--batches must be >= 1; got [4, 0]")):
+                        (["--tiny", "--batches", "4", "0"], "--batches must be >= 1; got [4, 0]"),
+                        (["--tiny", "--settings", "AR"], "invalid choice: 'AR'")):
     with pytest.raises(SystemExit) as stop:
       accelerator.main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one command on a single-GPU host (a lent machine has ~10 minutes a call): each
+# phase has its own time limit, writes its log and JSON under OUT, and a failing phase does not stop the next.
+#   kernels  the own Pallas kernel compiled (tests/attention/test_pallas_gpu.py: parity with the dense reference
+#            at fp32 / bf16, the default 128 x 64 tiles, tile skipping)                              ~2-3 min
+#   ar       `dvl bench accelerator` AR greedy at batch 1 and 2 on the 3B-shaped model, with XLA's defaults and
+#            with --xla_gpu_enable_dot_strength_reduction=false (at batch 1 the simplifier turns the q / k / v / o
+#            vector x matrix products into elementwise products and reductions: 3.9 ms per forward on an H200
+#            against 2.6 ms at batch 2)                                                             ~2-3 min
+#   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
+#            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
+# Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
+# PYTHON picks the interpreter (default python3). Packages the host lacks (a JAX of another version needs the
+# flax that matches it; the server needs fastapi, uvicorn and pydantic) are installed from .whl/*.whl when that
+# folder exists (benchmarks/gpu_wheels.sh fills it on a machine with pip access).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 0
+fi
+out=$1
+shift
+phases=("$@")
+[[ ${#phases[@]} -gt 0 ]] || phases=(kernels ar serve)
+for phase in "${phases[@]}"; do
+  case $phase in kernels | ar | serve) ;; *) echo "unknown phase '$phase': use kernels, ar or serve" >&2; exit 2 ;; esac
+done
+py=${PYTHON:-python3}
+port=${PORT:-8765}
+mkdir -p "$out" || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -d .whl ]]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dvl-site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/dvl-site"
+fi
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+} 2>&1 | tee "$out/host.txt"
+status=0
+
+kernels() {
+  timeout 240 "$py" -m pytest -p no:cacheprovider tests/attention/test_pallas_gpu.py 2>&1 | tee "$out/kernels.log"
+}
+
+ar() {
+  local flags
+  for flags in "" "--xla_gpu_enable_dot_strength_reduction=false"; do
+    XLA_FLAGS=$flags timeout 200 "$py" benchmarks/accelerator.py --sections sampler --batches 1 2 \
+      --settings "AR greedy" --budget-s 180 --json "$out/ar${flags:+-no-strength-reduction}.json" || return
+  done
+}
+
+serve() {
+  local ckpt=/tmp/dvl-random-checkpoint server rc
+  [[ -d $ckpt ]] || timeout 120 "$py" benchmarks/random_checkpoint.py --out "$ckpt" || return
+  timeout 330 "$py" -c 'import sys; from dvl_jax import cli; sys.exit(cli.main(sys.argv[1:]))' serve \
+    --checkpoint "$ckpt" --port "$port" --slots 8 --max-prompt 128 --gen-length 128 \
+    --warm-up block_diffusion,autoregressive > "$out/server.log" 2>&1 &
+  server=$!
+  # the port opens once warm-up has compiled every text program
+  timeout 240 "$py" -c 'import sys, time, urllib.request
+while True:
+  try:
+    sys.exit(urllib.request.urlopen(sys.argv[1], timeout=5).status != 200)
+  except OSError:
+    time.sleep(2)' "http://127.0.0.1:$port/health"
+  rc=$?
+  if [[ $rc -eq 0 ]]; then
+    timeout 240 "$py" benchmarks/serve.py --url "http://127.0.0.1:$port" --checkpoint "$ckpt" --num-requests 32 \
+      --concurrency 8 --image-fraction 0 2>&1 | tee "$out/serve.log"
+    rc=$?
+  fi
+  kill -TERM "$server" 2> /dev/null
+  wait "$server"
+  return "$rc"
+}
+
+for phase in "${phases[@]}"; do
+  echo "== $phase ($(date -u +%T))"
+  case $phase in kernels) kernels ;; ar) ar ;; serve) serve ;; esac || { echo "== $phase failed (exit $?)"; status=1; }
+done
+echo "== done ($(date -u +%T))"
+exit "$status"
