@@ -141,7 +141,7 @@ def test_gradients_are_finite_and_reach_the_mask_row(models):
   def loss_fn(state):
     return bd3_loss(nnx.merge(graphdef, state), batch, jax.random.key(0), noise=(jnp.asarray(t), jnp.asarray(move)))[0]
 
-  grads = jax.grad(loss_fn)(state)
+  grads = jax.jit(jax.grad(loss_fn))(state)  # compiled: eager, the model's ops dispatch one by one (~30 s)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
   emb_grad = np.asarray(grads["text"]["embed_tokens"]["embedding"][...])
   assert np.abs(emb_grad[cfg.mask_token_id]).sum() > 0
