@@ -54,6 +54,8 @@ ar() {
 
 serve() {
   local ckpt=/tmp/dvl-random-checkpoint server rc
+  # the server and serve.py's static rows each hold a JAX client on the one GPU: neither may take 75% of it
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
   [[ -d $ckpt ]] || timeout 120 "$py" benchmarks/random_checkpoint.py --out "$ckpt" || return
   timeout 330 "$py" -c 'import sys; from dvl_jax import cli; sys.exit(cli.main(sys.argv[1:]))' serve \
     --checkpoint "$ckpt" --port "$port" --slots 8 --max-prompt 128 --gen-length 128 \
