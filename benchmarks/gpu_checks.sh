@@ -3,10 +3,10 @@
 # phase has its own time limit, writes its log and JSON under OUT, and a failing phase does not stop the next.
 #   kernels  the own Pallas kernel compiled (tests/attention/test_pallas_gpu.py: parity with the dense reference
 #            at fp32 / bf16, the default 128 x 64 tiles, tile skipping)                              ~2-3 min
-#   ar       `dvl bench accelerator` AR greedy at batch 1 and 2 on the 3B-shaped model, with XLA's defaults and
-#            with --xla_gpu_enable_dot_strength_reduction=false (at batch 1 the simplifier turns the q / k / v / o
-#            vector x matrix products into elementwise products and reductions: 3.9 ms per forward on an H200
-#            against 2.6 ms at batch 2)                                                             ~2-3 min
+#   ar       `dvl bench accelerator` AR greedy and dynamic block diffusion at batch 1 and 2 on the 3B-shaped
+#            model: at batch 1 XLA's simplifier turns the q / k / v / o vector x matrix products into elementwise
+#            products and reductions (3.9 ms per AR forward on an H200 against 2.6 ms at batch 2); its switch,
+#            xla_gpu_enable_dot_strength_reduction, is gone from XLA (unknown to jaxlib 0.10.2)       ~2-3 min
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
 # Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
@@ -45,11 +45,8 @@ kernels() {
 }
 
 ar() {
-  local flags
-  for flags in "" "--xla_gpu_enable_dot_strength_reduction=false"; do
-    XLA_FLAGS=$flags timeout 200 "$py" benchmarks/accelerator.py --sections sampler --batches 1 2 \
-      --settings "AR greedy" --budget-s 180 --json "$out/ar${flags:+-no-strength-reduction}.json" || return
-  done
+  timeout 200 "$py" benchmarks/accelerator.py --sections sampler --batches 1 2 \
+    --settings "AR greedy" "dynamic t0.85 fused" --budget-s 180 --json "$out/ar.json"
 }
 
 serve() {
