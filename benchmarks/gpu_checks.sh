@@ -5,8 +5,9 @@
 #            at fp32 / bf16, the default 128 x 64 tiles, tile skipping)                              ~2-3 min
 #   ar       `dvl bench accelerator` AR greedy and dynamic block diffusion at batch 1 and 2 on the 3B-shaped
 #            model: at batch 1 XLA's simplifier turns the q / k / v / o vector x matrix products into elementwise
-#            products and reductions (3.9 ms per AR forward on an H200 against 2.6 ms at batch 2); its switch,
-#            xla_gpu_enable_dot_strength_reduction, is gone from XLA (unknown to jaxlib 0.10.2)       ~2-3 min
+#            products and reductions (3.9 ms per AR forward on an H200 against 2.6 ms at batch 2; its switch,
+#            xla_gpu_enable_dot_strength_reduction, is gone from XLA): layers.matmul now runs a single row as
+#            two on GPUs, and batch 1 should cost what batch 2 does                                   ~2-3 min
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
 # Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
