@@ -93,9 +93,10 @@ class Embed(nnx.Module):
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x @ w`, `x` `[..., din]` and `w` `[din, dout]` -> `[..., dout]`; a single row of `x` (an AR step at batch
-  1) goes through the product twice over on the `ONE_ROW_AS_TWO` backends (the same numbers as a GEMM row)."""
+  1) goes through the product twice over on the `ONE_ROW_AS_TWO` backends (the same numbers as a GEMM row). The
+  barrier keeps the simplifier from moving the broadcast past the product, which would make it one row again."""
   if x.size == x.shape[-1] and jax.default_backend() in ONE_ROW_AS_TWO:
-    rows = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))
+    rows = jax.lax.optimization_barrier(jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1])))
     return jnp.dot(rows, w)[:1].reshape(*x.shape[:-1], w.shape[-1])
   return jnp.dot(x, w)
 

@@ -27,6 +27,8 @@ def test_one_row_runs_as_two_only_where_asked_with_the_same_numbers(monkeypatch)
   monkeypatch.setattr(layers, "ONE_ROW_AS_TWO", (jax.default_backend(),))
   jax.clear_caches()  # traced again, under the setting
   assert _dot_rows(fn, one) == [2] and _dot_rows(fn, three) == [3]  # several rows: the plain product
+  compiled = jax.jit(fn).lower(one).compile().as_text()  # the compiler keeps the two rows (no simplification)
+  assert any("f32[2,24]" in line and " dot(" in line for line in compiled.splitlines()), compiled
   np.testing.assert_allclose(fn(one), plain, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(fn(three), three @ w)
 
