@@ -369,7 +369,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--batches", type=int, nargs="+", help="the sampler's batch sizes, e.g. 32 alone to finish "
                       "a table a budget cut short (default: 1 8 32; --tiny: 2)")
   parser.add_argument("--settings", nargs="+", choices=list(sampling.SETTINGS), metavar="SETTING",
-                      help="the sampler's settings, e.g. \"AR greedy\" alone under two XLA_FLAGS "
+                      help="the sampler's settings, e.g. \"AR greedy\" alone at --batches 1 2 "
                       f"(default: all of {', '.join(sampling.SETTINGS)})")
   parser.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s (default: the device table, else measured)")
   parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: the device table, else measured)")
