@@ -63,6 +63,7 @@ from dvl_jax.attention import cudnn, dispatch, pallas_gpu, splash  # noqa: E402
 from dvl_jax.core.batch import IGNORE  # noqa: E402
 from dvl_jax.core.config import QWEN25_VL_3B, ModelConfig  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
+from dvl_jax.models import layers  # noqa: E402
 from dvl_jax.models.families import build_model  # noqa: E402
 from dvl_jax.models.interface import path_names  # noqa: E402
 from dvl_jax.testing.tiny import tiny_text_config  # noqa: E402
@@ -153,7 +154,8 @@ class Report:
     d = self.limits
     return (f"{jax.device_count()} x {d.kind} ({d.platform}); HBM {d.bandwidth_gbs:.0f} GB/s ({d.bandwidth_source}), "
             f"peak {d.peak_tflops:.3g} TFLOP/s ({d.peak_source}); shapes {self.shapes_name}"
-            + (f"; XLA_FLAGS={XLA_FLAGS}" if XLA_FLAGS else ""))
+            + (f"; XLA_FLAGS={XLA_FLAGS}" if XLA_FLAGS else "")
+            + f"; single-row products as two rows on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
 
   def markdown(self) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -161,7 +163,8 @@ class Report:
 
   def to_json(self) -> dict[str, Any]:
     return {"device": dataclasses.asdict(self.limits), "device_count": jax.device_count(),
-            "shapes": self.shapes_name, "budget_s": self.budget_s, "xla_flags": XLA_FLAGS, "columns": list(COLUMNS),
+            "shapes": self.shapes_name, "budget_s": self.budget_s, "xla_flags": XLA_FLAGS,
+            "one_row_as_two": list(layers.ONE_ROW_AS_TWO), "columns": list(COLUMNS),
             "rows": [dataclasses.asdict(row) for row in self.rows]}
 
   def emit(self, json_path: str) -> dict[str, Any]:
@@ -371,6 +374,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--settings", nargs="+", choices=list(sampling.SETTINGS), metavar="SETTING",
                       help="the sampler's settings, e.g. \"AR greedy\" alone at --batches 1 2 "
                       f"(default: all of {', '.join(sampling.SETTINGS)})")
+  parser.add_argument("--plain-one-row-products", action="store_true",
+                      help="a single row's products run as one row on GPUs too, as before `layers.ONE_ROW_AS_TWO`: "
+                      "the other half of that workaround's A/B (default: off)")
   parser.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s (default: the device table, else measured)")
   parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: the device table, else measured)")
   args = parser.parse_args(argv)
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse(argv)
   start = time.monotonic()
   os.environ.pop(dispatch.ENV_VAR, None)  # every backend is asked for by name here
+  if args.plain_one_row_products:
+    layers.ONE_ROW_AS_TWO = ()
   s = shapes(args.tiny)
   s = s if args.batches is None else dataclasses.replace(s, batches=tuple(args.batches))
   s = s if args.settings is None else dataclasses.replace(s, settings=tuple(dict.fromkeys(args.settings)))

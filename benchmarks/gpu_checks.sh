@@ -7,7 +7,8 @@
 #            model: at batch 1 XLA's simplifier turns the q / k / v / o vector x matrix products into elementwise
 #            products and reductions (3.9 ms per AR forward on an H200 against 2.6 ms at batch 2; its switch,
 #            xla_gpu_enable_dot_strength_reduction, is gone from XLA): layers.matmul now runs a single row as
-#            two on GPUs, and batch 1 should cost what batch 2 does                                   ~2-3 min
+#            two on GPUs, and batch 1 should cost what batch 2 does; then AR at batch 1 without that
+#            (--plain-one-row-products), the A/B on the same machine                                    ~3-4 min
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
 # Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
@@ -47,7 +48,9 @@ kernels() {
 
 ar() {
   timeout 200 "$py" benchmarks/accelerator.py --sections sampler --batches 1 2 \
-    --settings "AR greedy" "dynamic t0.85 fused" --budget-s 180 --json "$out/ar.json"
+    --settings "AR greedy" "dynamic t0.85 fused" --budget-s 180 --json "$out/ar.json" || return
+  timeout 120 "$py" benchmarks/accelerator.py --sections sampler --batches 1 --settings "AR greedy" \
+    --plain-one-row-products --budget-s 100 --json "$out/ar-plain-one-row.json"
 }
 
 serve() {

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import accelerator, devices, sampling
 from dvl_jax import cli
+from dvl_jax.models import layers
 
 TINY = accelerator.shapes(tiny=True)
 
@@ -118,6 +119,15 @@ def test_batches_and_settings_choose_the_sampler_rows(tmp_path):
   assert {r["shape"] for r in sampler_rows} == {f"batch 3, {TINY.gen} new"}
   assert all(r["na"] == "not asked for (--sections)" for r in report["rows"] if r["section"] != "sampler")
   assert report["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+
+
+def test_plain_one_row_products_turn_the_gpu_workaround_off_and_say_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(layers, "ONE_ROW_AS_TWO", layers.ONE_ROW_AS_TWO)  # restored after the test
+  assert accelerator.main(["--tiny", "--sections", "attention", "--json", str(tmp_path / "a.json"),
+                           "--budget-s", "1800"])["one_row_as_two"] == ["gpu"]
+  report = accelerator.main(["--tiny", "--sections", "attention", "--plain-one-row-products",
+                             "--json", str(tmp_path / "b.json"), "--budget-s", "1800"])
+  assert report["one_row_as_two"] == [] and layers.ONE_ROW_AS_TWO == ()
 
 
 def test_train_mfu_is_the_analytic_flops_over_time_over_peak(run):
