@@ -12,9 +12,9 @@
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
 # Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
-# PYTHON picks the interpreter (default python3). Packages the host lacks (a JAX of another version needs the
-# flax that matches it; the server needs fastapi, uvicorn and pydantic) are installed from .whl/*.whl when that
-# folder exists (benchmarks/gpu_wheels.sh fills it on a machine with pip access).
+# PYTHON picks the interpreter (default python3), PORT the server's port (default 8765). Packages the host lacks
+# (a JAX of another version needs the flax that matches it; the server needs fastapi, uvicorn and pydantic) are
+# installed from .whl/*.whl when that folder exists (benchmarks/gpu_wheels.sh fills it where pip works).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
@@ -56,7 +56,7 @@ ar() {
 serve() {
   local ckpt=/tmp/dvl-random-checkpoint server rc
   # the server and serve.py's static rows each hold a JAX client on the one GPU: neither may take 75% of it
-  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
+  local -x XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
   [[ -d $ckpt ]] || timeout 120 "$py" benchmarks/random_checkpoint.py --out "$ckpt" || return
   timeout 330 "$py" -c 'import sys; from dvl_jax import cli; sys.exit(cli.main(sys.argv[1:]))' serve \
     --checkpoint "$ckpt" --port "$port" --slots 8 --max-prompt 128 --gen-length 128 \
