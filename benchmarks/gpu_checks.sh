@@ -11,7 +11,9 @@
 #            (--plain-one-row-products), the A/B on the same machine                                    ~3-4 min
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
-# Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve]      (no phase named: all three, in this order)
+#   packed   (only when named) dynamic block diffusion at batch 8 and 32 with and without packed fused commits
+#            (SamplingConfig.packed_commit_share 0.25; off by default: no gain on a 2-core CPU)        ~4 min
+# Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve] [packed]   (no phase named: the first three, in order)
 # PYTHON picks the interpreter (default python3), PORT the server's port (default 8765). Packages the host lacks
 # (a JAX of another version needs the flax that matches it; the server needs fastapi, uvicorn and pydantic) are
 # installed from .whl/*.whl when that folder exists (benchmarks/gpu_wheels.sh fills it where pip works).
@@ -26,7 +28,10 @@ shift
 phases=("$@")
 [[ ${#phases[@]} -gt 0 ]] || phases=(kernels ar serve)
 for phase in "${phases[@]}"; do
-  case $phase in kernels | ar | serve) ;; *) echo "unknown phase '$phase': use kernels, ar or serve" >&2; exit 2 ;; esac
+  case $phase in
+    kernels | ar | serve | packed) ;;
+    *) echo "unknown phase '$phase': use kernels, ar, serve or packed" >&2; exit 2 ;;
+  esac
 done
 py=${PYTHON:-python3}
 port=${PORT:-8765}
@@ -51,6 +56,11 @@ ar() {
     --settings "AR greedy" "dynamic t0.85 fused" --budget-s 180 --json "$out/ar.json" || return
   timeout 120 "$py" benchmarks/accelerator.py --sections sampler --batches 1 --settings "AR greedy" \
     --plain-one-row-products --budget-s 100 --json "$out/ar-plain-one-row.json"
+}
+
+packed() {
+  timeout 270 "$py" benchmarks/accelerator.py --sections sampler --batches 8 32 \
+    --settings "dynamic t0.85 fused" "dynamic t0.85 fused, commits packed" --budget-s 250 --json "$out/packed.json"
 }
 
 serve() {
@@ -82,7 +92,7 @@ while True:
 
 for phase in "${phases[@]}"; do
   echo "== $phase ($(date -u +%T))"
-  case $phase in kernels) kernels ;; ar) ar ;; serve) serve ;; esac || { echo "== $phase failed (exit $?)"; status=1; }
+  case $phase in kernels) kernels ;; ar) ar ;; serve) serve ;; packed) packed ;; esac || { echo "== $phase failed (exit $?)"; status=1; }
 done
 echo "== done ($(date -u +%T))"
 exit "$status"

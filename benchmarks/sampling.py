@@ -74,6 +74,8 @@ SETTINGS = {
     "dynamic t0.85 fused": dict(mode="fused", remasking_strategy="low_confidence_dynamic"),
     "dynamic t0.85 fused, every commit fused": dict(mode="fused", remasking_strategy="low_confidence_dynamic",
                                                     fused_window_share=0.0),
+    "dynamic t0.85 fused, commits packed": dict(mode="fused", remasking_strategy="low_confidence_dynamic",
+                                                packed_commit_share=0.25),
     "threshold t0.9 reference": dict(mode="reference", remasking_strategy="threshold", confidence_threshold=0.9),
     "threshold t0.9 fused": dict(mode="fused", remasking_strategy="threshold", confidence_threshold=0.9),
 }
@@ -251,7 +253,7 @@ def bench(models: dict[str, Any], mesh: str, batch: int, args: argparse.Namespac
 def reference_twin(name: str) -> str | None:
   """The setting that decodes the same tokens as `name` with the original's separate commit passes (its NFE is
   the original's for that output), if there is one."""
-  twin = {k: v for k, v in SETTINGS[name].items() if k != "fused_window_share"}
+  twin = {k: v for k, v in SETTINGS[name].items() if k not in ("fused_window_share", "packed_commit_share")}
   if twin.get("algorithm") != "autoregressive":
     twin["mode"] = "reference"
   return next((n for n, setting in SETTINGS.items() if setting == twin), None)

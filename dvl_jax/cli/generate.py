@@ -52,6 +52,10 @@ SAMPLING_HELP = {  # one entry per SamplingConfig field; the default is appended
     "fused_window_share": "fused mode: the share of a batch's decoding rows that must be committing a block for "
                           "the forward to fuse the commits (a window twice as wide for every row); fewer commit "
                           "in a pass of their own (same tokens). 0: always fuse (accelerators)",
+    "packed_commit_share": "fused mode, one device: when at most this share of the rows commit a block, their "
+                           "commits ride in the next forward anyway, the decoder computing only those rows' "
+                           "previous blocks besides every row's current one (same tokens). 0: never; try 0.25 on "
+                           "an accelerator",
     "compact_rows": "rows that finish leave the batch, which halves as they do, so it does not compute every "
                     "row until its slowest is done (same tokens; longer compiles). Pays on a CPU; one device, "
                     "not while streaming. dvl serve: a chunk runs only the slots, halved as they empty, that hold "

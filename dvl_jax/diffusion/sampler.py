@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -230,10 +231,11 @@ def prefill(ctx: _Context, prompt: Prompt) -> KV:
 
 
 def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, cache_end: jax.Array, cache: KV,
-            return_kv: bool) -> tuple[jax.Array, KV | None]:
+            return_kv: bool, packed: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
   """The slots `window` `[B, n]` (their `valid` ones) against the cache slots `< cache_end` `[B]`, block-causal
   -> hidden states `[B, n, H]` (and their K/V). Prompt slots take the prompt's embeddings (images spliced; only
-  those of the first denoised block are ever valid in a window), the others those of `ids` `[B, M]`."""
+  those of the first denoised block are ever valid in a window), the others those of `ids` `[B, M]`. `packed`:
+  the decoder computes only these of the window's `B * n` positions (`DiffusionLM.decode`)."""
   m, bs = ctx.max_len, ctx.bs
   safe = jnp.clip(window, 0, m - 1)
   tok_emb = ctx.model.embed(_at(ids, safe))
@@ -241,7 +243,8 @@ def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, 
   from_prompt = jnp.take_along_axis(ctx.rows.tail, in_tail[..., None], axis=1)
   x = jnp.where((window < ctx.rows.lengths[:, None])[..., None], from_prompt, tok_emb)
   spec = kv_cache.window_spec(window, valid, cache_end, m, kind="block_causal", block_size=ctx.bs)
-  return ctx.model.decode(x, safe, spec, kv_cache.pinned(cache, ctx.placement.cache), return_kv=return_kv)
+  kw = {} if packed is None else {"packed": packed}
+  return ctx.model.decode(x, safe, spec, kv_cache.pinned(cache, ctx.placement.cache), return_kv=return_kv, **kw)
 
 
 def block_pass(ctx: _Context, ids: jax.Array, blk: jax.Array, cache: KV, return_kv: bool
@@ -381,20 +384,24 @@ def reference_step(ctx: _Context, c: _Carry) -> _Carry:
 
 def fused_step(ctx: _Context, c: _Carry) -> _Carry:
   """One forward of `fused` mode: a row whose previous block is finished commits it, the others denoise their
-  block. When at least `fused_window_share` of the active rows commit, they commit in the same forward as their
-  next block's first denoising pass (`fused_pass`, every row's window twice as wide); when fewer do, they commit
-  alone (`commit_pass` over their previous block) and denoise from the next forward on, so that the other rows'
-  forward stays one block wide. Same tokens either way."""
+  block. Every commit rides in the same forward as its row's next block's first denoising pass (`fused_pass`)
+  when at most `packed_rows` rows commit (`packed_commit_share`) (only their previous blocks are computed besides every row's current
+  block) or at least `fused_window_share` of the active rows do (every row's window twice as wide); otherwise the
+  committing rows commit alone (`commit_pass` over their previous block) and denoise from the next forward on, so
+  that the other rows' forward stays one block wide. Same tokens either way."""
   active = ~c.done
   commit = active & c.pending
   counts, widest = batch_decisions(ctx, c, jnp.stack([commit, active & ~commit]))
   fuse = counts[0] >= jnp.maximum(ctx.config.fused_window_share * (counts[0] + counts[1]), 1)
-  alone = (counts[0] > 0) & ~fuse
-  branch = jnp.where(counts[0] == 0, 0, jnp.where(fuse, 2, 1))
+  packs = packed_rows(ctx, commit.shape[0])
+  pack = (counts[0] > 0) & (counts[0] <= packs)
+  alone = (counts[0] > 0) & ~fuse & ~pack
+  branch = jnp.where(counts[0] == 0, 0, jnp.where(pack, 3, jnp.where(fuse, 2, 1)))
   hidden, cache = jax.lax.switch(branch, [
       lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], cache),
       lambda cache: commit_pass(ctx, c, c.blk - commit, commit, cache),
-      functools.partial(fused_pass, ctx, c, commit)], c.cache)
+      functools.partial(fused_pass, ctx, c, commit),
+      *([functools.partial(fused_pass, ctx, c, commit, packs=packs)] if packs else [])], c.cache)
   denoising = active & ~(commit & alone)
   ids, masked, decoded_at = denoise(ctx, c, hidden, denoising, jnp.where(alone, widest[1], jnp.max(widest)))
   clean, last = block_state(ctx, ids, masked, c.blk)
@@ -406,17 +413,37 @@ def fused_step(ctx: _Context, c: _Carry) -> _Carry:
                                        c.done | (finished & last), c.nfe + active, c.forwards + 1))
 
 
-def fused_pass(ctx: _Context, c: _Carry, commit: jax.Array, cache: KV) -> tuple[jax.Array, KV]:
+def packed_rows(ctx: _Context, b: int) -> int:
+  """How many rows' commits a packed fused forward holds in a batch of `b` rows: `config.packed_commit_share` of
+  them, rounded up; 0 where packing is off or does not apply: on a mesh (a packed forward mixes rows), or where
+  it would hold every row (then it is the plain fused window)."""
+  rows = math.ceil(ctx.config.packed_commit_share * b)
+  return 0 if ctx.placement.mesh is not None or rows >= b else rows
+
+
+def fused_pass(ctx: _Context, c: _Carry, commit: jax.Array, cache: KV, packs: int = 0) -> tuple[jax.Array, KV]:
   """The window `[previous block ; current block]` `[B, 2 bs]`, block-causal: the previous block's rows see the
   cache and themselves (its commit pass: same K/V, written for the `commit` rows `[B]`), the current block sees
-  those too (its denoising pass) -> the current block's hidden `[B, bs, H]` and the cache."""
+  those too (its denoising pass) -> the current block's hidden `[B, bs, H]` and the cache. `packs` > 0: at most
+  that many rows commit, and the decoder computes every row's current block and the previous blocks of `packs`
+  rows, the committing ones first (`packing`): what the others' previous blocks would cost is not spent."""
   bs, start = ctx.bs, c.blk * ctx.bs
   window = _window(start - bs, 2 * bs)
   valid = jnp.concatenate([jnp.broadcast_to(commit[:, None], (commit.shape[0], bs)),
                            window[:, bs:] < ctx.limit[:, None]], axis=1)
-  hidden, kv = forward(ctx, c.ids, window, valid, jnp.where(commit, start - bs, start), cache, True)
+  packed = packing(commit, packs, bs) if packs else None
+  hidden, kv = forward(ctx, c.ids, window, valid, jnp.where(commit, start - bs, start), cache, True, packed)
   previous = jax.tree.map(lambda a: a[:, :, :bs], kv)
   return hidden[:, bs:], kv_cache.write(cache, previous, start - bs, commit, ctx.placement.cache)
+
+
+def packing(commit: jax.Array, packs: int, bs: int) -> jax.Array:
+  """Flat positions `[(B + packs) * bs]` of a fused window `[B, 2 bs]`: the previous blocks of `packs` rows, the
+  `commit` `[B]` ones first, then every row's current block."""
+  rows = jnp.argsort(~commit, stable=True)[:packs]
+  previous = rows[:, None] * 2 * bs + jnp.arange(bs)
+  current = jnp.arange(commit.shape[0])[:, None] * 2 * bs + bs + jnp.arange(bs)
+  return jnp.concatenate([previous.reshape(-1), current.reshape(-1)])
 
 
 ALGORITHM = Algorithm(_Context, rows, start, chunk, outputs, _inputs)

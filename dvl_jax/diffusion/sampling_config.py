@@ -42,6 +42,13 @@ class SamplingConfig:
     counts its commit). Fusing pays when the committing share exceeds what a twice-as-wide forward costs extra,
     relative to a one-block one: about 0 on an accelerator at small batch (set 0: fuse whenever a row commits),
     up to 1 where the forward is compute-bound (a CPU, a large batch). At batch 1 every commit is fused.
+  `packed_commit_share`: in "fused" mode on one device, when at most this share of the batch's rows (rounded up,
+    fewer than all) commit, their commits are fused too, in a packed forward: the decoder computes every row's
+    current block and those rows' previous blocks only (`DiffusionLM.decode(packed=...)`), so a few rows'
+    commits neither cost them a forward of their own nor widen the others' (same tokens; one more decoder in
+    the compiled program). Off (0) by default: on a 2-core CPU at batch 8 it saves ~10% of the forwards and
+    their extra positions cost as much (`benchmarks/sampling.py`); where a forward's cost hardly grows with its
+    positions (an accelerator below its compute bound) try 0.25.
   `compact_rows`: rows that finish leave the batch, which narrows (halves) as they do (`diffusion.compaction`;
     same tokens): the batch no longer computes every row until its slowest is done, at one more copy of the
     loop in the program per width (longer compiles). It pays where a forward's cost grows with its rows (a
@@ -80,6 +87,7 @@ class SamplingConfig:
   length_bucket: int = 64
   max_len: int | None = None
   fused_window_share: float = 0.5
+  packed_commit_share: float = 0.0
   compact_rows: bool = False
 
   def __post_init__(self):
@@ -106,6 +114,8 @@ class SamplingConfig:
       raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
     if not 0.0 <= self.fused_window_share <= 1.0:
       raise ValueError(f"fused_window_share must be in [0, 1], got {self.fused_window_share}")
+    if not 0.0 <= self.packed_commit_share <= 1.0:
+      raise ValueError(f"packed_commit_share must be in [0, 1] (0: never pack), got {self.packed_commit_share}")
     if self.length_bucket < 1:
       raise ValueError(f"length_bucket must be >= 1, got {self.length_bucket}")
     if self.block_size is not None and self.max_len is not None and self.max_len % self.block_size:

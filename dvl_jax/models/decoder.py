@@ -6,6 +6,8 @@ layer's new keys/values, so the samplers can keep the cache as a pure pytree out
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,26 @@ from dvl_jax.models.rope import apply_rope
 from dvl_jax.parallel.rules import constrain
 
 ROWS = ("batch", None, None)  # the residual stream [B, L, H]: rows over the batch mesh axes
+
+
+class Packing(NamedTuple):
+  """Which of a `[rows, width]` layout's positions a packed decoder call computes: `index` `[P]`, flat positions
+  in `rows * width`. The projections, the MLP and the norms run over those `P` positions alone (the residual
+  stream is `[P, H]`); attention scatters them back to the padded `[rows, width]` layout, where the others are
+  zeros (which the caller's spec must mark invalid)."""
+
+  index: jax.Array
+  rows: int
+  width: int
+
+  def pack(self, x: jax.Array) -> jax.Array:
+    """`[rows, width, ...]` -> `[P, ...]`."""
+    return x.reshape(self.rows * self.width, *x.shape[2:])[self.index]
+
+  def unpack(self, x: jax.Array) -> jax.Array:
+    """`[P, ...]` -> `[rows, width, ...]`, zeros at the positions not computed."""
+    full = jnp.zeros((self.rows * self.width, *x.shape[1:]), x.dtype).at[self.index].set(x, unique_indices=True)
+    return full.reshape(self.rows, self.width, *x.shape[1:])
 
 
 class Attention(nnx.Module):
@@ -36,19 +58,23 @@ class Attention(nnx.Module):
     self.o_proj = dense(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               prefix: KV | None = None) -> tuple[jax.Array, KV]:
-    """x `[B, L, H]` -> (`[B, L, H]`, this call's post-RoPE (k, v)); `prefix` keys come first."""
-    b, n, _ = x.shape
-    q = self.q_proj(x).reshape(b, n, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, n, self.num_kv_heads, self.head_dim)
+               prefix: KV | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
+    """x `[B, L, H]` (packed: `[P, H]`, cos / sin alike) -> (the same shape, this call's post-RoPE (k, v)
+    `[B, L, kv_heads, head_dim]`); `prefix` keys come first."""
+    lead = x.shape[:-1]
+    q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if packing is not None:
+      q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
+    b, n = q.shape[:2]
     keys, values = k, v
     if prefix is not None:
       keys = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
-    out = attend(q, keys, values, spec, backend=self.backend)
-    return self.o_proj(out.reshape(b, n, -1)), (k, v)
+    out = attend(q, keys, values, spec, backend=self.backend).reshape(b, n, -1)
+    return self.o_proj(out if packing is None else packing.pack(out)), (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -63,8 +89,8 @@ class DecoderLayer(nnx.Module):
                       param_dtype=pd, compute_dtype=cd, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               prefix: KV | None = None) -> tuple[jax.Array, KV]:
-    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, spec, prefix)
+               prefix: KV | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, spec, prefix, packing)
     h = x + attn
     return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -82,16 +108,22 @@ class TextModel(nnx.Module):
     self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               cache: KV | None = None, *, return_kv: bool = False) -> tuple[jax.Array, KV | None]:
+               cache: KV | None = None, *, return_kv: bool = False, packing: Packing | None = None
+               ) -> tuple[jax.Array, KV | None]:
     """x `[B, L, H]` embeddings -> normed hidden `[B, L, H]` and, if asked, per-layer new K/V.
 
     `cache` is `(k, v)` each `[layers, B, Lc, kv_heads, head_dim]`, read (never written) as a prefix;
-    returned K/V are `[layers, B, L, kv_heads, head_dim]`.
+    returned K/V are `[layers, B, L, kv_heads, head_dim]`. `packing`: only its positions are computed (the
+    others' hidden states and K/V are zeros); one device only (the packed stream mixes rows).
     """
+    pin = (lambda h: h) if packing is not None else (lambda h: constrain(h, ROWS))
+    if packing is not None:
+      x, cos, sin = packing.pack(x), packing.pack(cos), packing.pack(sin)
 
     def body(layer: DecoderLayer, h: jax.Array, prefix: KV | None):
-      h, kv = layer(constrain(h, ROWS), cos, sin, spec, prefix)
-      return constrain(h, ROWS), (kv if return_kv else None)
+      h, kv = layer(pin(h), cos, sin, spec, prefix, packing)
+      return pin(h), (kv if return_kv else None)
 
     h, kv = run_stack(self.layers, x, body, cache, remat_policy=self.remat_policy)
-    return self.norm(h), kv
+    h = self.norm(h)
+    return (h if packing is None else packing.unpack(h)), kv

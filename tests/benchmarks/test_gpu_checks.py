@@ -20,10 +20,10 @@ def test_shellcheck_passes():
 def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path):
   out = subprocess.run(["bash", SCRIPTS[0], str(tmp_path / "out"), "ar", "kernel"], capture_output=True, text=True,
                        timeout=60)
-  assert out.returncode == 2 and out.stderr == "unknown phase 'kernel': use kernels, ar or serve\n"
+  assert out.returncode == 2 and out.stderr == "unknown phase 'kernel': use kernels, ar, serve or packed\n"
   assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_every_phase():
   out = subprocess.run(["bash", SCRIPTS[0], "--help"], capture_output=True, text=True, timeout=60)
-  assert out.returncode == 0 and all(f"\n{p} " in "\n" + out.stdout for p in ("  kernels", "  ar", "  serve"))
+  assert out.returncode == 0 and all(f"\n{p} " in "\n" + out.stdout for p in ("  kernels", "  ar", "  serve", "  packed"))

@@ -319,30 +319,34 @@ def test_one_block_answers_count_the_schedule_over_gen_length_when_asked(model):
 
 
 def test_fused_commits_go_alone_when_few_rows_commit(model):
-  """Rows in different phases: at `fused_window_share` 0 every commit is fused (each row's NFE as alone); at 0.5
-  and 1 the commits of a minority run alone (one forward more for those rows, and a narrower window for the
-  others); the tokens are the same."""
+  """Rows in different phases: at `fused_window_share` 0 every commit is fused (each row's NFE as alone). Without
+  packing, at 0.5 and 1 the commits of a minority run alone (one forward more for those rows, and a narrower
+  window for the others). With it (`packed_commit_share` 0.25: here one row of three), a single row's commit is
+  fused in a packed forward, so 0.5 decodes as alone too and 1 runs fewer forwards than without. The tokens are
+  the same."""
   prompts = Prompts.from_lists([words(n, n) for n in (6, 12, 19)])
   config = SamplingConfig(gen_length=24, remasking_strategy="low_confidence_dynamic", confidence_threshold=0.6)
-  outs = {share: sampler.generate(model, prompts, dataclasses.replace(config, fused_window_share=share))
-          for share in (0.0, 0.5, 1.0)}
-  for share, out in outs.items():
-    np.testing.assert_array_equal(out.tokens, outs[0.0].tokens, err_msg=f"share {share}")
+  outs = {(share, packs): sampler.generate(model, prompts, dataclasses.replace(
+              config, fused_window_share=share, packed_commit_share=packs))
+          for share, packs in ((0.0, 0), (0.5, 0), (1.0, 0), (0.5, 0.25), (1.0, 0.25))}
+  for key, out in outs.items():
+    np.testing.assert_array_equal(out.tokens, outs[0.0, 0].tokens, err_msg=f"share, packed rows {key}")
   for i in range(3):
     alone = sampler.generate(model, Prompts.from_lists([prompts.ids[i, :prompts.lengths[i]].tolist()]), config)
-    assert outs[0.0].nfe[i] == alone.nfe[0]
-  assert (outs[0.5].nfe >= outs[0.0].nfe).all() and outs[0.5].nfe.sum() > outs[0.0].nfe.sum()
-  assert (outs[1.0].nfe >= outs[0.5].nfe).all()  # a commit fuses only when every active row commits
+    assert outs[0.0, 0].nfe[i] == outs[0.5, 0.25].nfe[i] == alone.nfe[0]
+  assert (outs[0.5, 0].nfe >= outs[0.0, 0].nfe).all() and outs[0.5, 0].nfe.sum() > outs[0.0, 0].nfe.sum()
+  assert (outs[1.0, 0].nfe >= outs[0.5, 0].nfe).all()  # a commit fuses only when every active row commits
+  assert outs[1.0, 0.25].nfe.sum() < outs[1.0, 0].nfe.sum()  # ... or, packed, when one row does
 
 
 def test_sampled_tokens_do_not_depend_on_the_mode(model):
   """A row's randomness is keyed by its (block, denoising pass), so reference and fused mode, and a fused batch
-  whose commits go alone or fused, draw the same samples."""
+  whose commits go alone, fused or packed, draw the same samples."""
   prompts = Prompts.from_lists([words(n, n) for n in (6, 12, 19)])
   config = SamplingConfig(gen_length=16, temperature=0.8, top_k=20, remasking_strategy="low_confidence_dynamic",
                           confidence_threshold=0.6)
   keys = jax.random.split(jax.random.key(7), 3)
   runs = [sampler.generate(model, prompts, dataclasses.replace(config, **kw), rng=keys)
-          for kw in ({"mode": "reference"}, {"fused_window_share": 0.0}, {})]
+          for kw in ({"mode": "reference"}, {"fused_window_share": 0.0}, {}, {"packed_commit_share": 0.25})]
   for out in runs[1:]:
     np.testing.assert_array_equal(out.tokens, runs[0].tokens)

@@ -101,3 +101,36 @@ def test_the_model_call_takes_the_block_size_for_block_causal_from_the_config():
   hidden, _ = model.decode(model.embed(ids), jnp.arange(8)[None], spec)
   np.testing.assert_allclose(block, np.asarray(model.logits(hidden)), atol=1e-6)
   assert np.abs(block[:, :3] - causal[:, :3]).max() > 1e-3  # a block's first tokens now see the whole block
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_packed_decode_equals_the_padded_one_at_its_positions(scan):
+  """`decode(packed=...)` computes only the listed positions (those the spec leaves valid; the others are zeros in
+  the hidden states and K/V): the same numbers as the padded call there, with a KV-cache prefix in front."""
+  from dvl_jax.attention.spec import AttentionSpec
+
+  model = tiny_model(tiny_config(scan_layers=scan), seed=4)
+  b, n, m = 3, 6, 4
+  rng = np.random.default_rng(5)
+  emb = model.embed(jnp.asarray(rng.integers(3, 200, (b, n))))
+  pos = m + jnp.broadcast_to(jnp.arange(n), (b, n))
+  valid = np.ones((b, n), bool)
+  valid[0, :3] = valid[2, 1:4] = False  # rows 0 and 2 leave out some of their window
+  idx = jnp.arange(m + n, dtype=jnp.int32)[None].repeat(b, 0)
+  cache = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype),
+                       model.decode(emb[:, :m], pos[:, :m], AttentionSpec.self_attention(jnp.ones((b, m))),
+                                    return_kv=True)[1])
+  spec = AttentionSpec(q_idx=idx[:, m:], kv_idx=idx, q_seg=jnp.asarray(valid, jnp.int32),
+                       kv_seg=jnp.concatenate([jnp.ones((b, m), jnp.int32), jnp.asarray(valid, jnp.int32)], 1),
+                       kind="block_causal", block_size=3)
+  packed = jnp.asarray(np.flatnonzero(valid)[::-1].copy())  # any order
+  decode = jax.jit(lambda e, p, packed: model.decode(e, pos, spec, cache, return_kv=True, packed=p if packed else None),
+                   static_argnums=2)
+  (full, full_kv), (got, got_kv) = decode(emb, packed, False), decode(emb, packed, True)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(full)[valid], atol=1e-5, rtol=0)
+  assert not np.asarray(got)[~valid].any()
+  for a, want in zip(got_kv, full_kv):
+    np.testing.assert_allclose(np.asarray(a)[:, valid], np.asarray(want)[:, valid], atol=1e-5, rtol=0)
+    assert not np.asarray(a)[:, ~valid].any()
+  jaxpr = str(jax.make_jaxpr(lambda e: model.decode(e, pos, spec, cache, packed=packed))(emb))
+  assert f"f32[{packed.size},{model.config.text.intermediate_size}]" in jaxpr  # the MLP runs over the packed rows
