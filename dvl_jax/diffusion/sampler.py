@@ -243,7 +243,7 @@ def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, 
   from_prompt = jnp.take_along_axis(ctx.rows.tail, in_tail[..., None], axis=1)
   x = jnp.where((window < ctx.rows.lengths[:, None])[..., None], from_prompt, tok_emb)
   spec = kv_cache.window_spec(window, valid, cache_end, m, kind="block_causal", block_size=ctx.bs)
-  kw = {} if packed is None else {"packed": packed}
+  kw = {} if packed is None else {"packed": packed}  # a family without packing runs whenever it is off
   return ctx.model.decode(x, safe, spec, kv_cache.pinned(cache, ctx.placement.cache), return_kv=return_kv, **kw)
 
 
@@ -385,7 +385,7 @@ def reference_step(ctx: _Context, c: _Carry) -> _Carry:
 def fused_step(ctx: _Context, c: _Carry) -> _Carry:
   """One forward of `fused` mode: a row whose previous block is finished commits it, the others denoise their
   block. Every commit rides in the same forward as its row's next block's first denoising pass (`fused_pass`)
-  when at most `packed_rows` rows commit (`packed_commit_share`) (only their previous blocks are computed besides every row's current
+  when at most `packed_rows` rows commit (only their previous blocks are computed besides every row's current
   block) or at least `fused_window_share` of the active rows do (every row's window twice as wide); otherwise the
   committing rows commit alone (`commit_pass` over their previous block) and denoise from the next forward on, so
   that the other rows' forward stays one block wide. Same tokens either way."""
