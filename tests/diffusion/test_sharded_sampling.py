@@ -92,6 +92,18 @@ def test_greedy_tokens_equal_single_device(shape, setting):
   assert again.cache[0].sharding.is_equivalent_to(cache, 5)
 
 
+def test_fused_commits_are_not_packed_on_a_mesh():
+  """`packed_commit_share` packs rows together, which a row-sharded batch cannot: on a mesh the option changes
+  nothing (same forwards as unpacked on one device), where one device runs fewer forwards for the same tokens."""
+  unpacked = dataclasses.replace(SETTINGS["dynamic"], fused_window_share=1.0)  # a minority's commits go alone
+  packed = dataclasses.replace(unpacked, packed_commit_share=0.5)
+  want = sampler.generate(model(), PROMPTS, unpacked)
+  assert_same_output(sampler.generate(model((2, 1, 4)), PROMPTS, packed), want)
+  one_device = sampler.generate(model(), PROMPTS, packed)
+  np.testing.assert_array_equal(one_device.tokens, want.tokens)
+  assert one_device.nfe.sum() < want.nfe.sum()
+
+
 @pytest.mark.slow
 def test_image_prompt_with_the_vision_tower_sharded():
   grid = np.array([[1, 4, 8]])
