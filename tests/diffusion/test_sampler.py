@@ -322,13 +322,13 @@ def test_fused_commits_go_alone_when_few_rows_commit(model):
   """Rows in different phases: at `fused_window_share` 0 every commit is fused (each row's NFE as alone). Without
   packing, at 0.5 and 1 the commits of a minority run alone (one forward more for those rows, and a narrower
   window for the others). With it (`packed_commit_share` 0.25: here one row of three), a single row's commit is
-  fused in a packed forward, so 0.5 decodes as alone too and 1 runs fewer forwards than without. The tokens are
-  the same."""
+  fused in a packed forward, so 0.5 decodes as alone too (`test_sharded_sampling` shows packing at 1: fewer
+  forwards than without). The tokens are the same."""
   prompts = Prompts.from_lists([words(n, n) for n in (6, 12, 19)])
   config = SamplingConfig(gen_length=24, remasking_strategy="low_confidence_dynamic", confidence_threshold=0.6)
   outs = {(share, packs): sampler.generate(model, prompts, dataclasses.replace(
               config, fused_window_share=share, packed_commit_share=packs))
-          for share, packs in ((0.0, 0), (0.5, 0), (1.0, 0), (0.5, 0.25), (1.0, 0.25))}
+          for share, packs in ((0.0, 0), (0.5, 0), (1.0, 0), (0.5, 0.25))}
   for key, out in outs.items():
     np.testing.assert_array_equal(out.tokens, outs[0.0, 0].tokens, err_msg=f"share, packed rows {key}")
   for i in range(3):
@@ -336,7 +336,6 @@ def test_fused_commits_go_alone_when_few_rows_commit(model):
     assert outs[0.0, 0].nfe[i] == outs[0.5, 0.25].nfe[i] == alone.nfe[0]
   assert (outs[0.5, 0].nfe >= outs[0.0, 0].nfe).all() and outs[0.5, 0].nfe.sum() > outs[0.0, 0].nfe.sum()
   assert (outs[1.0, 0].nfe >= outs[0.5, 0].nfe).all()  # a commit fuses only when every active row commits
-  assert outs[1.0, 0.25].nfe.sum() < outs[1.0, 0].nfe.sum()  # ... or, packed, when one row does
 
 
 def test_sampled_tokens_do_not_depend_on_the_mode(model):
