@@ -92,7 +92,8 @@ while True:
 
 for phase in "${phases[@]}"; do
   echo "== $phase ($(date -u +%T))"
-  case $phase in kernels) kernels ;; ar) ar ;; serve) serve ;; packed) packed ;; esac || { echo "== $phase failed (exit $?)"; status=1; }
+  case $phase in kernels) kernels ;; ar) ar ;; serve) serve ;; packed) packed ;; esac \
+    || { echo "== $phase failed (exit $?)"; status=1; }
 done
 echo "== done ($(date -u +%T))"
 exit "$status"

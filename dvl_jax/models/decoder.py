@@ -116,9 +116,10 @@ class TextModel(nnx.Module):
     returned K/V are `[layers, B, L, kv_heads, head_dim]`. `packing`: only its positions are computed (the
     others' hidden states and K/V are zeros); one device only (the packed stream mixes rows).
     """
-    pin = (lambda h: h) if packing is not None else (lambda h: constrain(h, ROWS))
-    if packing is not None:
+    pin = lambda h: constrain(h, ROWS)  # noqa: E731
+    if packing is not None:  # the packed stream has no rows to pin
       x, cos, sin = packing.pack(x), packing.pack(cos), packing.pack(sin)
+      pin = lambda h: h  # noqa: E731
 
     def body(layer: DecoderLayer, h: jax.Array, prefix: KV | None):
       h, kv = layer(pin(h), cos, sin, spec, prefix, packing)

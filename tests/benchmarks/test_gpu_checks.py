@@ -26,4 +26,5 @@ def test_an_unknown_phase_is_refused_before_anything_runs(tmp_path):
 
 def test_help_lists_every_phase():
   out = subprocess.run(["bash", SCRIPTS[0], "--help"], capture_output=True, text=True, timeout=60)
-  assert out.returncode == 0 and all(f"\n{p} " in "\n" + out.stdout for p in ("  kernels", "  ar", "  serve", "  packed"))
+  phases = ("  kernels", "  ar", "  serve", "  packed")
+  assert out.returncode == 0 and all(f"\n{p} " in "\n" + out.stdout for p in phases)
