@@ -12,15 +12,19 @@ batches of up to `--concurrency` (`dvl.generate`, gen length = the batch's longe
 done waits for the slowest, and the next batch waits for the whole batch; TTFT is the batch's time, there is no
 stream), each batch shape compiled off the clock the first time it comes up. Closed loop: a batch's requests are
 sent when it starts. With `--request-rate` they arrive at the server rows' times and queue, a batch taking the
-queued ones, and a latency counts the wait for the batches before (a static server under the same load). Each
-algorithm of `--algorithms` runs the whole workload (the server takes `algorithm` per request). `--repeats R`
-runs R rounds of every row back to back and ends with each row's median output tok/s and latency p99, and the
-medians of the rounds' continuous / static ratios of both: on a shared machine a ratio of neighbours is much
-steadier than either number (one round's p99 is one slow batch or request away from another value).
+queued ones, and a latency counts the wait for the batches before (a static server under the same load).
+`--in-process SERVE_ARGS` adds the server's rows without HTTP: the same bodies through the engine and request
+builder `dvl serve SERVE_ARGS` would serve, stepped in this process (what HTTP, streaming and the server's
+threads cost is the difference). Each algorithm of `--algorithms` runs the whole workload (the server takes
+`algorithm` per request). `--repeats R` runs R rounds of every row back to back and ends with each row's median
+output tok/s and latency p99, and the medians of the rounds' ratios of both to the static row's: on a shared
+machine a ratio of neighbours is much steadier than either number (one round's p99 is one slow batch or request
+away from another value).
 
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
         [--concurrency 8 | --request-rate 4] [--answers 8,16,64,128] [--image-fraction 0.25] [--repeats 3]
+        [--in-process "--slots 8"]
 """
 
 from __future__ import annotations
@@ -206,6 +210,68 @@ class StaticBatches:
     return static_schedule(jobs, self.batch, lambda group: self._generate(group, algorithm), arrivals)
 
 
+def engine_schedule(jobs: list[Job], concurrency: int, arrivals: np.ndarray | None, submit: Any, step: Any
+                    ) -> tuple[list[Timing], float]:
+  """Continuous batching as the server runs it, without HTTP: `submit(i)` queues job i on the engine (its
+  preprocessing on the clock, as a server's is) -> its request id; `step()` runs one `Engine.step` -> its
+  `Result`. Closed loop (`arrivals` None): `concurrency` clients, each sending its next job once its last is
+  done; with `arrivals`, each job is sent at its time. TTFT: from sending to the step that hands out the job's
+  first piece (block); gaps: between the steps that hand out its pieces."""
+  timings: list[Timing | None] = [None] * len(jobs)
+  sent, pieces, job_of = {}, {}, {}
+  start, following = time.perf_counter(), 0
+  clock = lambda: time.perf_counter() - start
+  while following < len(jobs) or job_of:
+    while following < len(jobs) and (len(job_of) < concurrency if arrivals is None else
+                                     arrivals[following] <= clock()):
+      sent[following] = clock() if arrivals is None else arrivals[following]
+      job_of[submit(following)] = following
+      following += 1
+    if not job_of:  # idle until the next arrival
+      time.sleep(max(arrivals[following] - clock(), 0))
+      continue
+    result = step()
+    now = clock()
+    for rid, _ in result.pieces:
+      pieces.setdefault(job_of[rid], []).append(now)
+    for rid, out in result.finished:
+      i = job_of.pop(rid)
+      times = pieces.pop(i, [now])
+      timings[i] = Timing(now - sent[i], int(min(out.lengths[0], jobs[i].max_tokens)), times[0] - sent[i],
+                          list(np.diff(times)), int(out.nfe[0]))
+  return timings, clock()
+
+
+class InProcess:
+  """The server's rows without HTTP: the same chat bodies through the request builder and the `dvl.Engine` that
+  `dvl serve --checkpoint CKPT SERVE_ARGS` would serve (built and warmed up by `dvl serve`'s own code), stepped
+  in this process; the difference from the server's rows is what HTTP, streaming and the server's threads cost."""
+
+  def __init__(self, checkpoint: str, serve_args: str):
+    import shlex
+
+    from dvl_jax.cli import serve as serve_cli
+    from dvl_jax.serving.http.inputs import Inputs
+
+    args = serve_cli.parse(["--checkpoint", checkpoint, *shlex.split(serve_args)])
+    self.engine, processor = serve_cli.build_engine(args)
+    served = serve_cli.settings(args)
+    self.inputs = Inputs(processor, self.engine.config, served.media, served.max_images)
+    self.model = served.model_name
+
+  def run(self, jobs: list[Job], algorithm: str, concurrency: int, arrivals: np.ndarray | None, warm: bool = True
+          ) -> tuple[list[Timing], float]:
+    from dvl_jax.serving.http.schema import ChatRequest
+
+    def submit(i: int) -> int:
+      body = ChatRequest.model_validate(chat_body(jobs[i], self.model, algorithm))
+      return self.engine.submit(self.inputs.chat(body)[0])
+
+    if warm:  # untimed, as the server rows' first pass
+      engine_schedule(jobs, concurrency, None, submit, self.engine.step)
+    return engine_schedule(jobs, concurrency, arrivals, submit, self.engine.step)
+
+
 def row(name: str, algorithm: str, timings: list[Timing], wall: float, streamed: bool = True) -> str:
   """A table row; a static batch streams nothing, so its TPOT and ITL are "-" (its TTFT is its latency)."""
   def p50_p99(values: list[float], digits: int) -> str:
@@ -239,13 +305,20 @@ def main(argv: list[str] | None = None) -> None:
                       help="algorithms to compare (default: block_diffusion,autoregressive)")
   parser.add_argument("--pixels", default=None, help="min,max pixels of the static rows' processor, as given to "
                       "dvl serve (default: the checkpoint's bounds)")
+  parser.add_argument("--in-process", default=None, metavar="SERVE_ARGS",
+                      help="with --checkpoint: also run each row through the engine `dvl serve --checkpoint "
+                      "CHECKPOINT SERVE_ARGS` would serve, in this process without HTTP (give the server's options, "
+                      "e.g. \"--slots 8 --max-prompt 512 --compact-rows\"; it warms up as they say) (default: none)")
   parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
   parser.add_argument("--repeats", type=int, default=1,
                       help="rounds of every row, alternating server and static batches; with more than one, a last "
-                      "table gives each row's median output tok/s and continuous / static ratio (default: 1)")
+                      "table gives each row's median output tok/s and latency p99 and their ratios to static's "
+                      "(default: 1)")
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.in_process is not None and not args.checkpoint:
+    parser.error("--in-process needs --checkpoint (the served checkpoint)")
 
   import httpx
 
@@ -256,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                   args.seed)
   pixels = tuple(int(p) for p in args.pixels.split(",")) if args.pixels else None
   static = StaticBatches(args.checkpoint, args.concurrency, pixels) if args.checkpoint else None
+  engine = InProcess(args.checkpoint, args.in_process) if args.in_process is not None else None
   arrival = f"Poisson {args.request_rate}/s" if args.request_rate else f"concurrency {args.concurrency}"
   print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image")
   lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
@@ -269,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
       lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
       rounds.setdefault((algorithm, "continuous"), []).append(rate_and_p99(timings, wall))
       print(lines[-1], flush=True)
+      if engine is not None:
+        timings, wall = engine.run(jobs, algorithm, args.concurrency, arrivals, warm=round_ == 0)
+        lines.append(row("continuous (engine in process)", algorithm, timings, wall))
+        rounds.setdefault((algorithm, "in process"), []).append(rate_and_p99(timings, wall))
+        print(lines[-1], flush=True)
       if static is not None:
         timings, wall = static.run(jobs, algorithm, arrivals)
         lines.append(row(f"static batches of {args.concurrency}", algorithm, timings, wall, streamed=False))
@@ -285,21 +364,17 @@ def rate_and_p99(timings: list[Timing], wall: float) -> tuple[float, float]:
 
 
 def medians(rounds: dict[tuple[str, str], list[tuple[float, float]]]) -> list[str]:
-  """Each row's median output tok/s and latency p99 and, per algorithm, the medians of the rounds' continuous /
-  static ratios of both (each round's pair ran back to back, so a ratio is steadier than either number)."""
-  lines = ["| algorithm | continuous tok/s | static tok/s | tok/s continuous / static | latency p99 ms, continuous "
-           "/ static | p99 continuous / static |", "|---|---|---|---|---|---|"]
-  for algorithm in dict.fromkeys(a for a, _ in rounds):
-    cont = np.array(rounds[(algorithm, "continuous")])
-    if (algorithm, "static") not in rounds:
-      lines.append(f"| {algorithm} | {np.median(cont[:, 0]):.1f} | - | - | {np.median(cont[:, 1]) * 1e3:.0f} / - | - |")
-      continue
-    stat = np.array(rounds[(algorithm, "static")])
-    rate, p99 = (np.median(cont[:, i] / stat[:, i]) for i in (0, 1))
-    lines.append(f"| {algorithm} | {np.median(cont[:, 0]):.1f} | {np.median(stat[:, 0]):.1f} | {rate:.2f}x | "
-                 f"{np.median(cont[:, 1]) * 1e3:.0f} / {np.median(stat[:, 1]) * 1e3:.0f} | {p99:.2f}x |")
+  """Each row's median output tok/s and latency p99 and the medians of the rounds' ratios of both to the static
+  row's (each round's rows ran back to back, so a ratio is steadier than either number)."""
+  lines = ["| algorithm | batching | output tok/s | latency p99 ms | tok/s / static's | p99 / static's |",
+           "|---|---|---|---|---|---|"]
+  for (algorithm, batching), values in rounds.items():
+    ours, static = np.array(values), rounds.get((algorithm, "static"))
+    rate, p99 = ("-", "-") if static is None or batching == "static" else (
+        f"{np.median(ours[:, i] / np.array(static)[:, i]):.2f}x" for i in (0, 1))
+    lines.append(f"| {algorithm} | {batching} | {np.median(ours[:, 0]):.1f} | {np.median(ours[:, 1]) * 1e3:.0f} | "
+                 f"{rate} | {p99} |")
   return lines
-
 
 if __name__ == "__main__":
   main()

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import signal
 import socket
-from typing import Any
+from typing import Any, Sequence
 
 from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, check_checkpoint, load_options,
                                          load_processor)
@@ -122,7 +122,8 @@ def warm_up_images(sizes: str | None, processor: Any) -> list[Any]:
   return requests
 
 
-def run(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> argparse.Namespace:
+  """`args` if its checkpoint exists and its values are in range; else a one-line error."""
   check_checkpoint(args.checkpoint)
   for name in ("slots", "max_prompt", "chunk", "admit_every", "views", "max_images", "max_body_bytes",
                "max_image_bytes", "max_image_pixels"):
@@ -132,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError("--max-queue and --grace-period must be >= 0 and --request-timeout > 0")
   if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
     raise FileNotFoundError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
-  sock = reserve(args.host, args.port)
+  return args
+
+
+def run(args: argparse.Namespace) -> int:
+  sock = reserve(check(args).host, args.port)
   try:
     return _serve(args, sock)
   finally:
@@ -158,11 +163,18 @@ def reserve(host: str, port: int) -> socket.socket:
   return sock
 
 
-def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
-  import uvicorn
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+  """`dvl serve`'s options from `argv` (what follows `dvl serve`), defaults filled in: `benchmarks/serve.py
+  --in-process` builds a server's engine from the same options without serving it."""
+  parser = argparse.ArgumentParser(prog="dvl")
+  add_parser(parser.add_subparsers(dest="command", required=True))
+  return check(parser.parse_args(["serve", *argv]))
 
+
+def build_engine(args: argparse.Namespace) -> tuple[Any, Any]:
+  """The engine `dvl serve` puts behind its API, loaded and warmed up as `args` say, and the checkpoint's
+  processor its requests go through -> (engine, processor)."""
   import dvl_jax as dvl
-  from dvl_jax.serving.http import MediaLimits, Settings, create_app
 
   processor = load_processor(args)
   images = warm_up_images(args.warm_up_images, processor)  # a bad size fails before the model loads
@@ -182,15 +194,31 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
   warm = args.warm_up or config.algorithm
   if warm != "none":
     engine.warm_up(warm.split(","), images=images)
+  return engine, processor
+
+
+def settings(args: argparse.Namespace) -> Any:
+  """The HTTP layer's `Settings` (model name, key and limits) from `args`."""
+  from dvl_jax.serving.http import MediaLimits, Settings
+
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-  settings = Settings(name, api_key=args.api_key or os.environ.get("DVL_API_KEY"), max_queue=args.max_queue,
-                      request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                      max_images=args.max_images, media=MediaLimits(args.max_image_bytes, args.max_image_pixels,
-                                                                    args.allowed_local_media_path))
-  app = create_app(engine, processor, settings, slots=args.slots)
+  return Settings(name, api_key=args.api_key or os.environ.get("DVL_API_KEY"), max_queue=args.max_queue,
+                  request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                  max_images=args.max_images, media=MediaLimits(args.max_image_bytes, args.max_image_pixels,
+                                                                args.allowed_local_media_path))
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
+  import uvicorn
+
+  from dvl_jax.serving.http import create_app
+
+  engine, processor = build_engine(args)
+  served = settings(args)
+  app = create_app(engine, processor, served, slots=args.slots)
   host, port = sock.getsockname()[:2]
   server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=args.grace_period, log_level=args.log_level))
-  print(f"dvl serve: {name} on http://{host}:{port}/v1", flush=True)
+  print(f"dvl serve: {served.model_name} on http://{host}:{port}/v1", flush=True)
   # uvicorn re-raises the signal that stopped it once it is done; a no-op handler then lets the command exit 0.
   previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
   try:

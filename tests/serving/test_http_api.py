@@ -20,7 +20,7 @@ from benchmarks import serve
 from dvl_jax.core import mappings
 from dvl_jax.serving.http.responses import Answer, usage
 from tests.serving import http_server
-from tests.serving.http_server import GEN, KEY, MODEL
+from tests.serving.http_server import GEN, KEY, MODEL, PIXELS
 
 served = http_server.served  # the session's server (a fixture)
 
@@ -214,6 +214,20 @@ def test_the_serve_benchmark_times_each_block_and_reads_the_usage_it_asks_for(se
   prompt = served.processor([dvl.generation_prompt(QUESTION, 0)], [[]])["input_ids"].shape[1]
   assert (timing.tokens, timing.forwards) == (16, want.nfe[0])
   assert len(timing.gaps) == len({(prompt + i) // 8 for i in range(16)}) - 1 and 0 < timing.ttft < timing.latency
+
+
+def test_the_serve_benchmarks_in_process_rows_decode_what_the_server_does(served):
+  """`benchmarks/serve.py --in-process`: the engine and request builder `dvl serve` makes from the server's options,
+  stepped in process, give each job the server's tokens, forwards and blocks (an image among them)."""
+  png = base64.b64decode(served.image.partition(",")[2])
+  jobs = [serve.Job(QUESTION, png, 16), serve.Job("What is", None, 24), serve.Job("What is this one ?", None, 8)]
+  through, _ = asyncio.run(serve.through_server(served.url, KEY, MODEL, jobs, "block_diffusion", 2, None, False))
+  engine = serve.InProcess(served.checkpoint, f"--slots {http_server.SLOTS} --max-prompt 128 --chunk 2 --views 4 "
+                           f"--gen-length {GEN} --min-pixels {PIXELS} --max-pixels {PIXELS} --warm-up none")
+  inside, _ = engine.run(jobs, "block_diffusion", 2, None, warm=False)
+  assert [(t.tokens, t.forwards, len(t.gaps)) for t in inside] == [(t.tokens, t.forwards, len(t.gaps))
+                                                                   for t in through]
+  assert all(0 < t.ttft <= t.latency for t in inside)
 
 
 def test_the_api_key_guards_v1_only(served):
