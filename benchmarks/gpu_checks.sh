@@ -14,9 +14,12 @@
 #   packed   (only when named) dynamic block diffusion at batch 8 and 32 with and without packed fused commits
 #            (SamplingConfig.packed_commit_share 0.25; off by default: no gain on a 2-core CPU)        ~4 min
 # Usage: benchmarks/gpu_checks.sh OUT [kernels] [ar] [serve] [packed]   (no phase named: the first three, in order)
-# PYTHON picks the interpreter (default python3), PORT the server's port (default 8765). Packages the host lacks
-# (a JAX of another version needs the flax that matches it; the server needs fastapi, uvicorn and pydantic) are
-# installed from .whl/*.whl when that folder exists (benchmarks/gpu_wheels.sh fills it where pip works).
+# PYTHON picks the interpreter (default python3), PORT the server's port (default 8765), CHECKPOINT the serve
+# phase's random checkpoint (default /tmp/dvl-random-checkpoint, written when missing). Packages the host lacks
+# (a JAX of another version needs the flax that matches it; grain, ml_collections, tensorboardX; the server's
+# fastapi, uvicorn, pydantic) are installed from .whl/*.whl when that folder exists (benchmarks/gpu_wheels.sh
+# fills it where pip works). A server that exits before its port opens ends the serve phase at once, its log's
+# last lines printed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
@@ -64,7 +67,7 @@ packed() {
 }
 
 serve() {
-  local ckpt=/tmp/dvl-random-checkpoint server rc
+  local ckpt=${CHECKPOINT:-/tmp/dvl-random-checkpoint} server rc
   # the server and serve.py's static rows each hold a JAX client on the one GPU: neither may take 75% of it
   local -x XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
   [[ -d $ckpt ]] || timeout 120 "$py" benchmarks/random_checkpoint.py --out "$ckpt" || return
@@ -72,14 +75,23 @@ serve() {
     --checkpoint "$ckpt" --port "$port" --slots 8 --max-prompt 128 --gen-length 128 \
     --warm-up block_diffusion,autoregressive > "$out/server.log" 2>&1 &
   server=$!
-  # the port opens once warm-up has compiled every text program
+  # the port opens once warm-up has compiled every text program; a server that dies first ends the wait
   timeout 240 "$py" -c 'import sys, time, urllib.request
-while True:
+url, pid = sys.argv[1:]
+def alive():
   try:
-    sys.exit(urllib.request.urlopen(sys.argv[1], timeout=5).status != 200)
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
   except OSError:
-    time.sleep(2)' "http://127.0.0.1:$port/health"
+    return False
+while alive():
+  try:
+    sys.exit(urllib.request.urlopen(url, timeout=5).status != 200)
+  except OSError:
+    time.sleep(2)
+sys.exit("the server exited before its port opened; the end of its log:")' "http://127.0.0.1:$port/health" "$server"
   rc=$?
+  [[ $rc -eq 0 ]] || tail -n 5 "$out/server.log"
   if [[ $rc -eq 0 ]]; then
     timeout 240 "$py" benchmarks/serve.py --url "http://127.0.0.1:$port" --checkpoint "$ckpt" --num-requests 32 \
       --concurrency 8 --image-fraction 0 2>&1 | tee "$out/serve.log"
