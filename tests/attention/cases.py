@@ -94,3 +94,11 @@ def max_errors(attend, q, k, v, spec: AttentionSpec, seed: int = 1) -> tuple[flo
   fwd = float(np.abs(out - np.asarray(ref))[rows].max())
   bwd = max(float(jnp.abs(g.astype(jnp.float32) - r).max()) for g, r in zip(grads, ref_grads))
   return fwd, bwd
+
+
+def targeting(device_kind: str, platform: str, num_cores: int | None = None):
+  """A context in which a lowering without that hardware targets a `device_kind` chip: the Pallas lowerings ask the
+  abstract mesh's device for the chip's generation (TPU tiling, GPU compute capability)."""
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform=platform)
+  auto = jax.sharding.AxisType.Auto
+  return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("device",), (auto,), abstract_device=device))

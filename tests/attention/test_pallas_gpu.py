@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dvl_jax.attention import block_table, pallas_gpu
-from tests.attention.cases import Case, cache_window, max_errors, problem
+from tests.attention.cases import Case, cache_window, max_errors, problem, targeting
 
 TILE = 16  # small tiles: several per sequence, so skipping and tile boundaries are exercised
 
@@ -85,8 +85,6 @@ def test_lowers_to_triton_for_gpu():
   """The Triton lowering (power-of-two tensors, supported primitives) runs without a GPU: bf16, GQA 7:1, d=80."""
   q, k, v, spec = problem(Case("bd3_train", 74, (14, 2), 80, block_size=8), dtype=jnp.bfloat16)
   loss = lambda q, k, v: pallas_gpu.attend(q, k, v, spec, interpret=False).astype(jnp.float32).sum()
-  # JAX >= 0.11 asks a device-less lowering for the GPU it targets (compute capability): an abstract H100
-  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="gpu")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=gpu)):
+  with targeting("NVIDIA H100 80GB HBM3", "gpu"):  # JAX >= 0.11 asks for the GPU's compute capability
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
