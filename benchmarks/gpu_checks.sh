@@ -17,9 +17,9 @@
 # PYTHON picks the interpreter (default python3), PORT the server's port (default 8765), CHECKPOINT the serve
 # phase's random checkpoint (default /tmp/dvl-random-checkpoint, written when missing). Packages the host lacks
 # (a JAX of another version needs the flax that matches it; grain, ml_collections, tensorboardX; the server's
-# fastapi, uvicorn, pydantic) are installed from .whl/*.whl when that folder exists (benchmarks/gpu_wheels.sh
-# fills it where pip works). A server that exits before its port opens ends the serve phase at once, its log's
-# last lines printed.
+# fastapi, uvicorn, pydantic, opentelemetry-api) are installed from .whl/*.whl when that folder exists
+# (benchmarks/gpu_wheels.sh fills it where pip works). A server that exits before its port opens ends the serve
+# phase at once, its log's last lines printed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
@@ -91,11 +91,12 @@ while alive():
     time.sleep(2)
 sys.exit("the server exited before its port opened; the end of its log:")' "http://127.0.0.1:$port/health" "$server"
   rc=$?
-  [[ $rc -eq 0 ]] || tail -n 5 "$out/server.log"
   if [[ $rc -eq 0 ]]; then
     timeout 240 "$py" benchmarks/serve.py --url "http://127.0.0.1:$port" --checkpoint "$ckpt" --num-requests 32 \
       --concurrency 8 --image-fraction 0 2>&1 | tee "$out/serve.log"
     rc=$?
+  else
+    tail -n 5 "$out/server.log"
   fi
   kill -TERM "$server" 2> /dev/null
   wait "$server"

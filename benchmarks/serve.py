@@ -376,5 +376,6 @@ def medians(rounds: dict[tuple[str, str], list[tuple[float, float]]]) -> list[st
                  f"{rate} | {p99} |")
   return lines
 
+
 if __name__ == "__main__":
   main()
