@@ -3,8 +3,9 @@
 Backends: `xla` (dense reference), `splash` (TPU Pallas), `pallas_gpu` (our Pallas/Triton kernel),
 `cudnn` (GPU fallback). `auto` picks splash on TPU, pallas_gpu on GPU and xla elsewhere; the
 `DVL_ATTENTION_BACKEND` environment variable overrides the model config's `attention_backend`. A
-backend that cannot run the inputs (dtype, head dim, a KV-cache window on splash, wrong platform)
-hands them to `xla` with one warning per backend and reason — never a silently different answer.
+backend that cannot run the inputs (dtype, head dim, a KV-cache window on splash, wrong platform, a JAX
+without Pallas' Triton backend) hands them on with one warning per backend and reason (the own GPU kernel to
+cuDNN, anything else to `xla`) — never a silently different answer.
 Forcing a Pallas backend on CPU runs it in the Pallas interpreter (tests).
 """
 
@@ -36,6 +37,7 @@ _IMPLS = {
 }
 BACKENDS = ("auto", *_IMPLS)
 _AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}
+_NEXT = {"pallas_gpu": "cudnn"}  # who takes inputs a backend cannot run (else `xla`, which runs everything)
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -66,10 +68,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backen
   """
   _check_shapes(q, k, v, spec)
   name = resolve_backend(backend)
-  reason = _IMPLS[name].unsupported(q, k, v, spec)
-  if reason is not None:
+  while (reason := _IMPLS[name].unsupported(q, k, v, spec)) is not None:
+    after = _NEXT.get(name, "xla")
     if (name, reason) not in _WARNED:
       _WARNED.add((name, reason))
-      warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to 'xla'", stacklevel=2)
-    name = "xla"
+      warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to {after!r}", stacklevel=2)
+    name = after
   return _IMPLS[name].attend(q, k, v, spec)

@@ -21,7 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # JAX 0.11 deprecated Pallas' Triton backend for removal: without it the kernel only runs interpreted
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:
+  plgpu = None
 
 from dvl_jax.attention import block_table, masks
 from dvl_jax.attention.spec import AttentionSpec
@@ -50,7 +54,10 @@ class _Config:
                             half_len=self.half_len)
     return allowed & masks.segment_allowed(q_seg[:, None], kv_seg[None, :])
 
-  def compiler_params(self, head_dim: int) -> plgpu.CompilerParams:
+  def compiler_params(self, head_dim: int) -> pl.CompilerParams | None:
+    """Triton's launch settings; the interpreter takes none (and a JAX without the Triton backend has none)."""
+    if self.interpret or plgpu is None:
+      return None
     return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -277,6 +284,9 @@ def unsupported(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -
   """Why this backend cannot run these inputs here, or None."""
   if jax.default_backend() == "tpu":
     return "its Triton kernels need a GPU (splash is the TPU kernel)"
+  if jax.default_backend() == "gpu" and plgpu is None:
+    return (f"inputs with this JAX ({jax.__version__}), which has no Pallas Triton backend for the kernel "
+            "(JAX <= 0.11 has it)")
   if q.dtype not in DTYPES:
     return f"dtype {q.dtype} (supported: float32, bfloat16, float16)"
   if pl.next_power_of_2(q.shape[-1]) > MAX_HEAD_DIM:

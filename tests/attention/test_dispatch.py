@@ -1,6 +1,11 @@
 """Backend choice, forcing and fallback; the whole model gives the same loss and samples on every backend."""
 
 import functools
+import os
+import pathlib
+import re
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -49,6 +54,50 @@ def test_unsupported_input_falls_back_to_xla_with_one_warning(monkeypatch):
     warnings.simplefilter("error")
     dispatch.attend(q, k, v, spec, backend="splash")
   np.testing.assert_array_equal(np.asarray(out), np.asarray(attend_dense(q, k, v, spec)))
+
+
+def test_the_own_gpu_kernel_falls_back_to_cudnn_then_xla(monkeypatch):
+  """On a GPU a dense cuDNN kernel is the better stand-in for the own kernel than XLA's attention."""
+  monkeypatch.setattr(dispatch, "_WARNED", set())
+  q, k, v, spec = problem(Case("bd3_train", 24, (4, 2), 32, block_size=4))
+  refuse = lambda backend, reason: backend._replace(unsupported=lambda *_: reason)
+  monkeypatch.setitem(dispatch._IMPLS, "pallas_gpu", refuse(dispatch._IMPLS["pallas_gpu"], "inputs here"))
+  calls = []
+  cudnn = dispatch._IMPLS["cudnn"]
+  monkeypatch.setitem(dispatch._IMPLS, "cudnn", cudnn._replace(attend=lambda *a: calls.append(1) or cudnn.attend(*a)))
+  with pytest.warns(UserWarning, match="'pallas_gpu' cannot run inputs here; falling back to 'cudnn'"):
+    dispatch.attend(q, k, v, spec, backend="pallas_gpu")
+  assert calls == [1]
+  monkeypatch.setitem(dispatch._IMPLS, "cudnn", refuse(cudnn, "this dtype"))
+  with pytest.warns(UserWarning, match="'cudnn' cannot run this dtype; falling back to 'xla'"):
+    out = dispatch.attend(q, k, v, spec, backend="pallas_gpu")
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(attend_dense(q, k, v, spec)))
+
+
+def test_a_jax_without_the_triton_backend_still_imports_and_interprets_the_kernel():
+  """JAX 0.11 deprecated Pallas' Triton backend for removal: losing it must cost the compiled kernel only."""
+  script = """
+import sys, warnings
+sys.modules["jax.experimental.pallas.triton"] = None  # as a JAX without the Triton backend
+import jax, numpy as np
+import dvl_jax
+from dvl_jax.attention import dispatch, pallas_gpu
+from dvl_jax.attention.reference import attend_dense
+from tests.attention.cases import Case, problem
+assert pallas_gpu.plgpu is None
+q, k, v, spec = problem(Case("bd3_train", 24, (4, 2), 32, block_size=4))
+with warnings.catch_warnings():
+  warnings.simplefilter("error")
+  out = dispatch.attend(q, k, v, spec, backend="pallas_gpu")  # interpreted off a GPU, as before
+np.testing.assert_allclose(np.asarray(out), np.asarray(attend_dense(q, k, v, spec)), atol=1e-5)
+jax.default_backend = lambda: "gpu"
+print(pallas_gpu.unsupported(q, k, v, spec))
+"""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                        cwd=pathlib.Path(__file__).parents[2], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert re.fullmatch(r"inputs with this JAX \([^)]+\), which has no Pallas Triton backend for the kernel "
+                      r"\(JAX <= 0.11 has it\)\n", done.stdout), done.stdout
 
 
 def test_cudnn_backend_matches_reference():
