@@ -155,7 +155,7 @@ class Report:
     return (f"{jax.device_count()} x {d.kind} ({d.platform}); HBM {d.bandwidth_gbs:.0f} GB/s ({d.bandwidth_source}), "
             f"peak {d.peak_tflops:.3g} TFLOP/s ({d.peak_source}); shapes {self.shapes_name}"
             + (f"; XLA_FLAGS={XLA_FLAGS}" if XLA_FLAGS else "")
-            + f"; single-row products as two rows on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
+            + f"; single rows as two (AR batch 1 as batch 2) on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
 
   def markdown(self) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -375,8 +375,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                       help="the sampler's settings, e.g. \"AR greedy\" alone at --batches 1 2 "
                       f"(default: all of {', '.join(sampling.SETTINGS)})")
   parser.add_argument("--plain-one-row-products", action="store_true",
-                      help="a single row's products run as one row on GPUs too, as before `layers.ONE_ROW_AS_TWO`: "
-                      "the other half of that workaround's A/B (default: off)")
+                      help="a single row runs as one row on GPUs too (AR at batch 1 without its dead row, no product "
+                      "doubled), as before `layers.ONE_ROW_AS_TWO`: the other half of that workaround's A/B "
+                      "(default: off)")
   parser.add_argument("--bandwidth-gbs", type=float, help="HBM GB/s (default: the device table, else measured)")
   parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: the device table, else measured)")
   args = parser.parse_args(argv)

@@ -6,9 +6,10 @@
 #   ar       `dvl bench accelerator` AR greedy and dynamic block diffusion at batch 1 and 2 on the 3B-shaped
 #            model: at batch 1 XLA's simplifier turns the q / k / v / o vector x matrix products into elementwise
 #            products and reductions (3.9 ms per AR forward on an H200 against 2.6 ms at batch 2; its switch,
-#            xla_gpu_enable_dot_strength_reduction, is gone from XLA): layers.matmul now runs a single row as
-#            two on GPUs, and batch 1 should cost what batch 2 does; then AR at batch 1 without that
-#            (--plain-one-row-products), the A/B on the same machine                                    ~3-4 min
+#            xla_gpu_enable_dot_strength_reduction, is gone from XLA): AR at batch 1 now runs as batch 2 with a
+#            dead row on GPUs (ar_sampler.least_rows; compiled for an H200 without one, the batch-2 program's
+#            526 kernels per step against 708), so batch 1 should cost what batch 2 does; then AR at batch 1
+#            without that (--plain-one-row-products), the A/B on the same machine                      ~3-4 min
 #   serve    `dvl serve` on benchmarks/random_checkpoint.py's 179M full-vocabulary model, then benchmarks/serve.py:
 #            continuous vs static batches, block diffusion vs AR, 32 text requests at concurrency 8  ~4-5 min
 #   packed   (only when named) dynamic block diffusion at batch 8 and 32 with and without packed fused commits

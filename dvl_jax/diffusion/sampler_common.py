@@ -66,6 +66,7 @@ class Algorithm:
   `outputs(ctx, carry, width) -> Outputs`: tokens `[B, width]` from each row's prompt end, and statistics.
   `inputs(model, prompts, config)`: its own arguments, a tuple of NumPy arrays `[B, ...]` made on the host
     (padded with dead rows, sharded over `data`).
+  `least_rows()`: the fewest rows `generate` runs (a smaller batch gets dead rows) on this platform.
   """
 
   context: Callable[..., Any]
@@ -74,6 +75,7 @@ class Algorithm:
   chunk: Callable[..., tuple]
   outputs: Callable[..., Outputs]
   inputs: Callable[[DiffusionLM, Prompts, SamplingConfig], tuple]
+  least_rows: Callable[[], int] = lambda: 1  # `generate` pads a smaller batch with dead rows up to this many
 
   def shardings(self, place: Placement) -> dict[str, Any]:
     """The jitted program's explicit shardings on a mesh (`jit_sampler`)."""
@@ -162,12 +164,14 @@ def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Sa
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
   graphdef, state, place = split_cache.split(model)
   b, w = prompts.ids.shape
-  cache = kv_cache.checked(cache, cfg, place.batch(b), config.cache_len(w), place.cache)
-  prompt = PromptArrays(place.pad_rows(prompts.ids, fill=cfg.pad_token_id), place.pad_rows(prompts.lengths),
+  rows = place.batch(b, algorithm.least_rows())
+  cache = kv_cache.checked(cache, cfg, rows, config.cache_len(w), place.cache)
+  prompt = PromptArrays(place.pad_rows(prompts.ids, cfg.pad_token_id, rows), place.pad_rows(prompts.lengths, 0, rows),
                         prompts.pixel_values, prompts.vision)
-  own = tuple(place.pad_rows(a) for a in algorithm.inputs(model, prompts, config))
+  own = tuple(place.pad_rows(a, 0, rows) for a in algorithm.inputs(model, prompts, config))
   sampling = remask.Sampling.of(remask.row_keys(rng, b), config.temperature, config.top_k, config.top_p)
-  args = (graphdef, compile_key(config), state, cache, prompt, jax.tree.map(place.pad_keys, sampling), own)
+  sampling = jax.tree.map(functools.partial(place.pad_keys, rows=rows), sampling)
+  args = (graphdef, compile_key(config), state, cache, prompt, sampling, own)
   return jit_sampler(_program(algorithm, stream), place, algorithm.shardings), args, b
 
 

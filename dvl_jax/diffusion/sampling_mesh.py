@@ -149,21 +149,22 @@ class Placement:
     """The KV cache `[layers, B, max_len, kv_heads, head_dim]` (one sharding for keys and values)."""
     return self._named(None, "data", None, "tensor" if self.kv_sharded else None, None) if self.mesh else None
 
-  def batch(self, rows: int) -> int:
-    """Rows after padding: a multiple of the `data` axis."""
+  def batch(self, rows: int, least: int = 1) -> int:
+    """Rows after padding: at least `least`, a multiple of the `data` axis."""
+    rows = max(rows, least)
     return rows if self.mesh is None else -(-rows // self.mesh.shape["data"]) * self.mesh.shape["data"]
 
-  def pad_rows(self, a: Any, fill: Any = 0) -> np.ndarray:
-    """`a` `[B, ...]` (NumPy) with dead rows of `fill` appended up to `batch(B)`."""
+  def pad_rows(self, a: Any, fill: Any = 0, rows: int | None = None) -> np.ndarray:
+    """`a` `[B, ...]` (NumPy) with dead rows of `fill` appended up to `rows` (default `batch(B)`)."""
     a = np.asarray(a)
-    rows = self.batch(a.shape[0])
+    rows = rows or self.batch(a.shape[0])
     if rows == a.shape[0]:
       return a
     return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), fill, a.dtype)])
 
-  def pad_keys(self, keys: jax.Array) -> jax.Array:
-    """Row keys `[B]` with the last key repeated for the dead rows."""
-    rows = self.batch(keys.shape[0])
+  def pad_keys(self, keys: jax.Array, rows: int | None = None) -> jax.Array:
+    """Row keys `[B]` with the last key repeated for the dead rows, up to `rows` (default `batch(B)`)."""
+    rows = rows or self.batch(keys.shape[0])
     return keys if rows == keys.shape[0] else keys[np.minimum(np.arange(rows), keys.shape[0] - 1)]
 
   # ---- inside the jitted sampler (identity on one device) ----------------------------------------

@@ -21,7 +21,8 @@ Axes = tuple[str | None, ...]
 # Backends on which a product of one row with a weight matrix runs as two rows (`matmul`). XLA:GPU's simplifier
 # rewrites a vector x matrix `dot` into an elementwise product, written out whole, and a reduction: on an H200 a
 # batch-1 AR forward of a 3B model took 3.9 ms this way against 2.6 ms at batch 2, where the products stay GEMMs
-# (on a CPU one row is a matrix-vector product at memory speed and two rows cost twice that: left alone).
+# (on a CPU one row is a matrix-vector product at memory speed and two rows cost twice that: left alone). AR
+# decoding at batch 1 (`ar_sampler.least_rows`) avoids single rows altogether: it runs as batch 2 with a dead row.
 ONE_ROW_AS_TWO = ("gpu",)
 
 
