@@ -1,0 +1,244 @@
+"""The samplers' GPU programs compiled on a machine without a GPU: the kernels each decoding step runs.
+
+Most sessions have no GPU, and on one a decoding step of a 3B model is bound by how many kernels it runs more than
+by its weight bytes (on an H200 an AR step of the batch-2 program took 2.56 ms for 1.29 ms of weight reads, and
+launching its kernels as one CUDA graph or not made no difference), so the kernel count of a step is the number
+to watch between GPU runs. JAX compiles for a target GPU without one (deviceless: its CUDA plugin, no driver);
+XLA's thunk sequence (`--xla_dump_to`) lists the kernels of the compiled program, and its optimised HLO shows
+the single-row rewrite `layers.ONE_ROW_AS_TWO` works around (a vector x matrix product turned into an
+elementwise product written out at the weight's shape, then summed).
+
+Prints one row per (setting, batch) on the accelerator bench's 3B-shaped model (`--tiny`: its tiny one): kernels
+per decoding step (a step that branches runs one branch: the fewest and the most), of them the own Pallas
+attention kernels, kernels outside the loop (prefill, outputs), elementwise products at a weight's shape
+(should be 0), compile seconds.
+
+Needs JAX's CUDA plugin importable, not installed in the project's venv (without a driver it would make every
+JAX start try CUDA first): `pip install --no-deps --target .gpu-aot jax-cuda12-plugin==0.10.2
+jax-cuda12-pjrt==0.10.2`, then `PYTHONPATH=.gpu-aot .venv/bin/python benchmarks/gpu_programs.py` (a JAX 0.11
+venv takes jax-cuda13-plugin / jax-cuda13-pjrt 0.11.x the same way).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # a CUDA plugin without a driver: nothing to check
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import dvl_jax as dvl  # noqa: E402
+from benchmarks import accelerator, sampling  # noqa: E402
+from dvl_jax.diffusion import sampler  # noqa: E402
+from dvl_jax.models import layers  # noqa: E402
+from dvl_jax.models.families import build_model  # noqa: E402
+from dvl_jax.parallel.mesh import AXES  # noqa: E402
+
+# The targets' device descriptions (data sheets: SMs, shared memory, HBM bandwidth and size, compute capability).
+TARGETS = {"h200": ("NVIDIA H200", 4_800_000_000_000, 150_754_820_096),
+           "h100": ("NVIDIA H100 80GB HBM3", 3_352_320_000_000, 84_929_347_584)}
+_TARGET_CONFIG = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: {cuda} minor: 0 }}
+device_description_str: "{kind}"
+"""
+_IGNORED = {"kCommandBuffer", "kWhile", "kConditional", "kSequential", "kWaitForStreams"}
+_THUNK = re.compile(r"^( *)\d+: (k\w+)\s*\[[^\]]*\]\s*(\S*)")
+_SECTION = re.compile(r"^( *)(\w+):\s*$")
+
+
+# ---- reading XLA's thunk sequence ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Thunk:
+  """One line of a thunk sequence: its kind, kernel name, and nested sections (a while's condition and body, a
+  conditional's branches; a command buffer's kernels are its `""` section)."""
+
+  kind: str
+  name: str = ""
+  sections: dict[str, list["Thunk"]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def branches(self) -> list[list["Thunk"]]:
+    """A conditional's branches."""
+    return [thunks for name, thunks in self.sections.items() if name]
+
+
+def parse_thunks(text: str) -> list[Thunk]:
+  """`*.thunk_sequence_after_thunk_passes.txt` -> its top-level thunks, nested by indentation (a while's
+  `condition:` may sit at the while's own indentation)."""
+  top: list[Thunk] = []
+  stack: list[tuple[int, list[Thunk], Thunk | None]] = [(-1, top, None)]  # (indent, where thunks go, its thunk)
+  for line in text.splitlines():
+    if section := _SECTION.match(line):
+      indent = len(section.group(1))
+      while stack[-1][2] is None or stack[-1][2].kind not in ("kWhile", "kConditional") or stack[-1][0] > indent:
+        if len(stack) == 1:
+          raise ValueError(f"a section outside a while or conditional: {line.strip()!r}")
+        stack.pop()
+      owner = stack[-1][2]
+      stack.append((indent, owner.sections.setdefault(section.group(2), []), None))
+    elif thunk := _THUNK.match(line):
+      indent = len(thunk.group(1))
+      while stack[-1][0] >= indent:
+        stack.pop()
+      node = Thunk(thunk.group(2), thunk.group(3))
+      stack[-1][1].append(node)
+      stack.append((indent, node.sections.setdefault("", []), node))
+  return top
+
+
+def kernels(thunks: list[Thunk], loops: bool = False) -> tuple[int, int]:
+  """(fewest, most) kernels `thunks` run once; a conditional runs one branch; a while loop counts as its
+  condition and body once when `loops`, else not at all."""
+  low = high = 0
+  for t in thunks:
+    if t.kind == "kConditional":
+      counts = [kernels(branch, loops) for branch in t.branches]
+      low, high = low + min(c[0] for c in counts), high + max(c[1] for c in counts)
+    elif t.kind == "kWhile":
+      if loops:
+        counts = [kernels(t.sections.get(s, []), loops) for s in ("condition", "body")]
+        low, high = low + sum(c[0] for c in counts), high + sum(c[1] for c in counts)
+    elif t.kind == "kCommandBuffer":
+      inner = kernels(t.sections.get("", []), loops)
+      low, high = low + inner[0], high + inner[1]
+    elif t.kind not in _IGNORED:
+      low, high = low + 1, high + 1
+  return low, high
+
+
+def loops(thunks: list[Thunk]) -> list[Thunk]:
+  """Every while loop in `thunks`, outermost first."""
+  found = []
+  for t in thunks:
+    found += [t] if t.kind == "kWhile" else []
+    for section in t.sections.values():
+      found += loops(section)
+  return found
+
+
+def named(thunks: list[Thunk], prefix: str) -> int:
+  """Kernels whose name starts with `prefix`, a loop's counted once, a conditional's in its largest branch."""
+  total = 0
+  for t in thunks:
+    if t.kind == "kConditional":
+      total += max(named(branch, prefix) for branch in t.branches)
+    else:
+      total += t.name.startswith(prefix) + sum(named(s, prefix) for s in t.sections.values())
+  return total
+
+
+def weight_shaped_products(hlo: str, shapes: set[tuple[int, ...]]) -> int:
+  """Elementwise fusions whose output has a weight matrix's shape: XLA's rewrite of a single row's product."""
+  found = re.findall(r"= \w+\[(\d+),(\d+)\]\{1,0\} fusion\([^\n]*kind=kLoop", hlo)
+  return sum((int(a), int(b)) in shapes for a, b in found)
+
+
+# ---- compiling for the target ----------------------------------------------------------------------------------
+
+def topology(target: str) -> Any:
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  plugins = [hit for folder in sys.path if os.path.isdir(folder)
+             for hit in glob.glob(os.path.join(folder, "jax_plugins", "xla_cuda*"))]
+  if not plugins:
+    raise SystemExit("no JAX CUDA plugin importable: pip install --no-deps --target .gpu-aot "
+                     f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} and run with "
+                     "PYTHONPATH=.gpu-aot")
+  kind, bandwidth, memory = TARGETS[target]
+  cuda = int(re.search(r"xla_cuda(\d+)", plugins[0]).group(1))
+  config = _TARGET_CONFIG.format(bandwidth=bandwidth, memory=memory, cuda=cuda, kind=kind)
+  return topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
+
+
+def compiled_program(model: Any, prompts: Any, config: Any, kind: str) -> tuple[str, list[Thunk], float]:
+  """(optimised HLO, thunk sequence, compile seconds) of `dvl.generate`'s program for these shapes."""
+  device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,) * len(AXES), AXES, (jax.sharding.AxisType.Auto,) * len(AXES),
+                                   abstract_device=device)  # JAX >= 0.11's Pallas lowering asks it for the GPU
+  start = time.perf_counter()
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = sampler.lower(model, prompts, config)
+  dump = tempfile.mkdtemp(prefix="dvl-gpu-programs-")  # XLA's dumps, ~25 MB a program
+  try:
+    compiled = lowered.compile({"xla_dump_to": dump})
+    seconds = time.perf_counter() - start
+    [path] = glob.glob(os.path.join(dump, "*.thunk_sequence_after_thunk_passes.txt"))
+    with open(path, encoding="utf-8") as f:
+      return compiled.as_text(), parse_thunks(f.read()), seconds
+  finally:
+    shutil.rmtree(dump, ignore_errors=True)
+
+
+def abstract_model(cfg: Any, device: Any) -> Any:
+  """The model's params as shapes on the target device: nothing is allocated."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+  place = jax.sharding.SingleDeviceSharding(device)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), state))
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU to compile for "
+                      "(default h200)")
+  parser.add_argument("--settings", nargs="+", choices=list(sampling.SETTINGS), metavar="SETTING",
+                      default=["AR greedy", "dynamic t0.85 fused"], help="sampler settings (default: AR greedy, "
+                      "dynamic t0.85 fused)")
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8], help="(default: 1 2 8)")
+  parser.add_argument("--plain-one-row-products", action="store_true", help="no `layers.ONE_ROW_AS_TWO` "
+                      "workaround, as accelerator.py's flag")
+  parser.add_argument("--tiny", action="store_true", help="the accelerator bench's tiny model (seconds)")
+  args = parser.parse_args(argv)
+  topo = topology(args.target)
+  jax.default_backend = lambda: "gpu"  # what this project's code asks when it picks per platform
+  if args.plain_one_row_products:
+    layers.ONE_ROW_AS_TWO = ()
+  s = accelerator.shapes(args.tiny)
+  model = abstract_model(s.sampler, topo.devices[0])
+  weights = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim == 2}
+  print(f"{TARGETS[args.target][0]} (compiled without one, JAX {jax.__version__}); {s.name} sampler model; "
+        f"single rows as two on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
+  print("| setting | batch | kernels per step | Pallas kernels per step | kernels outside the loop "
+        "| weight-shaped products | compile s |\n|---|---|---|---|---|---|---|")
+  rows = []
+  for name in args.settings:
+    for batch in args.batches:
+      ids = np.random.default_rng(batch).integers(3, 1000, s.prompt + 3 * batch)
+      prompts = dvl.Prompts.from_lists([ids[:s.prompt + 3 * i].tolist() for i in range(batch)])
+      config = dvl.SamplingConfig(gen_length=s.gen, **sampling.SETTINGS[name])
+      hlo, thunks, seconds = compiled_program(model, prompts, config, TARGETS[args.target][0])
+      loop = max(loops(thunks), key=lambda t: kernels([t], loops=True)[1])
+      step = kernels([loop], loops=True)
+      row = {"setting": name, "batch": batch, "step": step, "pallas": named([loop], "dvl_"),
+             "outside": kernels(thunks), "weight_shaped": weight_shaped_products(hlo, weights), "compile_s": seconds}
+      span = lambda c: str(c[0]) if c[0] == c[1] else f"{c[0]}-{c[1]}"  # noqa: E731
+      print(f"| {name} | {batch} | {span(step)} | {row['pallas']} | {span(row['outside'])} | "
+            f"{row['weight_shaped']} | {seconds:.1f} |", flush=True)
+      rows.append(row)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
