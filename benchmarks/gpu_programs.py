@@ -21,22 +21,20 @@ venv takes jax-cuda13-plugin / jax-cuda13-pjrt 0.11.x the same way).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import glob
 import os
-
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # a CUDA plugin without a driver: nothing to check
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import glob  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import deviceless  # noqa: E402  (first: it lets a CUDA plugin start without a driver)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -46,7 +44,6 @@ from benchmarks import accelerator, sampling  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.models import layers  # noqa: E402
 from dvl_jax.models.families import build_model  # noqa: E402
-from dvl_jax.parallel.mesh import AXES  # noqa: E402
 
 # The targets' device descriptions (data sheets: SMs, shared memory, HBM bandwidth and size, compute capability).
 TARGETS = {"h200": ("NVIDIA H200", 4_800_000_000_000, 150_754_820_096),
@@ -173,13 +170,10 @@ def topology(target: str) -> Any:
   return topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
 
 
-def compiled_program(model: Any, prompts: Any, config: Any, kind: str) -> tuple[str, list[Thunk], float]:
-  """(optimised HLO, thunk sequence, compile seconds) of `dvl.generate`'s program for these shapes."""
-  device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,) * len(AXES), AXES, (jax.sharding.AxisType.Auto,) * len(AXES),
-                                   abstract_device=device)  # JAX >= 0.11's Pallas lowering asks it for the GPU
+def compiled_program(model: Any, prompts: Any, config: Any, device: Any) -> tuple[str, list[Thunk], float]:
+  """(optimised HLO, thunk sequence, compile seconds) of `dvl.generate`'s program for these shapes on `device`."""
   start = time.perf_counter()
-  with jax.sharding.use_abstract_mesh(mesh):
+  with deviceless.target(device):
     lowered = sampler.lower(model, prompts, config)
   dump = tempfile.mkdtemp(prefix="dvl-gpu-programs-")  # XLA's dumps, ~25 MB a program
   try:
@@ -212,7 +206,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--tiny", action="store_true", help="the accelerator bench's tiny model (seconds)")
   args = parser.parse_args(argv)
   topo = topology(args.target)
-  jax.default_backend = lambda: "gpu"  # what this project's code asks when it picks per platform
   if args.plain_one_row_products:
     layers.ONE_ROW_AS_TWO = ()
   s = accelerator.shapes(args.tiny)
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       ids = np.random.default_rng(batch).integers(3, 1000, s.prompt + 3 * batch)
       prompts = dvl.Prompts.from_lists([ids[:s.prompt + 3 * i].tolist() for i in range(batch)])
       config = dvl.SamplingConfig(gen_length=s.gen, **sampling.SETTINGS[name])
-      hlo, thunks, seconds = compiled_program(model, prompts, config, TARGETS[args.target][0])
+      hlo, thunks, seconds = compiled_program(model, prompts, config, topo.devices[0])
       loop = max(loops(thunks), key=lambda t: kernels([t], loops=True)[1])
       step = kernels([loop], loops=True)
       row = {"setting": name, "batch": batch, "step": step, "pallas": named([loop], "dvl_"),

@@ -8,12 +8,19 @@ reports the per-device bytes of the arguments (params, Adam state, batch) and of
 are the plan of the backend it runs on: on CPU, dense XLA attention keeps `[B, H, 2L, 2L]` scores of
 a layer alive (splash attention on TPU has none), so long rows are dominated by them there.
 
+`--tpu v5e:4x4` compiles for that Cloud TPU slice instead, on this machine (deviceless: libtpu installed, no
+TPU; `benchmarks/deviceless.py`): XLA:TPU's own plan with splash attention compiled through Mosaic, over the
+slice's chips (`--devices` defaults to all of them), and a step that needs more than a chip's HBM is reported
+as not fitting rather than compiled.
+
     python benchmarks/train_memory.py [--preset qwen2.5-vl-3b] [--devices 16] [--length 2048] [--chunks 0 1024 256]
+    PYTHONPATH=.tpu-aot python benchmarks/train_memory.py --tpu v5e:4x4 --preset qwen2.5-vl-3b --chunks 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 def _devices_flag() -> None:
   """Fake CPU devices must be asked for before jax is imported."""
-  if "--devices" in sys.argv and "jax" not in sys.modules:
+  if "--devices" in sys.argv and "--tpu" not in sys.argv and "jax" not in sys.modules:
     count = sys.argv[sys.argv.index("--devices") + 1]
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
@@ -36,6 +43,7 @@ from flax import nnx  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks import deviceless  # noqa: E402
 from dvl_jax.core.config import PRESETS  # noqa: E402
 from dvl_jax.data.sharded_layout import sharded_vision_layout  # noqa: E402
 from dvl_jax.models.families import abstract_model  # noqa: E402
@@ -71,7 +79,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-3b")
   parser.add_argument("--stage", default="stage2", help="stage1 | stage2 | ar (default: stage2)")
-  parser.add_argument("--devices", type=int, default=1, help="FSDP devices (default: 1)")
+  parser.add_argument("--devices", type=int, help="FSDP devices (default: 1, or all of --tpu's)")
+  parser.add_argument("--tpu", metavar="TOPOLOGY", help="compile for this Cloud TPU slice, e.g. v5e:4x4 or "
+                      "v5p:2x2x4, without one (libtpu importable; default: this machine's backend)")
   parser.add_argument("--batch", type=int, default=1, help="rows per device in a micro-batch (default: 1)")
   parser.add_argument("--length", type=int, default=2048, help="tokens per row (default: 2048)")
   parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1024, 256],
@@ -81,10 +91,16 @@ def main() -> None:
   parser.add_argument("--remat", default="full", help="remat_policy (default: full, as configs/)")
   args = parser.parse_args()
 
-  cfg = PRESETS[args.preset].replace(compute_dtype="bfloat16", remat_policy=args.remat, attention_backend="xla")
-  mesh = make_mesh((1, args.devices, 1), jax.devices()[:args.devices])
+  devices = deviceless.tpu_topology(args.tpu).devices if args.tpu else jax.devices()
+  args.devices = args.devices or (len(devices) if args.tpu else 1)
+  # On a TPU target attention is splash's ("auto"); elsewhere the dense XLA path, as the step would run here.
+  cfg = PRESETS[args.preset].replace(compute_dtype="bfloat16", remat_policy=args.remat,
+                                     attention_backend="auto" if args.tpu else "xla")
+  mesh = make_mesh((1, args.devices, 1), devices[:args.devices])
   model = sharded_abstract_model(cfg, mesh)
-  print(f"backend: {jax.default_backend()}, {args.preset}, {args.stage}, FSDP over {args.devices} devices, "
+  target = (lambda: deviceless.target(devices[0])) if args.tpu else contextlib.nullcontext
+  backend = f"{devices[0].device_kind} (compiled without one)" if args.tpu else jax.default_backend()
+  print(f"backend: {backend}, {args.preset}, {args.stage}, FSDP over {args.devices} devices, "
         f"{args.batch} x {args.length} tokens per device, {args.image_px or 'no'} px images, bf16 compute, remat {args.remat}, "
         f"vocab {cfg.text.vocab_size}; bytes per device")
   print("| loss_chunk_size | arguments GB | temporaries GB | fp32 logits of the rows GB | compile s |")
@@ -93,9 +109,18 @@ def main() -> None:
   for chunk in args.chunks:
     trainer = TrainStep(model, stage(args.stage), OptimizerConfig(), total_steps=1000, mesh=mesh,
                         loss_chunk_size=chunk)
+    batch = abstract_batch(cfg, args.devices, args.batch, args.length, args.image_px)
     tic = time.perf_counter()
-    compiled = trainer.lower(trainer.abstract_state(model), abstract_batch(cfg, args.devices, args.batch, args.length, args.image_px),
-                             jax.random.key(0)).compile()
+    with target():
+      lower = lambda: trainer.lower(trainer.abstract_state(model), batch, jax.random.key(0))  # noqa: E731
+      lowered = deviceless.prebuilt_splash_kernels(lower) if args.tpu else lower()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a plan past the chip's HBM
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      print(f"| {chunk or 'all'} | does not fit: {str(error).splitlines()[0]} | | | {time.perf_counter() - tic:.0f} |")
+      continue
     seconds = time.perf_counter() - tic
     memory = compiled.memory_analysis()
     print(f"| {chunk or 'all'} | {memory.argument_size_in_bytes / 2**30:.2f} | "

@@ -1,5 +1,6 @@
 """Each kind of bad row is skipped and counted, at indexing and when it only breaks during training."""
 
+import dataclasses
 import json
 import logging
 
@@ -95,3 +96,13 @@ def test_unreadable_data_files_and_unusable_data_are_clear_errors(tmp_path):
     read_rows(str(tmp_path / "object.json"))
   with pytest.raises(ValueError, match="none of the 2 rows is usable"):
     DataPipeline([{"id": 1}, {"id": 2}], make_processor(), CONFIG, make_mesh())
+
+
+@pytest.mark.parametrize("batch, micro, fix", [(8, 4, "batch_size=16 or micro_batches=2"), (6, 1, "batch_size=8$")])
+def test_a_batch_that_does_not_split_into_micro_batches_over_the_shards_names_the_fix(batch, micro, fix):
+  """Launch docs once asked for batch 256 as 8 micro-batches over 64 chips: 512 rows a step at the least."""
+  config = dataclasses.replace(CONFIG, batch_size=batch, micro_batches=micro)
+  with pytest.raises(ValueError, match=rf"batch_size={batch} must be a multiple of the 4 batch shards .* times "
+                                       rf"micro_batches={micro}, {4 * micro}: use {fix}"):
+    DataPipeline([qa_row(f"r{i}", "What is this ?", "A ball") for i in range(8)], make_processor(), config,
+                 make_mesh((1, 4, 1), jax.devices()[:4]))

@@ -1,0 +1,72 @@
+"""Compiling for an accelerator this machine does not have (JAX's deviceless compilation): the TPU or GPU
+topology, and what this project's code needs to trace for it.
+
+A topology comes from the platform's compiler, installed without the hardware: libtpu (`jax[tpu]`'s) for a Cloud
+TPU slice, JAX's CUDA plugin for a GPU. Programs lowered for its devices compile with XLA:TPU / XLA:GPU as on the
+real thing (fusions, Pallas kernels through Mosaic / Triton, the per-device memory plan); nothing runs. Three
+things differ from a run on the hardware, and `target` handles them: the code's own platform choices ask
+`jax.default_backend()` (attention backend, argmax, single-row products), the Pallas lowerings ask the abstract
+mesh's device for the chip, and splash attention builds its mask tables as concrete arrays while tracing, which
+cannot live on devices that do not exist (`prebuilt_splash_kernels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+
+from dvl_jax.attention import splash
+from dvl_jax.parallel.mesh import AXES
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # a CUDA plugin without a driver: nothing to check
+
+
+def tpu_topology(name: str) -> Any:
+  """A Cloud TPU slice by its topology name, e.g. `v5e:4x4`, `v5p:2x2x4`, `v6e:8x8` (libtpu must be installed)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except Exception as error:  # no libtpu, or a name it does not know
+    raise SystemExit(f"cannot make TPU topology {name!r} ({str(error).splitlines()[0]}): install libtpu "
+                     "(pip install --no-deps --target .tpu-aot libtpu==<jax[tpu]'s>, PYTHONPATH=.tpu-aot) and name "
+                     "a slice as GEN:AxB[xC], e.g. v5e:4x4") from None
+
+
+@contextlib.contextmanager
+def target(device: Any) -> Iterator[None]:
+  """Traces in this context are for `device`'s platform and chip: `jax.default_backend()` answers its platform
+  (restored after) and the Pallas lowerings see an abstract mesh of that chip."""
+  platform = "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
+  chip = jax.sharding.AbstractDevice(device_kind=device.device_kind, num_cores=getattr(device, "num_cores", None),
+                                     platform=platform)
+  mesh = jax.sharding.AbstractMesh((1,) * len(AXES), AXES, (jax.sharding.AxisType.Auto,) * len(AXES),
+                                   abstract_device=chip)
+  default_backend = jax.default_backend
+  jax.default_backend = lambda: platform
+  try:
+    with jax.sharding.use_abstract_mesh(mesh):
+      yield
+  finally:
+    jax.default_backend = default_backend
+
+
+def prebuilt_splash_kernels(lower: Callable[[], Any]) -> Any:
+  """`lower()` with every splash kernel it asks for built beforehand: a first trace records them (with a stand-in
+  kernel), they are built outside any trace, and the second trace finds them in `splash._kernel`'s cache."""
+  real, wanted = splash._kernel, set()  # pylint: disable=protected-access
+
+  def record(*key):
+    wanted.add(key)
+    return lambda q, k, v, segment_ids: q
+
+  splash._kernel = record  # pylint: disable=protected-access
+  try:
+    lower()
+  finally:
+    splash._kernel = real  # pylint: disable=protected-access
+  for key in wanted:  # outside the step's trace and its mesh of devices that do not exist
+    real(*key)
+  return lower()
