@@ -22,6 +22,7 @@ from dvl_jax.attention import splash
 from dvl_jax.parallel.mesh import AXES
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # a CUDA plugin without a driver: nothing to check
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lockfile guards a TPU, which these lack
 
 
 def tpu_topology(name: str) -> Any:
