@@ -64,13 +64,19 @@ class _Config:
 # Query x key tile, measured fwd+bwd on an H200 (bf16, 16 / 2 heads, head_dim 128, BD3 mask at 2L = 8k / 16k):
 # 128 x 64 took 4.6 / 12.8 ms, 64 x 64 8.3 / 23.4, 128 x 128 7.4 / 18.1, 64 x 128 19.7 at 8k.
 DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K = 128, 64
+# Wider rows (bytes of a padded head: itemsize x head dim) need smaller tiles: the backward's shared memory grows
+# with both. Compiled for an A100 (163 KiB a block) and an H200 (227 KiB) without them (benchmarks/deviceless.py),
+# fp32 at head_dim 128 asked 194 / 354 KiB at 128 x 64, and fp32 at 256 fits an A100 only at 32 x 32.
+_TILES_BY_ROW_BYTES = ((256, (DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)), (512, (64, 64)), (1024, (32, 32)))
 
 
-def default_tiles(lq: int, lk: int) -> tuple[int, int]:
-  """(block_q, block_k): the defaults, or the smallest power of two >= 16 that covers a shorter sequence
-  (Triton needs powers of two)."""
+def default_tiles(lq: int, lk: int, row_bytes: int = 256) -> tuple[int, int]:
+  """(block_q, block_k) for `row_bytes` per padded head row (itemsize x power-of-two head dim): the largest tiles
+  whose fused backward fits an A100's and an H100's shared memory, or the smallest power of two >= 16 that
+  covers a shorter sequence (Triton needs powers of two)."""
+  largest_q, largest_k = next(tiles for limit, tiles in _TILES_BY_ROW_BYTES if row_bytes <= limit)
   fit = lambda length, largest: min(largest, max(16, pl.next_power_of_2(length)))  # noqa: E731
-  return fit(lq, DEFAULT_BLOCK_Q), fit(lk, DEFAULT_BLOCK_K)
+  return fit(lq, largest_q), fit(lk, largest_k)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -298,10 +304,10 @@ def _prepare(q, k, v, spec: AttentionSpec, block_q: int | None, block_k: int | N
              count_visits: bool = False):
   """Pads to whole tiles / a power-of-two head dim; -> (config, tile lists, index arrays, q, k, v)."""
   lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
-  default_q, default_k = default_tiles(lq, lk)
+  dp = max(16, pl.next_power_of_2(d))
+  default_q, default_k = default_tiles(lq, lk, dp * q.dtype.itemsize)
   bq, bk = block_q or default_q, block_k or default_k
   lq_p, lk_p = -(-lq // bq) * bq, -(-lk // bk) * bk
-  dp = max(16, pl.next_power_of_2(d))
   cfg = _Config(kind=spec.kind, block_size=spec.block_size, half_len=spec.half_len, scale=d ** -0.5,
                 block_q=bq, block_k=bk, count_visits=count_visits,
                 interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
@@ -315,7 +321,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
            block_k: int | None = None, interpret: bool | None = None) -> jax.Array:
   """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]`; differentiable in q, k, v.
 
-  `block_q`/`block_k`: tile sizes (powers of two >= 16; default 128 / 64, less for shorter sequences). `interpret`:
+  `block_q`/`block_k`: tile sizes (powers of two >= 16; default 128 / 64, less for wide rows (`default_tiles`) and
+  shorter sequences). `interpret`:
   run the kernels in the Pallas interpreter (default: unless the platform is a GPU).
   """
   lq, d = q.shape[1], q.shape[-1]

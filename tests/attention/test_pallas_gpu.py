@@ -30,6 +30,19 @@ def test_default_tiles_match_reference():
   assert fwd <= 1e-5 and bwd <= 1e-4, (fwd, bwd)
 
 
+def test_default_tiles_shrink_with_the_row_bytes_so_the_backward_fits_shared_memory():
+  """128 x 64 for bf16 rows up to head_dim 128 (the H200-tuned tiles); fp32 at 128 or bf16 at 256 take 64 x 64
+  and fp32 at 256 32 x 32, which compile for an A100 and an H200 where 128 x 64 did not."""
+  assert pallas_gpu.default_tiles(4096, 4096, 2 * 128) == (128, 64)
+  assert pallas_gpu.default_tiles(4096, 4096, 4 * 64) == (128, 64)
+  assert pallas_gpu.default_tiles(4096, 4096, 4 * 128) == pallas_gpu.default_tiles(4096, 4096, 2 * 256) == (64, 64)
+  assert pallas_gpu.default_tiles(4096, 4096, 4 * 256) == (32, 32)
+  assert pallas_gpu.default_tiles(20, 40, 4 * 256) == (32, 32) and pallas_gpu.default_tiles(20, 40) == (32, 64)
+  q, k, v, spec = problem(Case("causal", 40, (2, 1), 128, pad=3))  # fp32 x 128: 64 x 64 tiles, the last partial
+  fwd, bwd = max_errors(functools.partial(pallas_gpu.attend, spec=spec), q, k, v, spec)
+  assert fwd <= 1e-5 and bwd <= 1e-4, (fwd, bwd)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_matches_reference_fp32(name):
   q, k, v, spec = problem(CASES[name])
