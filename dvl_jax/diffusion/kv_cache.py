@@ -28,6 +28,14 @@ def init(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Shar
   return _zeros((t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim), dtypes(cfg)[1], sharding)
 
 
+def abstract(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Sharding | None = None) -> KV:
+  """`init`'s shapes, shardings and dtype without the arrays: what lowering needs (nothing is allocated, so it
+  also lowers for devices this process only describes)."""
+  t = cfg.text
+  shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+  return tuple(jax.ShapeDtypeStruct(shape, dtypes(cfg)[1], sharding=sharding) for _ in range(2))
+
+
 @functools.cache
 def _zeros_program(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding | None) -> Any:
   return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(2)),

@@ -99,7 +99,7 @@ def generate(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Samp
 def lower(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: SamplingConfig) -> jax.stages.Lowered:
   """The lowered sampler for these shapes (compile time, memory analysis and HLO in benchmarks and tests)."""
   config = config.resolve(model.config)
-  run, args, _ = _arguments(algorithm, model, inputs, config, None, None)
+  run, args, _ = _arguments(algorithm, model, inputs, config, None, None, allocate=False)
   return run.lower(*args)
 
 
@@ -158,13 +158,17 @@ def loop(step: Callable[[Any], Any], carry: Any, max_forwards: int | jax.Array |
 
 
 def _arguments(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: SamplingConfig,
-               rng: jax.Array | None, cache: KV | None, stream: bool = False) -> tuple[Any, tuple, int]:
-  """(the jitted program for the model's placement, its arguments, the number of real rows)."""
+               rng: jax.Array | None, cache: KV | None, stream: bool = False, allocate: bool = True
+               ) -> tuple[Any, tuple, int]:
+  """(the jitted program for the model's placement, its arguments, the number of real rows); without `allocate`
+  (lowering only) a new cache is its shapes alone."""
   cfg = model.config
   prompts = Prompts.coerce(inputs).bucketed(config, cfg)
   graphdef, state, place = split_cache.split(model)
   b, w = prompts.ids.shape
   rows = place.batch(b, algorithm.least_rows())
+  if cache is None and not allocate:
+    cache = kv_cache.abstract(cfg, rows, config.cache_len(w), place.cache)
   cache = kv_cache.checked(cache, cfg, rows, config.cache_len(w), place.cache)
   prompt = PromptArrays(place.pad_rows(prompts.ids, cfg.pad_token_id, rows), place.pad_rows(prompts.lengths, 0, rows),
                         prompts.pixel_values, prompts.vision)

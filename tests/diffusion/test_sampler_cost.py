@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dvl_jax.diffusion import sampler
+from dvl_jax.diffusion import kv_cache, sampler
 from dvl_jax.diffusion.sampling_config import Prompts, SamplingConfig
 from dvl_jax.testing.tiny import tiny_config, tiny_model
 
@@ -67,3 +67,15 @@ def test_a_program_that_may_sample_keeps_the_gathered_greedy_path_for_forwards_w
   hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, SamplingConfig(gen_length=16, temperature=0.7)).compile().as_text()
   assert re.search(rf"= f32\[2,{CFG.block_size},{VOCAB}\]", hlo)
   assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
+
+
+def test_lowering_allocates_no_cache(monkeypatch):
+  """`sampler.lower` needs shapes only, so it also lowers for devices a process only describes (a TPU or GPU
+  compiled for without one: benchmarks/deviceless.py); `generate` still makes its cache."""
+  model = tiny_model(CFG)
+  monkeypatch.setattr(kv_cache, "init", lambda *_: pytest.fail("lowering allocated a KV cache"))
+  for config in (GREEDY, SamplingConfig(gen_length=16, algorithm="autoregressive")):
+    text = sampler.lower(model, TWO_PHASES, config).as_text()
+    assert re.search(rf"tensor<{CFG.text.num_layers}x2x\d+x{CFG.text.num_kv_heads}x{CFG.text.head_dim}xf32>", text)
+  monkeypatch.undo()
+  assert sampler.generate(model, TWO_PHASES, GREEDY).cache[0].shape[1] == 2
