@@ -12,8 +12,8 @@ import subprocess
 import sys
 from typing import Any
 
-BENCHMARKS = ("accelerator", "attention", "convert", "original", "random_checkpoint", "sampling", "serve", "train",
-              "train_memory")
+BENCHMARKS = ("accelerator", "attention", "convert", "gpu_programs", "original", "random_checkpoint", "sampling",
+              "serve", "train", "train_memory")
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
@@ -22,10 +22,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Runs benchmarks/NAME.py with the remaining arguments; "
                        "`dvl bench NAME --help` lists the script's own options.")
   cmd.add_argument("name", choices=BENCHMARKS, help="which benchmark: everything on one GPU / TPU in one table, "
-                   "attention backends, checkpoint conversion memory, side by side with the original PyTorch "
+                   "attention backends, checkpoint conversion memory, the kernels of each decoding step compiled "
+                   "for a GPU without one, side by side with the original PyTorch "
                    "sampler (needs its checkout), a random checkpoint with a real vocabulary to serve, sampling "
                    "speed, load on a running dvl serve, train step speed, or XLA's memory plan of a real-size train "
-                   "step (required)")
+                   "step, here or for a TPU slice (required)")
   cmd.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (default: none, its defaults)")
   return cmd
 
