@@ -45,22 +45,6 @@ from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.models import layers  # noqa: E402
 from dvl_jax.models.families import build_model  # noqa: E402
 
-# The targets' device descriptions (data sheets: SMs, shared memory, HBM bandwidth and size, compute capability).
-TARGETS = {"h200": ("NVIDIA H200", 4_800_000_000_000, 150_754_820_096),
-           "h100": ("NVIDIA H100 80GB HBM3", 3_352_320_000_000, 84_929_347_584)}
-_TARGET_CONFIG = """gpu_device_info {{
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth} l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: {memory}
-  shared_memory_per_block_optin: 232448 cuda_compute_capability {{ major: 9 }}
-  registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 8 }}
-runtime_version {{ major: {cuda} minor: 0 }}
-device_description_str: "{kind}"
-"""
 _IGNORED = {"kCommandBuffer", "kWhile", "kConditional", "kSequential", "kWaitForStreams"}
 _THUNK = re.compile(r"^( *)\d+: (k\w+)\s*\[[^\]]*\]\s*(\S*)")
 _SECTION = re.compile(r"^( *)(\w+):\s*$")
@@ -156,20 +140,6 @@ def weight_shaped_products(hlo: str, shapes: set[tuple[int, ...]]) -> int:
 
 # ---- compiling for the target ----------------------------------------------------------------------------------
 
-def topology(target: str) -> Any:
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  plugins = [hit for folder in sys.path if os.path.isdir(folder)
-             for hit in glob.glob(os.path.join(folder, "jax_plugins", "xla_cuda*"))]
-  if not plugins:
-    raise SystemExit("no JAX CUDA plugin importable: pip install --no-deps --target .gpu-aot "
-                     f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} and run with "
-                     "PYTHONPATH=.gpu-aot")
-  kind, bandwidth, memory = TARGETS[target]
-  cuda = int(re.search(r"xla_cuda(\d+)", plugins[0]).group(1))
-  config = _TARGET_CONFIG.format(bandwidth=bandwidth, memory=memory, cuda=cuda, kind=kind)
-  return topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
-
-
 def compiled_program(model: Any, prompts: Any, config: Any, device: Any) -> tuple[str, list[Thunk], float]:
   """(optimised HLO, thunk sequence, compile seconds) of `dvl.generate`'s program for these shapes on `device`."""
   start = time.perf_counter()
@@ -195,8 +165,8 @@ def abstract_model(cfg: Any, device: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--target", choices=sorted(TARGETS), default="h200", help="the GPU to compile for "
-                      "(default h200)")
+  parser.add_argument("--target", choices=sorted(deviceless.GPUS), default="h200", help="the GPU to compile "
+                      "for (default h200)")
   parser.add_argument("--settings", nargs="+", choices=list(sampling.SETTINGS), metavar="SETTING",
                       default=["AR greedy", "dynamic t0.85 fused"], help="sampler settings (default: AR greedy, "
                       "dynamic t0.85 fused)")
@@ -205,13 +175,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       "workaround, as accelerator.py's flag")
   parser.add_argument("--tiny", action="store_true", help="the accelerator bench's tiny model (seconds)")
   args = parser.parse_args(argv)
-  topo = topology(args.target)
+  topo = deviceless.gpu_topology(args.target)
   if args.plain_one_row_products:
     layers.ONE_ROW_AS_TWO = ()
   s = accelerator.shapes(args.tiny)
   model = abstract_model(s.sampler, topo.devices[0])
   weights = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim == 2}
-  print(f"{TARGETS[args.target][0]} (compiled without one, JAX {jax.__version__}); {s.name} sampler model; "
+  print(f"{topo.devices[0].device_kind} (compiled without one, JAX {jax.__version__}); {s.name} sampler model; "
         f"single rows as two on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
   print("| setting | batch | kernels per step | Pallas kernels per step | kernels outside the loop "
         "| weight-shaped products | compile s |\n|---|---|---|---|---|---|---|")

@@ -11,7 +11,8 @@ a layer alive (splash attention on TPU has none), so long rows are dominated by 
 `--tpu v5e:4x4` compiles for that Cloud TPU slice instead, on this machine (deviceless: libtpu installed, no
 TPU; `benchmarks/deviceless.py`): XLA:TPU's own plan with splash attention compiled through Mosaic, over the
 slice's chips (`--devices` defaults to all of them), and a step that needs more than a chip's HBM is reported
-as not fitting rather than compiled.
+as not fitting rather than compiled. `--gpu h100:1x4x8` does the same for GPUs (JAX's CUDA plugin installed;
+the own Pallas attention kernel).
 
     python benchmarks/train_memory.py [--preset qwen2.5-vl-3b] [--devices 16] [--length 2048] [--chunks 0 1024 256]
     PYTHONPATH=.tpu-aot python benchmarks/train_memory.py --tpu v5e:4x4 --preset qwen2.5-vl-3b --chunks 1024
@@ -31,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 def _devices_flag() -> None:
   """Fake CPU devices must be asked for before jax is imported."""
-  if "--devices" in sys.argv and "--tpu" not in sys.argv and "jax" not in sys.modules:
+  if "--devices" in sys.argv and not {"--tpu", "--gpu"} & set(sys.argv) and "jax" not in sys.modules:
     count = sys.argv[sys.argv.index("--devices") + 1]
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
@@ -80,8 +81,11 @@ def main() -> None:
   parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-3b")
   parser.add_argument("--stage", default="stage2", help="stage1 | stage2 | ar (default: stage2)")
   parser.add_argument("--devices", type=int, help="FSDP devices (default: 1, or all of --tpu's)")
-  parser.add_argument("--tpu", metavar="TOPOLOGY", help="compile for this Cloud TPU slice, e.g. v5e:4x4 or "
+  target = parser.add_mutually_exclusive_group()
+  target.add_argument("--tpu", metavar="TOPOLOGY", help="compile for this Cloud TPU slice, e.g. v5e:4x4 or "
                       "v5p:2x2x4, without one (libtpu importable; default: this machine's backend)")
+  target.add_argument("--gpu", metavar="GPU:TOPOLOGY", help="compile for these GPUs, e.g. h100:1x4x8 (4 hosts of 8), "
+                      f"one of {', '.join(deviceless.GPUS)}, without them (JAX's CUDA plugin importable)")
   parser.add_argument("--batch", type=int, default=1, help="rows per device in a micro-batch (default: 1)")
   parser.add_argument("--length", type=int, default=2048, help="tokens per row (default: 2048)")
   parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1024, 256],
@@ -91,15 +95,21 @@ def main() -> None:
   parser.add_argument("--remat", default="full", help="remat_policy (default: full, as configs/)")
   args = parser.parse_args()
 
-  devices = deviceless.tpu_topology(args.tpu).devices if args.tpu else jax.devices()
-  args.devices = args.devices or (len(devices) if args.tpu else 1)
-  # On a TPU target attention is splash's ("auto"); elsewhere the dense XLA path, as the step would run here.
+  aside = args.tpu or args.gpu  # compiled for devices this machine lacks
+  if args.tpu:
+    devices = deviceless.tpu_topology(args.tpu).devices
+  elif args.gpu:
+    devices = deviceless.gpu_topology(*args.gpu.split(":", 1)).devices
+  else:
+    devices = jax.devices()
+  args.devices = args.devices or (len(devices) if aside else 1)
+  # On an accelerator target attention is its kernel's ("auto"); here the dense XLA path, as the step runs here.
   cfg = PRESETS[args.preset].replace(compute_dtype="bfloat16", remat_policy=args.remat,
-                                     attention_backend="auto" if args.tpu else "xla")
+                                     attention_backend="auto" if aside else "xla")
   mesh = make_mesh((1, args.devices, 1), devices[:args.devices])
   model = sharded_abstract_model(cfg, mesh)
-  target = (lambda: deviceless.target(devices[0])) if args.tpu else contextlib.nullcontext
-  backend = f"{devices[0].device_kind} (compiled without one)" if args.tpu else jax.default_backend()
+  target = (lambda: deviceless.target(devices[0])) if aside else contextlib.nullcontext
+  backend = f"{devices[0].device_kind} (compiled without one)" if aside else jax.default_backend()
   print(f"backend: {backend}, {args.preset}, {args.stage}, FSDP over {args.devices} devices, "
         f"{args.batch} x {args.length} tokens per device, {args.image_px or 'no'} px images, bf16 compute, remat {args.remat}, "
         f"vocab {cfg.text.vocab_size}; bytes per device")
@@ -112,11 +122,12 @@ def main() -> None:
     batch = abstract_batch(cfg, args.devices, args.batch, args.length, args.image_px)
     tic = time.perf_counter()
     with target():
-      lower = lambda: trainer.lower(trainer.abstract_state(model), batch, jax.random.key(0))  # noqa: E731
+      rng = jax.eval_shape(lambda: jax.random.key(0)) if aside else jax.random.key(0)  # no array on a device aside
+      lower = lambda: trainer.lower(trainer.abstract_state(model), batch, rng)  # noqa: E731
       lowered = deviceless.prebuilt_splash_kernels(lower) if args.tpu else lower()
     try:
       compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as error:  # XLA:TPU refuses a plan past the chip's HBM
+    except jax.errors.JaxRuntimeError as error:  # XLA refuses a plan past the chip's memory
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
       print(f"| {chunk or 'all'} | does not fit: {str(error).splitlines()[0]} | | | {time.perf_counter() - tic:.0f} |")
