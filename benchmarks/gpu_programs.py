@@ -43,7 +43,7 @@ import dvl_jax as dvl  # noqa: E402
 from benchmarks import accelerator, sampling  # noqa: E402
 from dvl_jax.diffusion import sampler  # noqa: E402
 from dvl_jax.models import layers  # noqa: E402
-from dvl_jax.models.families import build_model  # noqa: E402
+from dvl_jax.models.families import abstract_model  # noqa: E402
 
 _IGNORED = {"kCommandBuffer", "kWhile", "kConditional", "kSequential", "kWaitForStreams"}
 _THUNK = re.compile(r"^( *)\d+: (k\w+)\s*\[[^\]]*\]\s*(\S*)")
@@ -91,20 +91,20 @@ def parse_thunks(text: str) -> list[Thunk]:
   return top
 
 
-def kernels(thunks: list[Thunk], loops: bool = False) -> tuple[int, int]:
+def kernels(thunks: list[Thunk], with_loops: bool = False) -> tuple[int, int]:
   """(fewest, most) kernels `thunks` run once; a conditional runs one branch; a while loop counts as its
-  condition and body once when `loops`, else not at all."""
+  condition and body once `with_loops`, else not at all."""
   low = high = 0
   for t in thunks:
     if t.kind == "kConditional":
-      counts = [kernels(branch, loops) for branch in t.branches]
+      counts = [kernels(branch, with_loops) for branch in t.branches]
       low, high = low + min(c[0] for c in counts), high + max(c[1] for c in counts)
     elif t.kind == "kWhile":
-      if loops:
-        counts = [kernels(t.sections.get(s, []), loops) for s in ("condition", "body")]
+      if with_loops:
+        counts = [kernels(t.sections.get(s, []), with_loops) for s in ("condition", "body")]
         low, high = low + sum(c[0] for c in counts), high + sum(c[1] for c in counts)
     elif t.kind == "kCommandBuffer":
-      inner = kernels(t.sections.get("", []), loops)
+      inner = kernels(t.sections.get("", []), with_loops)
       low, high = low + inner[0], high + inner[1]
     elif t.kind not in _IGNORED:
       low, high = low + 1, high + 1
@@ -156,9 +156,9 @@ def compiled_program(model: Any, prompts: Any, config: Any, device: Any) -> tupl
     shutil.rmtree(dump, ignore_errors=True)
 
 
-def abstract_model(cfg: Any, device: Any) -> Any:
+def placed_model(cfg: Any, device: Any) -> Any:
   """The model's params as shapes on the target device: nothing is allocated."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+  graphdef, state = nnx.split(abstract_model(cfg))
   place = jax.sharding.SingleDeviceSharding(device)
   return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place), state))
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if args.plain_one_row_products:
     layers.ONE_ROW_AS_TWO = ()
   s = accelerator.shapes(args.tiny)
-  model = abstract_model(s.sampler, topo.devices[0])
+  model = placed_model(s.sampler, topo.devices[0])
   weights = {tuple(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim == 2}
   print(f"{topo.devices[0].device_kind} (compiled without one, JAX {jax.__version__}); {s.name} sampler model; "
         f"single rows as two on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       prompts = dvl.Prompts.from_lists([ids[:s.prompt + 3 * i].tolist() for i in range(batch)])
       config = dvl.SamplingConfig(gen_length=s.gen, **sampling.SETTINGS[name])
       hlo, thunks, seconds = compiled_program(model, prompts, config, topo.devices[0])
-      loop = max(loops(thunks), key=lambda t: kernels([t], loops=True)[1])
-      step = kernels([loop], loops=True)
+      loop = max(loops(thunks), key=lambda t: kernels([t], with_loops=True)[1])
+      step = kernels([loop], with_loops=True)
       row = {"setting": name, "batch": batch, "step": step, "pallas": named([loop], "dvl_"),
              "outside": kernels(thunks), "weight_shaped": weight_shaped_products(hlo, weights), "compile_s": seconds}
       span = lambda c: str(c[0]) if c[0] == c[1] else f"{c[0]}-{c[1]}"  # noqa: E731

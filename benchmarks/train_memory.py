@@ -81,10 +81,10 @@ def main() -> None:
   parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-vl-3b")
   parser.add_argument("--stage", default="stage2", help="stage1 | stage2 | ar (default: stage2)")
   parser.add_argument("--devices", type=int, help="FSDP devices (default: 1, or all of --tpu's)")
-  target = parser.add_mutually_exclusive_group()
-  target.add_argument("--tpu", metavar="TOPOLOGY", help="compile for this Cloud TPU slice, e.g. v5e:4x4 or "
+  elsewhere = parser.add_mutually_exclusive_group()
+  elsewhere.add_argument("--tpu", metavar="TOPOLOGY", help="compile for this Cloud TPU slice, e.g. v5e:4x4 or "
                       "v5p:2x2x4, without one (libtpu importable; default: this machine's backend)")
-  target.add_argument("--gpu", metavar="GPU:TOPOLOGY", help="compile for these GPUs, e.g. h100:1x4x8 (4 hosts of 8), "
+  elsewhere.add_argument("--gpu", metavar="GPU:TOPOLOGY", help="compile for these GPUs, e.g. h100:1x4x8 (4 hosts of 8), "
                       f"one of {', '.join(deviceless.GPUS)}, without them (JAX's CUDA plugin importable)")
   parser.add_argument("--batch", type=int, default=1, help="rows per device in a micro-batch (default: 1)")
   parser.add_argument("--length", type=int, default=2048, help="tokens per row (default: 2048)")
@@ -110,6 +110,7 @@ def main() -> None:
   model = sharded_abstract_model(cfg, mesh)
   target = (lambda: deviceless.target(devices[0])) if aside else contextlib.nullcontext
   backend = f"{devices[0].device_kind} (compiled without one)" if aside else jax.default_backend()
+  rng = jax.eval_shape(lambda: jax.random.key(0)) if aside else jax.random.key(0)  # no array on a device aside
   print(f"backend: {backend}, {args.preset}, {args.stage}, FSDP over {args.devices} devices, "
         f"{args.batch} x {args.length} tokens per device, {args.image_px or 'no'} px images, bf16 compute, remat {args.remat}, "
         f"vocab {cfg.text.vocab_size}; bytes per device")
@@ -122,7 +123,6 @@ def main() -> None:
     batch = abstract_batch(cfg, args.devices, args.batch, args.length, args.image_px)
     tic = time.perf_counter()
     with target():
-      rng = jax.eval_shape(lambda: jax.random.key(0)) if aside else jax.random.key(0)  # no array on a device aside
       lower = lambda: trainer.lower(trainer.abstract_state(model), batch, rng)  # noqa: E731
       lowered = deviceless.prebuilt_splash_kernels(lower) if args.tpu else lower()
     try:

@@ -56,6 +56,17 @@ class PlannedBatch:
   rows: np.ndarray
 
 
+def _check_divisible(batch_size: int, shards: int, micro_batches: int) -> None:
+  """Every micro-batch gives each batch shard the same whole number of rows: one line naming the fix otherwise."""
+  if batch_size % (shards * micro_batches) == 0:
+    return
+  fits = [a for a in range(micro_batches, 0, -1) if batch_size % (shards * a) == 0]
+  fixes = f"batch_size={-(-batch_size // (shards * micro_batches)) * shards * micro_batches}"
+  fixes += f" or micro_batches={fits[0]}" if fits else ""
+  raise ValueError(f"batch_size={batch_size} must be a multiple of the {shards} batch shards (mesh data x fsdp) "
+                   f"times micro_batches={micro_batches}, {shards * micro_batches}: use {fixes}")
+
+
 class BatchPlan:
   """Deterministic global batches of each epoch, indexable as one endless sequence.
 
@@ -65,16 +76,16 @@ class BatchPlan:
   """
 
   def __init__(self, lengths: np.ndarray, patches: np.ndarray, *, batch_size: int, buckets: Sequence[int],
-               num_shards: int, seed: int = 0, shuffle: bool = True, group_by_modality: bool = True):
+               num_shards: int, micro_batches: int = 1, seed: int = 0, shuffle: bool = True,
+               group_by_modality: bool = True):
     self.lengths, self.patches = np.asarray(lengths, np.int64), np.asarray(patches, np.int64)
     self.buckets = tuple(int(b) for b in buckets)
     if list(self.buckets) != sorted(set(self.buckets)):
       raise ValueError(f"buckets {self.buckets} must be strictly increasing")
     if self.lengths.size and self.lengths.max() > self.buckets[-1]:
       raise ValueError(f"rows have up to {self.lengths.max()} tokens but the largest bucket is {self.buckets[-1]}")
-    if batch_size % num_shards:
-      raise ValueError(f"batch_size={batch_size} must be a multiple of the {num_shards} batch shards "
-                       "(mesh data x fsdp)")
+    _check_divisible(batch_size, num_shards, micro_batches)
+    num_shards *= micro_batches  # every micro-batch splits over the shards: the plan cuts batches that finely
     self.batch_size, self.num_shards, self.seed, self.shuffle = batch_size, num_shards, seed, shuffle
     self.bucket = np.searchsorted(self.buckets, self.lengths)
     self.group = (self.patches > 0).astype(np.int64) if group_by_modality else np.zeros_like(self.lengths)

@@ -81,17 +81,6 @@ def batch_shards(mesh: Mesh) -> tuple[int, list[int]]:
   return num, sorted({idx[0].start or 0 for idx in indices.values()})
 
 
-def _check_divisible(batch_size: int, shards: int, micro_batches: int) -> None:
-  """Every micro-batch gives each batch shard the same whole number of rows: one line naming the fix otherwise."""
-  if batch_size % (shards * micro_batches) == 0:
-    return
-  fits = [a for a in range(micro_batches, 0, -1) if batch_size % (shards * a) == 0]
-  fixes = f"batch_size={-(-batch_size // (shards * micro_batches)) * shards * micro_batches}"
-  fixes += f" or micro_batches={fits[0]}" if fits else ""
-  raise ValueError(f"batch_size={batch_size} must be a multiple of the {shards} batch shards (mesh data x fsdp) "
-                   f"times micro_batches={micro_batches}, {shards * micro_batches}: use {fixes}")
-
-
 class DataPipeline:
   """Indexes the rows, plans bucketed batches, and makes resumable iterators of global batches."""
 
@@ -111,9 +100,8 @@ class DataPipeline:
     buckets = config.buckets or choose_buckets(self.index.lengths, config.num_buckets, multiple, config.max_length)
     self.num_shards, owned = batch_shards(mesh)
     self.micro_batches = config.micro_batches or 1
-    _check_divisible(config.batch_size, self.num_shards, self.micro_batches)
     self.plan = BatchPlan(self.index.lengths, self.index.patches, batch_size=config.batch_size, buckets=buckets,
-                          num_shards=self.num_shards * self.micro_batches, seed=config.seed,
+                          num_shards=self.num_shards, micro_batches=self.micro_batches, seed=config.seed,
                           shuffle=config.shuffle, group_by_modality=config.group_by_modality)
     self.batcher = HostBatcher(self.index, encoder, model, num_shards=self.num_shards, owned=owned,
                                micro_batches=config.micro_batches)

@@ -22,18 +22,21 @@ from dvl_jax.models.layers import dtypes
 from dvl_jax.models.interface import KV
 
 
+def _shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+  """`[layers, B, max_len, kv_heads, head_dim]`, each of keys and values."""
+  t = cfg.text
+  return t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim
+
+
 def init(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Sharding | None = None) -> KV:
   """Zeroed cache for `batch` rows of `max_len` slots (on the default device if `sharding` is None)."""
-  t = cfg.text
-  return _zeros((t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim), dtypes(cfg)[1], sharding)
+  return _zeros(_shape(cfg, batch, max_len), dtypes(cfg)[1], sharding)
 
 
 def abstract(cfg: ModelConfig, batch: int, max_len: int, sharding: jax.sharding.Sharding | None = None) -> KV:
   """`init`'s shapes, shardings and dtype without the arrays: what lowering needs (nothing is allocated, so it
   also lowers for devices this process only describes)."""
-  t = cfg.text
-  shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
-  return tuple(jax.ShapeDtypeStruct(shape, dtypes(cfg)[1], sharding=sharding) for _ in range(2))
+  return tuple(jax.ShapeDtypeStruct(_shape(cfg, batch, max_len), dtypes(cfg)[1], sharding=sharding) for _ in range(2))
 
 
 @functools.cache
@@ -111,7 +114,7 @@ def checked(cache: KV | None, cfg: ModelConfig, batch: int, max_len: int,
   """`cache` if it fits (`batch` rows, `max_len` slots, `sharding` if given), a new zeroed one if None."""
   if cache is None:
     return init(cfg, batch, max_len, sharding)
-  want = (cfg.text.num_layers, batch, max_len, cfg.text.num_kv_heads, cfg.text.head_dim)
+  want = _shape(cfg, batch, max_len)
   if tuple(cache[0].shape) != want:
     raise ValueError(f"cache has shape {tuple(cache[0].shape)}, these prompts need {want}")
   if sharding is not None and not all(c.sharding.is_equivalent_to(sharding, c.ndim) for c in cache):

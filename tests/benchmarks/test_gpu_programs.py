@@ -43,7 +43,7 @@ def test_a_steps_kernels_are_its_condition_body_and_one_branch():
   assert [t.kind for t in thunks] == ["kCommandBuffer", "kWhile", "kCustomKernel", "kCopy"]
   [loop] = gpu_programs.loops(thunks)
   assert sorted(loop.sections) == ["", "body", "condition"]
-  assert gpu_programs.kernels([loop], loops=True) == (2 + 2 + 2 + 1, 2 + 2 + 4 + 1)  # condition, body, branch, add
+  assert gpu_programs.kernels([loop], with_loops=True) == (2 + 2 + 2 + 1, 2 + 2 + 4 + 1)  # condition, body, branch, add
   assert gpu_programs.kernels(thunks) == (5, 5)  # the loop left out: prefill's three, then two
   assert gpu_programs.named([loop], "dvl_") == 2  # the larger branch's
   assert gpu_programs.named(thunks, "dvl_") == 3
