@@ -5,7 +5,8 @@ Backends: `xla` (dense reference), `splash` (TPU Pallas), `pallas_gpu` (our Pall
 `DVL_ATTENTION_BACKEND` environment variable overrides the model config's `attention_backend`. A
 backend that cannot run the inputs (dtype, head dim, a KV-cache window on splash, wrong platform, a JAX
 without Pallas' Triton backend) hands them on with one warning per backend and reason (the own GPU kernel to
-cuDNN, anything else to `xla`) — never a silently different answer.
+cuDNN, anything else to `xla`) — never a silently different answer. A `CachePrefix` (decoding: keys
+`[cache ; new]`) is read in place by a backend that can (`pallas_gpu`) and concatenated for the others.
 Forcing a Pallas backend on CPU runs it in the Pallas interpreter (tests).
 """
 
@@ -18,6 +19,7 @@ from typing import Callable, NamedTuple
 import jax
 
 from dvl_jax.attention import cudnn, pallas_gpu, splash
+from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.attention.spec import AttentionSpec
 
@@ -27,12 +29,13 @@ ENV_VAR = "DVL_ATTENTION_BACKEND"
 class _Backend(NamedTuple):
   attend: Callable[..., jax.Array]
   unsupported: Callable[..., str | None]
+  attend_prefixed: Callable[..., jax.Array] | None = None  # reads a CachePrefix in place
 
 
 _IMPLS = {
     "xla": _Backend(attend_dense, lambda *_: None),
     "splash": _Backend(splash.attend, splash.unsupported),
-    "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported),
+    "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported, pallas_gpu.attend_prefixed),
     "cudnn": _Backend(cudnn.attend, cudnn.unsupported),
 }
 BACKENDS = ("auto", *_IMPLS)
@@ -49,24 +52,33 @@ def resolve_backend(backend: str = "auto") -> str:
   return _AUTO.get(jax.default_backend(), "xla") if backend == "auto" else backend
 
 
-def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> None:
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix | None
+                  ) -> None:
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
     raise ValueError(f"attention wants q [B, Lq, Hq, D] and k = v [B, Lk, Hkv, D]; got {q.shape}, {k.shape}, "
                      f"{v.shape}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-  want = (q.shape[:2], k.shape[:2])
+  lp = 0 if prefix is None else prefix.length
+  if prefix is not None and (prefix.keys.shape != prefix.values.shape or prefix.keys.ndim != 5
+                             or (prefix.keys.shape[1], *prefix.keys.shape[3:]) != (k.shape[0], *k.shape[2:])):
+    raise ValueError(f"a cache prefix must be [layers, B, Lp, Hkv, D] with k's B, Hkv, D ({k.shape}); got "
+                     f"{prefix.keys.shape}, {prefix.values.shape}")
+  want = (q.shape[:2], (k.shape[0], lp + k.shape[1]))
   if (spec.q_idx.shape, spec.kv_idx.shape) != want or (spec.q_seg.shape, spec.kv_seg.shape) != want:
     raise ValueError(f"spec arrays must be [B, Lq] / [B, Lk] = {want}; got {spec.q_idx.shape}, {spec.kv_idx.shape}")
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str = "auto") -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str = "auto",
+           prefix: CachePrefix | None = None) -> jax.Array:
   """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]` under the mask `spec`.
 
+  With a `prefix` the keys are `[prefix ; k]` (`spec`'s key arrays `[B, Lp + Lk]`; for decoding: read in place, the
+  prefix is forward only).
   Rows with no allowed key (padding) are unspecified but finite: `xla` returns a uniform average,
   the Pallas kernels 0.
   """
-  _check_shapes(q, k, v, spec)
+  _check_shapes(q, k, v, spec, prefix)
   name = resolve_backend(backend)
   while (reason := _IMPLS[name].unsupported(q, k, v, spec)) is not None:
     after = _NEXT.get(name, "xla")
@@ -74,4 +86,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backen
       _WARNED.add((name, reason))
       warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to {after!r}", stacklevel=2)
     name = after
-  return _IMPLS[name].attend(q, k, v, spec)
+  impl = _IMPLS[name]
+  if prefix is not None:
+    if impl.attend_prefixed is not None:
+      return impl.attend_prefixed(q, k, v, spec, prefix)
+    k, v = prefix.joined(k, v)
+  return impl.attend(q, k, v, spec)

@@ -28,6 +28,7 @@ except ImportError:
   plgpu = None
 
 from dvl_jax.attention import block_table, masks
+from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.spec import AttentionSpec
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -93,31 +94,97 @@ def _count(visit_refs, tile) -> None:
     visit_refs[0][pl.ds(tile, 1)] += 1
 
 
+def _online_softmax(cfg: _Config, q, q_idx, q_seg, carry, k_idx, k_seg, k, v, keep=None):
+  """One key tile `[bk, D]` folded into the forward's running (sum of p x v, max, sum of p); `keep` `[bk]` drops
+  keys the tile loaded but does not own."""
+  acc, m, l = carry
+  mask = cfg.mask(q_idx, q_seg, k_idx, k_seg)
+  if keep is not None:
+    mask = mask & keep[None, :]
+  s = jnp.where(mask, _dot(q, k, (1, 1)) * cfg.scale, _MASKED)
+  m_new = jnp.maximum(m, s.max(axis=-1))
+  p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+  alpha = jnp.exp(m - m_new)
+  return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, l * alpha + p.sum(axis=-1)
+
+
+def _fold_tiles(cfg: _Config, count, tiles_ref, ki_ref, ks_ref, k_ref, v_ref, q, q_idx, q_seg, carry,
+                visit_refs=(), length: int | None = None):
+  """The live key tiles of one query tile (`count` entries of `tiles_ref`) folded into `carry`; `length`: the
+  keys' true length when `k_ref` / `v_ref` are not padded to whole tiles."""
+
+  def body(j, carry):
+    tile = tiles_ref[j]
+    cols = pl.ds(tile * cfg.block_k, cfg.block_k)
+    live = None if length is None else tile * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32) < length
+    _count(visit_refs, tile)
+    return _online_softmax(cfg, q, q_idx, q_seg, carry, ki_ref[cols], ks_ref[cols], _rows(k_ref, cols, live),
+                           _rows(v_ref, cols, live))
+
+  return lax.fori_loop(0, count, body, carry)
+
+
+def _rows(ref, rows, live: jax.Array | None = None) -> jax.Array:
+  """`ref[rows, :]`, rows where `live` `[n]` is False read as 0: a block may run past the end of an unpadded array,
+  where Triton would read whatever lies there (the interpreter pads such blocks itself)."""
+  if live is None or plgpu is None:
+    return ref[rows, :]
+  view = ref.at[rows, :]
+  return plgpu.load(view, mask=jnp.broadcast_to(live[:, None], view.shape), other=0)
+
+
+def _no_keys(q: jax.Array):
+  return (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], _MASKED, jnp.float32),
+          jnp.zeros(q.shape[:1], jnp.float32))
+
+
+def _write_out(carry, o_ref, lse_ref=None, live: jax.Array | None = None) -> None:
+  """The normalised output (and log-sum-exp); `live` `[bq]`: store only these rows (`_rows`' unpadded arrays)."""
+  acc, m, l = carry
+  empty = l == 0.0
+  out = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+  if live is None or plgpu is None:
+    o_ref[...] = out
+  else:
+    plgpu.store(o_ref, out, mask=jnp.broadcast_to(live[:, None], out.shape))
+  if lse_ref is not None:
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l))
+
+
 def _forward_kernel(counts_ref, tiles_ref, qi_ref, qs_ref, ki_ref, ks_ref, q_ref, k_ref, v_ref,
                     o_ref, lse_ref, *visit_refs, cfg: _Config):
   if visit_refs:
     visit_refs[0][...] = jnp.zeros(visit_refs[0].shape, jnp.int32)
-  q, q_idx, q_seg = q_ref[...], qi_ref[...], qs_ref[...]
+  q = q_ref[...]
+  carry = _fold_tiles(cfg, counts_ref[pl.program_id(0)], tiles_ref, ki_ref, ks_ref, k_ref, v_ref, q, qi_ref[...],
+                      qs_ref[...], _no_keys(q), visit_refs)
+  _write_out(carry, o_ref, lse_ref)
 
-  def body(j, carry):
-    acc, m, l = carry
-    tile = tiles_ref[j]
-    cols = pl.ds(tile * cfg.block_k, cfg.block_k)
-    mask = cfg.mask(q_idx, q_seg, ki_ref[cols], ks_ref[cols])
-    s = jnp.where(mask, _dot(q, k_ref[cols, :], (1, 1)) * cfg.scale, _MASKED)
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    v = v_ref[cols, :]
-    _count(visit_refs, tile)
-    return acc * alpha[:, None] + _dot(p.astype(v.dtype), v, (1, 0)), m_new, l * alpha + p.sum(axis=-1)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], _MASKED, jnp.float32),
-          jnp.zeros(q.shape[:1], jnp.float32))
-  acc, m, l = lax.fori_loop(0, counts_ref[pl.program_id(0)], body, init)
-  empty = l == 0.0
-  o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l))
+def _prefixed_forward_kernel(layer_ref, p_counts_ref, p_tiles_ref, counts_ref, tiles_ref, qi_ref, qs_ref, pki_ref,
+                             pks_ref, ki_ref, ks_ref, q_ref, pk_ref, pv_ref, k_ref, v_ref, o_ref, *, cfg: _Config,
+                             prefix_block: int, group: int, lq: int, lk: int):
+  """The forward over `[cache ; new]` keys: first the cache tiles, read in place from the whole stacked cache
+  (`pk_ref` `[layers, B, Lp, Hkv, D]` at `layer_ref[0]`), then the new keys' tiles, in the concatenation's order.
+  The cache need not be a whole number of tiles: its last tile ends at its end and keeps only the keys past the
+  tile before it. Queries (`lq`), new keys (`lk`) and the output are unpadded (no copies around the kernel)."""
+  i, n, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  q_live = i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32) < lq
+  q, q_idx, q_seg = _rows(q_ref, slice(None), q_live), qi_ref[...], qs_ref[...]
+  layer, kv_head, length = layer_ref[0], h // group, pki_ref.shape[0]
+
+  def cache_tile(j, carry):
+    first = p_tiles_ref[j] * prefix_block
+    start = jnp.minimum(first, length - prefix_block)
+    rows = pl.ds(start, prefix_block)
+    keep = start + jnp.arange(prefix_block, dtype=jnp.int32) >= first
+    return _online_softmax(cfg, q, q_idx, q_seg, carry, pki_ref[rows], pks_ref[rows],
+                           pk_ref[layer, n, rows, kv_head, :], pv_ref[layer, n, rows, kv_head, :], keep)
+
+  carry = lax.fori_loop(0, p_counts_ref[i], cache_tile, _no_keys(q))
+  carry = _fold_tiles(cfg, counts_ref[i], tiles_ref, ki_ref, ks_ref, k_ref, v_ref, q, q_idx, q_seg, carry,
+                      length=lk)
+  _write_out(carry, o_ref, live=q_live)
 
 
 def _dq_kernel(counts_ref, tiles_ref, qi_ref, qs_ref, ki_ref, ks_ref, q_ref, k_ref, v_ref, do_ref,
@@ -213,6 +280,38 @@ def _forward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, .
       name="dvl_flash_forward",
   )(lists.kv_counts, lists.kv_tiles, pos[0], pos[1], pos[2], pos[3], q, k, v)
   return out[0], out[1], (out[2] if cfg.count_visits else None)
+
+
+def _prefixed_forward(cfg: _Config, prefix_block: int, lists: block_table.TileLists,
+                      prefix_lists: block_table.TileLists, pos: tuple[jax.Array, ...], prefix_pos: tuple[jax.Array, ...],
+                      q, k, v, prefix: CachePrefix):
+  """q `[B, Lq, Hq, D]`, new k/v `[B, Lk, Hkv, D]` and the cache prefix, none padded (`pos` is) -> out `[B, Lq,
+  Hq, D]`."""
+  b, lq, hq, d = q.shape
+  lk, lp, group, bq = k.shape[1], prefix.length, hq // k.shape[2], cfg.block_q
+  nq, lk_tiles = pl.cdiv(lq, bq), pl.cdiv(lk, cfg.block_k) * cfg.block_k
+  whole = pl.BlockSpec()  # the kernel indexes the stacked cache itself: its layer is data, not a grid index
+  cache_keys = [pl.BlockSpec((None, lp), lambda i, n, h: (n, 0))] * 2
+  new_keys = pl.BlockSpec((None, lk_tiles, None, d), lambda i, n, h: (n, 0, h // group, 0))
+  return pl.pallas_call(
+      functools.partial(_prefixed_forward_kernel, cfg=cfg, prefix_block=prefix_block, group=group, lq=lq, lk=lk),
+      grid=(nq, b, hq),
+      in_specs=[
+          whole,
+          *_query_major_specs(prefix_lists, nq, bq, lp)[:2],
+          *_query_major_specs(lists, nq, bq, lk_tiles)[:4],
+          *cache_keys,
+          *_query_major_specs(lists, nq, bq, lk_tiles)[4:],
+          pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
+          whole, whole, new_keys, new_keys,
+      ],
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=cfg.compiler_params(d),
+      interpret=cfg.interpret,
+      name="dvl_flash_forward_cached",
+  )(jnp.reshape(prefix.layer, (1,)).astype(jnp.int32), prefix_lists.kv_counts, prefix_lists.kv_tiles,
+    lists.kv_counts, lists.kv_tiles, pos[0], pos[1], *prefix_pos, pos[2], pos[3], q, prefix.keys, prefix.values, k, v)
 
 
 def _backward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, ...], q, k, v, o, lse, do):
@@ -328,6 +427,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
   lq, d = q.shape[1], q.shape[-1]
   cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, interpret)
   return _flash(cfg, lists, pos, qp, kp, vp)[:, :lq, :, :d]
+
+
+def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix, *,
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None
+                    ) -> jax.Array:
+  """`attend` over keys `[prefix ; k]` (`spec`'s key arrays `[B, Lp + Lk]`), the cache prefix read in place:
+  forward only (decoding). A prefix shorter than one tile (16), a head dim that is not a power of two >= 16 (the
+  cache would need padding) or a cache in another dtype is concatenated instead."""
+  lq, lp, d = q.shape[1], prefix.length, q.shape[-1]
+  if lp < 16 or d != max(16, pl.next_power_of_2(d)) or prefix.keys.dtype != q.dtype:
+    keys, values = prefix.joined(k, v)
+    return attend(q, keys, values, spec, block_q=block_q, block_k=block_k, interpret=interpret)
+  cached, new = (spec.replace(kv_idx=spec.kv_idx[:, part], kv_seg=spec.kv_seg[:, part])
+                 for part in (slice(None, lp), slice(lp, None)))
+  cfg, lists, pos, *_ = _prepare(q, k, v, new, block_q, block_k, interpret)  # only the index arrays are padded
+  prefix_block = min(block_k or default_tiles(lq, lp, d * q.dtype.itemsize)[1], 1 << (lp.bit_length() - 1))
+  prefix_lists = block_table.tile_lists(cached, cfg.block_q, prefix_block)
+  return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg), q, k, v,
+                           prefix)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

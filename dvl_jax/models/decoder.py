@@ -1,7 +1,8 @@
 """Qwen2.5 text decoder (spec §3): GQA with q/k/v bias, RMSNorm, SwiGLU, stacked layers.
 
-The stack reads an optional per-layer key/value prefix (a KV cache slice) and can return each
-layer's new keys/values, so the samplers can keep the cache as a pure pytree outside the module.
+The stack reads an optional key/value prefix (the samplers' stacked KV cache, each layer its own slice, which
+attention reads in place where it can) and can return each layer's new keys/values, so the samplers can keep the
+cache as a pure pytree outside the module.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.dispatch import attend
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.core.config import ModelConfig
@@ -58,7 +61,7 @@ class Attention(nnx.Module):
     self.o_proj = dense(t.num_heads * t.head_dim, t.hidden_size, ("heads", "embed"), False)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               prefix: KV | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
+               prefix: CachePrefix | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
     """x `[B, L, H]` (packed: `[P, H]`, cos / sin alike) -> (the same shape, this call's post-RoPE (k, v)
     `[B, L, kv_heads, head_dim]`); `prefix` keys come first."""
     lead = x.shape[:-1]
@@ -69,11 +72,7 @@ class Attention(nnx.Module):
     if packing is not None:
       q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
     b, n = q.shape[:2]
-    keys, values = k, v
-    if prefix is not None:
-      keys = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
-      values = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
-    out = attend(q, keys, values, spec, backend=self.backend).reshape(b, n, -1)
+    out = attend(q, k, v, spec, backend=self.backend, prefix=prefix).reshape(b, n, -1)
     return self.o_proj(out if packing is None else packing.pack(out)), (k, v)
 
 
@@ -89,7 +88,7 @@ class DecoderLayer(nnx.Module):
                       param_dtype=pd, compute_dtype=cd, rngs=rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               prefix: KV | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
+               prefix: CachePrefix | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, spec, prefix, packing)
     h = x + attn
     return h + self.mlp(self.post_attention_layernorm(h)), kv
@@ -121,10 +120,12 @@ class TextModel(nnx.Module):
       x, cos, sin = packing.pack(x), packing.pack(cos), packing.pack(sin)
       pin = lambda h: h  # noqa: E731
 
-    def body(layer: DecoderLayer, h: jax.Array, prefix: KV | None):
+    def body(layer: DecoderLayer, h: jax.Array, index: jax.Array | None):
+      prefix = None if cache is None else CachePrefix(*cache, index)  # the whole cache: no per-layer copies
       h, kv = layer(pin(h), cos, sin, spec, prefix, packing)
       return pin(h), (kv if return_kv else None)
 
-    h, kv = run_stack(self.layers, x, body, cache, remat_policy=self.remat_policy)
+    layers = None if cache is None else np.arange(cache[0].shape[0], dtype=np.int32)  # constants when unrolled
+    h, kv = run_stack(self.layers, x, body, layers, remat_policy=self.remat_policy)
     h = self.norm(h)
     return (h if packing is None else packing.unpack(h)), kv

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.attention.spec import AttentionSpec
 
@@ -102,3 +103,27 @@ def targeting(device_kind: str, platform: str, num_cores: int | None = None):
   device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform=platform)
   auto = jax.sharding.AxisType.Auto
   return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("device",), (auto,), abstract_device=device))
+
+
+def cache_prefix_window(cache: int, window: int, kind: str, *, layers: int = 3, batch: int = 2, heads=(4, 2),
+                        head_dim: int = 16, dtype=jnp.float32, seed: int = 0):
+  """A decoding step's attention as the samplers call it: queries at slots `end + arange(window)` (the second
+  row's last one invalid) against `[layer 1 of a stacked cache ; the window]`, cache valid below each row's
+  `end` (the first row's window is the cache's last). -> q, new k, v, spec over `cache + window` keys,
+  `CachePrefix`."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+  end = np.minimum([cache - window, 5], cache - window)[:batch]
+  slots = end[:, None] + np.arange(window)
+  valid = np.ones((batch, window), bool)
+  valid[1:, -1] = False
+  cache_idx = np.broadcast_to(np.arange(cache), (batch, cache))
+  spec = AttentionSpec(q_idx=jnp.asarray(slots, jnp.int32),
+                       kv_idx=jnp.asarray(np.concatenate([cache_idx, slots], 1), jnp.int32),
+                       q_seg=jnp.asarray(valid, jnp.int32),
+                       kv_seg=jnp.asarray(np.concatenate([cache_idx < end[:, None], valid], 1), jnp.int32),
+                       kind=kind, block_size=8)
+  prefix = CachePrefix(normal(layers, batch, cache, heads[1], head_dim), normal(layers, batch, cache, heads[1],
+                                                                                head_dim), jnp.int32(1))
+  q, k, v = (normal(batch, window, h, head_dim) for h in (heads[0], heads[1], heads[1]))
+  return q, k, v, spec, prefix

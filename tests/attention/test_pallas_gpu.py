@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dvl_jax.attention import block_table, pallas_gpu
-from tests.attention.cases import Case, cache_window, max_errors, problem, targeting
+from dvl_jax.attention.reference import attend_dense
+from tests.attention.cases import Case, cache_prefix_window, cache_window, max_errors, problem, targeting
 
 TILE = 16  # small tiles: several per sequence, so skipping and tile boundaries are exercised
 
@@ -101,3 +102,46 @@ def test_lowers_to_triton_for_gpu():
   with targeting("NVIDIA H100 80GB HBM3", "gpu"):  # JAX >= 0.11 asks for the GPU's compute capability
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+CACHED = {  # (cache slots, new keys, mask kind, key tile): the samplers' steps; caches of 44 and 70 end in a tile
+    # that overlaps the one before it and holds valid keys on both sides of the tile boundary
+    "block-diffusion-window-cache40": (40, 8, "block_causal", None),
+    "block-diffusion-window-cache44-tiles16": (44, 8, "block_causal", TILE),
+    "ar-step-cache70-tiles16": (70, 1, "causal", TILE),
+    "fused-window-cache37-tiles16": (37, 16, "block_causal", TILE),
+    "cache-of-one-tile": (16, 8, "block_causal", None),
+}
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_a_cache_prefix_read_in_place_matches_the_reference_over_the_concatenation(name):
+  cache, window, kind, tile = CACHED[name]
+  q, k, v, spec, prefix = cache_prefix_window(cache, window, kind)
+  out = jax.jit(functools.partial(pallas_gpu.attend_prefixed, spec=spec, block_k=tile))(q, k, v, prefix=prefix)
+  ref = attend_dense(q, *prefix.joined(k, v), spec)
+  rows = np.asarray(spec.dense().any(-1))
+  assert rows.sum() < rows.size  # an invalid query row, whose output nobody reads
+  np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=1e-5, rtol=0)
+  other_layer = attend_dense(q, *prefix._replace(layer=jnp.int32(2)).joined(k, v), spec)
+  assert np.abs(np.asarray(other_layer) - np.asarray(ref))[rows].max() > 1e-2  # the layer index is read
+
+
+def test_a_cache_prefix_in_bf16_matches_the_reference():
+  q, k, v, spec, prefix = cache_prefix_window(48, 8, "block_causal", dtype=jnp.bfloat16, head_dim=32)
+  out = jax.jit(functools.partial(pallas_gpu.attend_prefixed, spec=spec))(q, k, v, prefix=prefix)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  ref = attend_dense(f32(q), *(f32(x) for x in prefix.joined(k, v)), spec)
+  rows = np.asarray(spec.dense().any(-1))
+  assert np.abs(np.asarray(out, np.float32) - np.asarray(ref))[rows].max() <= 3e-2
+
+
+def test_a_cache_prefix_the_kernel_cannot_read_in_place_is_concatenated():
+  """Shorter than a tile, or a head dim that would need padding (80): the same numbers as `attend` over the
+  concatenation, and the cache is copied (a concatenate in the program) only then."""
+  for cache, head_dim, in_place in ((12, 16, False), (40, 80, False), (40, 16, True)):
+    q, k, v, spec, prefix = cache_prefix_window(cache, 8, "block_causal", head_dim=head_dim)
+    run = functools.partial(pallas_gpu.attend_prefixed, spec=spec)
+    np.testing.assert_allclose(np.asarray(run(q, k, v, prefix=prefix)),
+                               np.asarray(pallas_gpu.attend(q, *prefix.joined(k, v), spec)), atol=1e-6, rtol=0)
+    assert ("concatenate" not in str(jax.make_jaxpr(run)(q, k, v, prefix=prefix))) == in_place
