@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 try:  # JAX 0.11 deprecated Pallas' Triton backend for removal: without it the kernel only runs interpreted
   from jax.experimental.pallas import triton as plgpu
 except ImportError:
   plgpu = None
 
-from dvl_jax.attention import block_table, masks
+from dvl_jax.attention import block_table, masks, shards
 from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.spec import AttentionSpec
 
@@ -421,12 +422,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
   """q `[B, Lq, Hq, D]`, k/v `[B, Lk, Hkv, D]` -> `[B, Lq, Hq, D]`; differentiable in q, k, v.
 
   `block_q`/`block_k`: tile sizes (powers of two >= 16; default 128 / 64, less for wide rows (`default_tiles`) and
-  shorter sequences). `interpret`:
-  run the kernels in the Pallas interpreter (default: unless the platform is a GPU).
+  shorter sequences). `interpret`: run the kernels in the Pallas interpreter (default: unless the platform is a
+  GPU). Under a mesh context each device runs its own rows and heads (`shards`).
   """
-  lq, d = q.shape[1], q.shape[-1]
-  cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, interpret)
-  return _flash(cfg, lists, pos, qp, kp, vp)[:, :lq, :, :d]
+
+  def local(q, k, v, spec):
+    cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, interpret)
+    return _flash(cfg, lists, pos, qp, kp, vp)[:, :q.shape[1], :, :q.shape[-1]]
+
+  return _per_device(local, q, k, v, spec)
 
 
 def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix, *,
@@ -439,13 +443,28 @@ def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpe
   if lp < 16 or d != max(16, pl.next_power_of_2(d)) or prefix.keys.dtype != q.dtype:
     keys, values = prefix.joined(k, v)
     return attend(q, keys, values, spec, block_q=block_q, block_k=block_k, interpret=interpret)
-  cached, new = (spec.replace(kv_idx=spec.kv_idx[:, part], kv_seg=spec.kv_seg[:, part])
-                 for part in (slice(None, lp), slice(lp, None)))
-  cfg, lists, pos, *_ = _prepare(q, k, v, new, block_q, block_k, interpret)  # only the index arrays are padded
-  prefix_block = min(block_k or default_tiles(lq, lp, d * q.dtype.itemsize)[1], 1 << (lp.bit_length() - 1))
-  prefix_lists = block_table.tile_lists(cached, cfg.block_q, prefix_block)
-  return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg), q, k, v,
-                           prefix)
+
+  def local(q, k, v, spec, prefix):
+    cached, new = (spec.replace(kv_idx=spec.kv_idx[:, part], kv_seg=spec.kv_seg[:, part])
+                   for part in (slice(None, lp), slice(lp, None)))
+    cfg, lists, pos, *_ = _prepare(q, k, v, new, block_q, block_k, interpret)  # only the index arrays are padded
+    prefix_block = min(block_k or default_tiles(lq, lp, d * q.dtype.itemsize)[1], 1 << (lp.bit_length() - 1))
+    prefix_lists = block_table.tile_lists(cached, cfg.block_q, prefix_block)
+    return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg), q, k, v,
+                             prefix)
+
+  return _per_device(local, q, k, v, spec, prefix)
+
+
+def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *prefix: CachePrefix):
+  """`fn(q, k, v, spec, *prefix)` on each device's rows and heads under a mesh context (`shards`), else as is."""
+  where = shards.split(q.shape[0], k.shape[2])
+  if where is None:
+    return fn(q, k, v, spec, *prefix)
+  x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
+  in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
+              *(CachePrefix(cache, cache, P()) for _ in prefix))
+  return jax.shard_map(fn, mesh=where.mesh, in_specs=in_specs, out_specs=x, check_vma=False)(q, k, v, spec, *prefix)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

@@ -21,10 +21,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sa_mask
 from jax.sharding import PartitionSpec as P
 
-from dvl_jax.attention import masks
+from dvl_jax.attention import masks, shards
 from dvl_jax.attention.spec import AttentionSpec
-from dvl_jax.parallel.mesh import AXES
-from dvl_jax.parallel.rules import partition_spec
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 LANES = 128
@@ -77,14 +75,12 @@ def unsupported(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -
 
 
 def _sharded(fn, batch: int, kv_heads: int):
-  """`fn` over `[B, H, L, D]` x3 and `[B, L]` x2 under shard_map on the context mesh, if there is one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+  """`fn` over `[B, H, L, D]` x3 and `[B, L]` x2 per device under a mesh context (`shards`)."""
+  where = shards.split(batch, kv_heads)
+  if where is None:
     return fn
-  rows = partition_spec(("batch",), (batch,), mesh)[0]
-  heads = partition_spec(("kv_heads",), (kv_heads,), mesh)[0]  # q heads follow their kv head
-  x, s = P(rows, heads, None, None), P(rows, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(x, x, x, s, s), out_specs=x, check_vma=False)
+  x, s = P(where.rows, where.heads, None, None), where.per_row()
+  return jax.shard_map(fn, mesh=where.mesh, in_specs=(x, x, x, s, s), out_specs=x, check_vma=False)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *,

@@ -113,7 +113,7 @@ def cache_prefix_window(cache: int, window: int, kind: str, *, layers: int = 3, 
   `CachePrefix`."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
-  end = np.minimum([cache - window, 5], cache - window)[:batch]
+  end = np.minimum([cache - window, 5, 11, 2][:batch], cache - window)
   slots = end[:, None] + np.arange(window)
   valid = np.ones((batch, window), bool)
   valid[1:, -1] = False

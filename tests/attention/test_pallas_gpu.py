@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dvl_jax.attention import block_table, pallas_gpu
 from dvl_jax.attention.reference import attend_dense
+from dvl_jax.parallel.mesh import make_mesh
 from tests.attention.cases import Case, cache_prefix_window, cache_window, max_errors, problem, targeting
 
 TILE = 16  # small tiles: several per sequence, so skipping and tile boundaries are exercised
@@ -145,3 +147,30 @@ def test_a_cache_prefix_the_kernel_cannot_read_in_place_is_concatenated():
     np.testing.assert_allclose(np.asarray(run(q, k, v, prefix=prefix)),
                                np.asarray(pallas_gpu.attend(q, *prefix.joined(k, v), spec)), atol=1e-6, rtol=0)
     assert ("concatenate" not in str(jax.make_jaxpr(run)(q, k, v, prefix=prefix))) == in_place
+
+
+def test_on_a_mesh_each_device_runs_its_own_rows_and_heads():
+  """XLA cannot split a Pallas custom call: without `shard_map` every GPU gathered the whole batch and ran the kernel
+  on all of it (training) or gathered the whole KV cache every step (decoding). Under `jax.set_mesh` each device
+  runs its rows and kv heads, with the same numbers as one device."""
+  q, k, v, spec = problem(Case("bd3_train", 40, (4, 2), 64, block_size=4, pad=6, batch=4))
+  weight = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
+
+  def train(q, k, v, spec):
+    out, pull = jax.vjp(lambda q, k, v: pallas_gpu.attend(q, k, v, spec, block_q=TILE, block_k=TILE), q, k, v)
+    return out, pull(weight)
+
+  dq, dk, dv, dspec, prefix = cache_prefix_window(40, 8, "block_causal", batch=4)
+  decode = lambda q, k, v, spec, prefix: pallas_gpu.attend_prefixed(q, k, v, spec, prefix, block_k=TILE)  # noqa: E731
+  expected = jax.jit(train)(q, k, v, spec), jax.jit(decode)(dq, dk, dv, dspec, prefix)
+  mesh = make_mesh((2, 2, 2))
+  rows_heads = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  with jax.set_mesh(mesh):
+    assert str(jax.make_jaxpr(train)(q, k, v, spec)).count("shard_map") == 2  # forward and backward
+    assert "shard_map" in str(jax.make_jaxpr(decode)(dq, dk, dv, dspec, prefix))
+    got = (jax.jit(train)(*(jax.device_put(x, rows_heads) for x in (q, k, v)), spec),
+           jax.jit(decode)(*(jax.device_put(x, rows_heads) for x in (dq, dk, dv)), dspec, prefix))
+  rows = np.asarray(dspec.dense().any(-1))
+  np.testing.assert_allclose(np.asarray(got[1])[rows], np.asarray(expected[1])[rows], atol=1e-6, rtol=0)
+  for g, e in zip(jax.tree.leaves(got[0]), jax.tree.leaves(expected[0])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=0)
