@@ -464,7 +464,7 @@ def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpe
   x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
   in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
               *(CachePrefix(cache, cache, P()) for _ in prefix))
-  return jax.shard_map(fn, mesh=where.mesh, in_specs=in_specs, out_specs=x, check_vma=False)(q, k, v, spec, *prefix)
+  return where.map(fn, in_specs, x)(q, k, v, spec, *prefix)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

@@ -2,20 +2,25 @@
 
 A Pallas kernel is a custom call that XLA's SPMD partitioner cannot split: left alone, it gathers every operand to
 the whole batch and all heads and runs the kernel on every device (compiled for 4 GPUs, the own GPU kernel ran a
-training step's whole batch on each of them). Under a mesh context (`jax.set_mesh`) with the project's axes,
-the kernels run instead on each device's rows (the `batch` rule's axes) and kv heads (the `kv_heads` rule's; a
-query head follows its kv head), each replicated where the mesh does not divide it.
+training step's whole batch on each of them; the samplers gathered the whole KV cache onto every device each
+step). Under a mesh context (`jax.set_mesh`, training) with the project's axes, or the samplers' `splitting`
+context, the kernels run instead on each device's rows (the `batch` rule's axes) and kv heads (the `kv_heads`
+rule's; a query head follows its kv head), each replicated where the mesh does not divide it.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 from dvl_jax.parallel.mesh import AXES
-from dvl_jax.parallel.rules import partition_spec
+from dvl_jax.parallel.rules import RULES, partition_spec
+
+_GIVEN: contextvars.ContextVar[tuple[Any, dict[str, Any]] | None] = contextvars.ContextVar("kernel_split", default=None)
 
 
 class Split(NamedTuple):
@@ -33,10 +38,28 @@ class Split(NamedTuple):
     """`[B, L]` index and segment arrays."""
     return P(self.rows, None)
 
+  def map(self, fn: Callable[..., Any], in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+    """`fn` per device (`jax.shard_map`)."""
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+@contextlib.contextmanager
+def splitting(mesh: jax.sharding.Mesh, rules: dict[str, Any]) -> Iterator[None]:
+  """Kernels traced inside split over `mesh` by `rules`, without a mesh context: the samplers leave their
+  activations to the partitioner (a context mesh would make the model's pins active) and keep rows on `data`."""
+  token = _GIVEN.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _GIVEN.reset(token)
+
 
 def split(batch: int, kv_heads: int) -> Split | None:
-  """The split under the context mesh, or None without one (single-device calls) or inside a `shard_map`."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+  """The split inside `splitting` or under the context mesh; None without either (single-device calls) or inside a
+  `shard_map`."""
+  context = jax.sharding.get_abstract_mesh()
+  mesh, rules = _GIVEN.get() or (context, RULES)
+  if context.manual_axes or mesh.empty or not set(AXES) <= set(mesh.axis_names) or mesh.size == 1:
     return None
-  return Split(mesh, partition_spec(("batch",), (batch,), mesh)[0], partition_spec(("kv_heads",), (kv_heads,), mesh)[0])
+  axes = lambda name, size: partition_spec((name,), (size,), mesh, rules)[0]  # noqa: E731
+  return Split(mesh, axes("batch", batch), axes("kv_heads", kv_heads))

@@ -80,7 +80,7 @@ def _sharded(fn, batch: int, kv_heads: int):
   if where is None:
     return fn
   x, s = P(where.rows, where.heads, None, None), where.per_row()
-  return jax.shard_map(fn, mesh=where.mesh, in_specs=(x, x, x, s, s), out_specs=x, check_vma=False)
+  return where.map(fn, (x, x, x, s, s), x)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *,

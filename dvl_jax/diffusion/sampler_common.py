@@ -198,15 +198,16 @@ def _sample(graphdef: Any, config: SamplingConfig, state: Any, cache: KV, prompt
             ) -> tuple[Outputs, KV]:
   """Inside jit: the algorithm's prefill and whole loop over the embedded prompt, every row `gen_length` tokens."""
   TRACES[config.algorithm + ("_streaming" if stream else "")] += 1
-  model = merged(graphdef, state, placement)
-  gen = jnp.full(sampling.keys.shape, config.gen_length, jnp.int32)
-  ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, sampling, inputs,
-                     placement=placement, stream=stream)
-  if compaction.enabled(config.compact_rows, one_device=placement.mesh is None, stream=stream):
-    carry = compaction.decode(algorithm, ctx, carry)
-  else:
-    carry = algorithm.chunk(ctx, carry, None)
-  return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
+  with placement.tracing():
+    model = merged(graphdef, state, placement)
+    gen = jnp.full(sampling.keys.shape, config.gen_length, jnp.int32)
+    ctx, carry = begin(algorithm, model, config, cache, embed(model, prompt, placement), gen, sampling, inputs,
+                       placement=placement, stream=stream)
+    if compaction.enabled(config.compact_rows, one_device=placement.mesh is None, stream=stream):
+      carry = compaction.decode(algorithm, ctx, carry)
+    else:
+      carry = algorithm.chunk(ctx, carry, None)
+    return algorithm.outputs(ctx, carry, config.gen_length), carry.cache
 
 
 def merged(graph: split_cache.StaticGraph, state: Any, placement: Placement) -> DiffusionLM:

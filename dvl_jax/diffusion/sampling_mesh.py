@@ -19,6 +19,7 @@ their mesh, so a user passes a sharded model and nothing else. Layout while samp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dvl_jax.attention import shards
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.models.families import abstract_model
 from dvl_jax.parallel import rules
@@ -90,6 +92,7 @@ class Placement:
   params: tuple[NamedSharding, ...] = ()
   compute_params: tuple[NamedSharding, ...] = ()
   kv_sharded: bool = True
+  activations: tuple[tuple[str, Any], ...] = ()  # the rules' overrides for the rows and heads of activations
 
   @classmethod
   def of(cls, cfg: ModelConfig, state: nnx.State) -> "Placement":
@@ -126,7 +129,8 @@ class Placement:
         lambda v: NamedSharding(mesh, rules.partition_spec(v.get_metadata().get("axes", (None,) * v.get_value().ndim),
                                                            v.get_value().shape, mesh, compute_rules)),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return cls(mesh, tree, tuple(want), tuple(jax.tree.leaves(nnx.to_pure_dict(compute))), kv_sharded)
+    activations = (("batch", "data"), ("heads", compute_rules["heads"]), ("kv_heads", compute_rules["kv_heads"]))
+    return cls(mesh, tree, tuple(want), tuple(jax.tree.leaves(nnx.to_pure_dict(compute))), kv_sharded, activations)
 
   def _named(self, *spec: Any) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec(*spec))
@@ -168,6 +172,14 @@ class Placement:
     return keys if rows == keys.shape[0] else keys[np.minimum(np.arange(rows), keys.shape[0] - 1)]
 
   # ---- inside the jitted sampler (identity on one device) ----------------------------------------
+  def tracing(self) -> contextlib.AbstractContextManager:
+    """Around a program's body: attention kernels split per device as the rows and heads above
+    (`attention.shards`; XLA cannot split a kernel and would gather the whole KV cache onto every device each
+    step)."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return shards.splitting(self.mesh, {**rules.RULES, **dict(self.activations)})
+
   def constrain_params(self, state: Any) -> Any:
     if self.mesh is None:
       return state

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -70,7 +70,19 @@ def _pinned(placement: Placement, slots: Slots) -> Slots:
   return Slots(rows, placement.pin_loop(slots.carry))
 
 
+def _on_its_mesh(program: Callable[..., Any]) -> Callable[..., Any]:
+  """`program(static, ...)` traced inside its placement's context (`Placement.tracing`)."""
+
+  @functools.wraps(program)
+  def traced(static: Static, *args: Any, **kwargs: Any) -> Any:
+    with static.placement.tracing():
+      return program(static, *args, **kwargs)
+
+  return traced
+
+
 @functools.partial(jax.jit, static_argnums=0)
+@_on_its_mesh
 def empty(static: Static, state: Any, cache: kv_cache.KV, idle: Prefill) -> Slots:
   """`idle`: a prefill over `S` rows with prompt lengths 0 (dead rows)."""
   TRACES["empty"] += 1
@@ -82,6 +94,7 @@ def empty(static: Static, state: Any, cache: kv_cache.KV, idle: Prefill) -> Slot
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames=("slots",))
+@_on_its_mesh
 def insert(static: Static, state: Any, slots: Slots, index: jax.Array, request: Prefill) -> Slots:
   """The request prefilled into slot `index` `[]` (one row: not split over the mesh's `data`): its rows and carry
   written over that slot's."""
@@ -106,6 +119,7 @@ def release(static: Static, slots: Slots, index: jax.Array) -> Slots:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3), donate_argnames=("slots",))
+@_on_its_mesh
 def generate(static: Static, max_forwards: jax.Array, view: int, width: int, state: Any, slots: Slots,
              picked: jax.Array) -> tuple[Slots, dict[str, jax.Array]]:
   """At most `max_forwards` `[]` decoding forwards over the slots `picked` `[width]` (distinct; every busy slot
