@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from dvl_jax.attention import cudnn, pallas_gpu, splash
+from dvl_jax.attention import cudnn, pallas_gpu, shards, splash
 from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.attention.spec import AttentionSpec
@@ -30,12 +30,14 @@ class _Backend(NamedTuple):
   attend: Callable[..., jax.Array]
   unsupported: Callable[..., str | None]
   attend_prefixed: Callable[..., jax.Array] | None = None  # reads a CachePrefix in place
+  attend_prefixed_joint: Callable[..., jax.Array] | None = None  # and q, k, v from one array
 
 
 _IMPLS = {
     "xla": _Backend(attend_dense, lambda *_: None),
     "splash": _Backend(splash.attend, splash.unsupported),
-    "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported, pallas_gpu.attend_prefixed),
+    "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported, pallas_gpu.attend_prefixed,
+                           pallas_gpu.attend_prefixed_joint),
     "cudnn": _Backend(cudnn.attend, cudnn.unsupported),
 }
 BACKENDS = ("auto", *_IMPLS)
@@ -78,15 +80,48 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backen
   Rows with no allowed key (padding) are unspecified but finite: `xla` returns a uniform average,
   the Pallas kernels 0.
   """
+  return _attend_with(_runnable(q, k, v, spec, backend, prefix), q, k, v, spec, prefix)
+
+
+def attend_joint(qkv: jax.Array, num_heads: int, spec: AttentionSpec, backend: str = "auto",
+                 prefix: CachePrefix | None = None) -> jax.Array:
+  """`attend` for queries, keys and values as one array `[B, L, Hq + 2 Hkv, D]` (heads in that order), as a
+  decoding step computes them in one fused epilogue: the own GPU kernel reads them from it when decoding (three
+  arrays cut from it would be three copies, a kernel each); the other cases attend over the slices."""
+  hkv = (qkv.shape[2] - num_heads) // 2
+  q, k, v = qkv[:, :, :num_heads], qkv[:, :, num_heads:num_heads + hkv], qkv[:, :, num_heads + hkv:]
+  impl = _runnable(q, k, v, spec, backend, prefix)
+  if prefix is not None and impl.attend_prefixed_joint is not None:
+    return impl.attend_prefixed_joint(qkv, num_heads, spec, prefix)
+  return _attend_with(impl, q, k, v, spec, prefix)
+
+
+def reads_joint(backend: str, batch: int, kv_heads: int) -> bool:
+  """Whether a decoding step should give `attend_joint` its q, k and v as one array: the backend reads them from
+  it, and heads are not split over devices (q, k and v would then each need their own split: on a mesh with
+  `tensor` the joint array costs collectives)."""
+  split = shards.split(batch, kv_heads)
+  return (_IMPLS[resolve_backend(backend)].attend_prefixed_joint is not None
+          and (split is None or split.heads is None))
+
+
+def _runnable(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str,
+              prefix: CachePrefix | None) -> _Backend:
+  """The backend that runs these inputs: the chosen one or the next that can (one warning per backend and
+  reason)."""
   _check_shapes(q, k, v, spec, prefix)
   name = resolve_backend(backend)
   while (reason := _IMPLS[name].unsupported(q, k, v, spec)) is not None:
     after = _NEXT.get(name, "xla")
     if (name, reason) not in _WARNED:
       _WARNED.add((name, reason))
-      warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to {after!r}", stacklevel=2)
+      warnings.warn(f"attention backend {name!r} cannot run {reason}; falling back to {after!r}", stacklevel=3)
     name = after
-  impl = _IMPLS[name]
+  return _IMPLS[name]
+
+
+def _attend_with(impl: _Backend, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
+                 prefix: CachePrefix | None) -> jax.Array:
   if prefix is not None:
     if impl.attend_prefixed is not None:
       return impl.attend_prefixed(q, k, v, spec, prefix)

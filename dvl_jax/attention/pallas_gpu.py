@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -285,15 +286,17 @@ def _forward(cfg: _Config, lists: block_table.TileLists, pos: tuple[jax.Array, .
 
 def _prefixed_forward(cfg: _Config, prefix_block: int, lists: block_table.TileLists,
                       prefix_lists: block_table.TileLists, pos: tuple[jax.Array, ...], prefix_pos: tuple[jax.Array, ...],
-                      q, k, v, prefix: CachePrefix):
-  """q `[B, Lq, Hq, D]`, new k/v `[B, Lk, Hkv, D]` and the cache prefix, none padded (`pos` is) -> out `[B, Lq,
-  Hq, D]`."""
-  b, lq, hq, d = q.shape
-  lk, lp, group, bq = k.shape[1], prefix.length, hq // k.shape[2], cfg.block_q
+                      qkv: _Heads, prefix: CachePrefix):
+  """Queries and new keys / values (`_Heads`) and the cache prefix, none padded (`pos` is) -> out `[B, Lq, Hq,
+  D]`."""
+  q, k, v = qkv.arrays
+  (b, lq, _, d), hq, first = q.shape, qkv.num_heads, qkv.first
+  lk, lp, group, bq = k.shape[1], prefix.length, qkv.num_heads // qkv.num_kv_heads, cfg.block_q
   nq, lk_tiles = pl.cdiv(lq, bq), pl.cdiv(lk, cfg.block_k) * cfg.block_k
   whole = pl.BlockSpec()  # the kernel indexes the stacked cache itself: its layer is data, not a grid index
   cache_keys = [pl.BlockSpec((None, lp), lambda i, n, h: (n, 0))] * 2
-  new_keys = pl.BlockSpec((None, lk_tiles, None, d), lambda i, n, h: (n, 0, h // group, 0))
+  new_keys, new_values = (pl.BlockSpec((None, lk_tiles, None, d), lambda i, n, h, f=f: (n, 0, f + h // group, 0))
+                          for f in first[1:])
   return pl.pallas_call(
       functools.partial(_prefixed_forward_kernel, cfg=cfg, prefix_block=prefix_block, group=group, lq=lq, lk=lk),
       grid=(nq, b, hq),
@@ -303,11 +306,11 @@ def _prefixed_forward(cfg: _Config, prefix_block: int, lists: block_table.TileLi
           *_query_major_specs(lists, nq, bq, lk_tiles)[:4],
           *cache_keys,
           *_query_major_specs(lists, nq, bq, lk_tiles)[4:],
-          pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
-          whole, whole, new_keys, new_keys,
+          pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, first[0] + h, 0)),
+          whole, whole, new_keys, new_values,
       ],
       out_specs=pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=jax.ShapeDtypeStruct((b, lq, hq, d), q.dtype),
       compiler_params=cfg.compiler_params(d),
       interpret=cfg.interpret,
       name="dvl_flash_forward_cached",
@@ -433,38 +436,85 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
   return _per_device(local, q, k, v, spec)
 
 
+class _Heads(NamedTuple):
+  """Queries, new keys and new values as the kernel reads them: three arrays `[B, L, H, D]` and the first head of
+  each in its array (one `[B, L, Hq + 2 Hkv, D]` array three times: no copies of its parts)."""
+
+  arrays: tuple[jax.Array, jax.Array, jax.Array]
+  num_heads: int
+  num_kv_heads: int
+  first: tuple[int, int, int] = (0, 0, 0)
+
+  @classmethod
+  def joint(cls, qkv: jax.Array, num_heads: int) -> "_Heads":
+    hkv = (qkv.shape[2] - num_heads) // 2
+    return cls((qkv, qkv, qkv), num_heads, hkv, (0, num_heads, num_heads + hkv))
+
+  def on(self, arrays: tuple[jax.Array, jax.Array, jax.Array]) -> "_Heads":
+    """The same parts of `arrays` (a device's share: separate arrays may hold fewer heads there)."""
+    if self.first == (0, 0, 0):
+      return _Heads(arrays, arrays[0].shape[2], arrays[1].shape[2])
+    return self._replace(arrays=arrays)
+
+  def split(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The three parts as arrays of their own."""
+    sizes = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
+    return tuple(x[:, :, f:f + size] for x, f, size in zip(self.arrays, self.first, sizes))
+
+
 def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix, *,
                     block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None
                     ) -> jax.Array:
   """`attend` over keys `[prefix ; k]` (`spec`'s key arrays `[B, Lp + Lk]`), the cache prefix read in place:
   forward only (decoding). A prefix shorter than one tile (16), a head dim that is not a power of two >= 16 (the
   cache would need padding) or a cache in another dtype is concatenated instead."""
+  return _attend_prefixed(_Heads((q, k, v), q.shape[2], k.shape[2]), spec, prefix, block_q, block_k, interpret)
+
+
+def attend_prefixed_joint(qkv: jax.Array, num_heads: int, spec: AttentionSpec, prefix: CachePrefix, *,
+                          block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None
+                          ) -> jax.Array:
+  """`attend_prefixed` for queries, new keys and values as one array `[B, L, Hq + 2 Hkv, D]` (heads in that order),
+  which the kernel reads where they are: separate arrays cut from one would each be a copy (a kernel each)."""
+  return _attend_prefixed(_Heads.joint(qkv, num_heads), spec, prefix, block_q, block_k, interpret)
+
+
+def _attend_prefixed(qkv: _Heads, spec: AttentionSpec, prefix: CachePrefix, block_q: int | None,
+                     block_k: int | None, interpret: bool | None) -> jax.Array:
+  q = qkv.arrays[0]
   lq, lp, d = q.shape[1], prefix.length, q.shape[-1]
   if lp < 16 or d != max(16, pl.next_power_of_2(d)) or prefix.keys.dtype != q.dtype:
+    q, k, v = qkv.split()
     keys, values = prefix.joined(k, v)
     return attend(q, keys, values, spec, block_q=block_q, block_k=block_k, interpret=interpret)
 
-  def local(q, k, v, spec, prefix):
+  def local(arrays, spec, prefix):
+    q, k, v = arrays
     cached, new = (spec.replace(kv_idx=spec.kv_idx[:, part], kv_seg=spec.kv_seg[:, part])
                    for part in (slice(None, lp), slice(lp, None)))
-    cfg, lists, pos, *_ = _prepare(q, k, v, new, block_q, block_k, interpret)  # only the index arrays are padded
+    cfg, lists, pos, *_ = _prepare(q[:, :, :1], k[:, :, :1], v[:, :, :1], new, block_q, block_k, interpret)
     prefix_block = min(block_k or default_tiles(lq, lp, d * q.dtype.itemsize)[1], 1 << (lp.bit_length() - 1))
     prefix_lists = block_table.tile_lists(cached, cfg.block_q, prefix_block)
-    return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg), q, k, v,
-                             prefix)
+    return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg),
+                             qkv.on(arrays), prefix)
 
-  return _per_device(local, q, k, v, spec, prefix)
+  where = shards.split(q.shape[0], qkv.num_kv_heads)
+  if where is None:
+    return local(qkv.arrays, spec, prefix)
+  if where.heads is not None and qkv.first != (0, 0, 0):  # heads split per device: each part on its own
+    qkv = _Heads(qkv.split(), qkv.num_heads, qkv.num_kv_heads)
+  x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
+  in_specs = ((x, x, x), jax.tree.map(lambda _: where.per_row(), spec), CachePrefix(cache, cache, P()))
+  return where.map(local, in_specs, x)(qkv.arrays, spec, prefix)
 
 
-def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *prefix: CachePrefix):
-  """`fn(q, k, v, spec, *prefix)` on each device's rows and heads under a mesh context (`shards`), else as is."""
+def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec):
+  """`fn(q, k, v, spec)` on each device's rows and heads under a mesh context (`shards`), else as is."""
   where = shards.split(q.shape[0], k.shape[2])
   if where is None:
-    return fn(q, k, v, spec, *prefix)
-  x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
-  in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
-              *(CachePrefix(cache, cache, P()) for _ in prefix))
-  return where.map(fn, in_specs, x)(q, k, v, spec, *prefix)
+    return fn(q, k, v, spec)
+  x = where.sequences()
+  return where.map(fn, (x, x, x, jax.tree.map(lambda _: where.per_row(), spec)), x)(q, k, v, spec)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

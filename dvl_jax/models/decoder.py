@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dvl_jax.attention.cache_prefix import CachePrefix
-from dvl_jax.attention.dispatch import attend
+from dvl_jax.attention.dispatch import attend, attend_joint, reads_joint
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.models.interface import KV
@@ -64,15 +64,23 @@ class Attention(nnx.Module):
                prefix: CachePrefix | None = None, packing: Packing | None = None) -> tuple[jax.Array, KV]:
     """x `[B, L, H]` (packed: `[P, H]`, cos / sin alike) -> (the same shape, this call's post-RoPE (k, v)
     `[B, L, kv_heads, head_dim]`); `prefix` keys come first."""
-    lead = x.shape[:-1]
-    q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if packing is not None:
-      q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
-    b, n = q.shape[:2]
-    out = attend(q, k, v, spec, backend=self.backend, prefix=prefix).reshape(b, n, -1)
+    lead, hq, hkv = x.shape[:-1], self.num_heads, self.num_kv_heads
+    q = self.q_proj(x).reshape(*lead, hq, self.head_dim)
+    k = self.k_proj(x).reshape(*lead, hkv, self.head_dim)
+    v = self.v_proj(x).reshape(*lead, hkv, self.head_dim)
+    if prefix is None or not reads_joint(self.backend, x.shape[0] if packing is None else packing.rows, hkv):
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      if packing is not None:
+        q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
+      out = attend(q, k, v, spec, backend=self.backend, prefix=prefix)
+    else:  # decoding: q, k, v as one array, rotated in one fused epilogue and read in place by the own GPU kernel
+      qkv = apply_rope(jnp.concatenate([q, k, v], axis=-2), cos, sin, rotated_heads=hq + hkv)
+      if packing is not None:
+        qkv = packing.unpack(qkv)
+      out = attend_joint(qkv, hq, spec, backend=self.backend, prefix=prefix)
+      k, v = qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+    b, n = out.shape[:2]
+    out = out.reshape(b, n, -1)
     return self.o_proj(out if packing is None else packing.pack(out)), (k, v)
 
 

@@ -18,9 +18,14 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-b, a], axis=-1)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x `[..., L, H, D]`, cos/sin `[..., L, D]` (already in the rotation dtype)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, rotated_heads: int | None = None) -> jax.Array:
+  """x `[..., L, H, D]`, cos/sin `[..., L, D]` (already in the rotation dtype); `rotated_heads`: only the first so
+  many heads rotate and the others pass unchanged (cos 1, sin 0: exactly), for queries, keys and values as one
+  array."""
   cos, sin = cos[..., None, :], sin[..., None, :]
+  if rotated_heads is not None:
+    rotated = (jnp.arange(x.shape[-2]) < rotated_heads)[:, None]
+    cos, sin = jnp.where(rotated, cos, 1).astype(cos.dtype), jnp.where(rotated, sin, 0).astype(sin.dtype)
   return x * cos + rotate_half(x) * sin
 
 

@@ -129,6 +129,15 @@ def test_a_cache_prefix_read_in_place_matches_the_reference_over_the_concatenati
   assert np.abs(np.asarray(other_layer) - np.asarray(ref))[rows].max() > 1e-2  # the layer index is read
 
 
+def test_queries_keys_and_values_read_from_one_array_give_the_numbers_of_three():
+  """The decoder hands a decoding step's q, k and v as one array (one fused epilogue, no copies of its parts)."""
+  q, k, v, spec, prefix = cache_prefix_window(44, 8, "block_causal")
+  joint = jax.jit(lambda qkv, prefix: pallas_gpu.attend_prefixed_joint(qkv, q.shape[2], spec, prefix, block_k=TILE))
+  apart = jax.jit(lambda q, k, v, prefix: pallas_gpu.attend_prefixed(q, k, v, spec, prefix, block_k=TILE))
+  np.testing.assert_array_equal(np.asarray(joint(jnp.concatenate([q, k, v], axis=2), prefix)),
+                                np.asarray(apart(q, k, v, prefix)))
+
+
 def test_a_cache_prefix_in_bf16_matches_the_reference():
   q, k, v, spec, prefix = cache_prefix_window(48, 8, "block_causal", dtype=jnp.bfloat16, head_dim=32)
   out = jax.jit(functools.partial(pallas_gpu.attend_prefixed, spec=spec))(q, k, v, prefix=prefix)

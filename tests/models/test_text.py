@@ -9,7 +9,7 @@ import torch
 
 from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.models.qwen25vl.rope import get_rope_index
-from dvl_jax.models.rope import text_rope
+from dvl_jax.models.rope import apply_rope, text_rope
 from dvl_jax.testing.tiny import tiny_model
 from dvl_jax.testing.tiny import build_hf_model
 
@@ -29,6 +29,18 @@ def test_mrope_sections_take_their_component():
   np.testing.assert_array_equal(cos[0, 0, :2], 1.0)
   np.testing.assert_array_equal(cos[0, 0, 8:10], 1.0)
   assert not np.allclose(cos[0, 0, 2:8], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_over_queries_keys_and_values_as_one_array_rotates_q_and_k_alone_bit_for_bit(dtype):
+  """A decoding step rotates q, k and v as one array (one fused epilogue): q and k exactly as apart, v untouched."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4 + 2 + 2, 16)), dtype)
+  cos, sin = text_rope(jnp.asarray(rng.integers(0, 500, (2, 3))), 16, 1e6, None, dtype)
+  joint = jax.jit(lambda x: apply_rope(x, cos, sin, rotated_heads=6))(x)
+  np.testing.assert_array_equal(np.asarray(joint[:, :, :6], np.float32),
+                                np.asarray(jax.jit(apply_rope)(x[:, :, :6], cos, sin), np.float32))
+  np.testing.assert_array_equal(np.asarray(joint[:, :, 6:], np.float32), np.asarray(x[:, :, 6:], np.float32))
 
 
 def test_get_rope_index_matches_transformers():
