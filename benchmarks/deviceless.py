@@ -79,7 +79,10 @@ def tpu_topology(name: str) -> Any:
 @contextlib.contextmanager
 def target(device: Any) -> Iterator[None]:
   """Traces in this context are for `device`'s platform and chip: `jax.default_backend()` answers its platform
-  (restored after) and the Pallas lowerings see an abstract mesh of that chip."""
+  (restored after) and the Pallas lowerings see an abstract mesh of that chip. That one-chip mesh suits one-device
+  programs and training (whose `jax.set_mesh` replaces it); a sampler over several devices splits its kernels with
+  `shard_map` over its own mesh, which must then be the context's (`jax.sharding.use_abstract_mesh(mesh.
+  abstract_mesh)` instead of this context, with the decoder's `constrain` a no-op as in a real sampler)."""
   platform = "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
   chip = jax.sharding.AbstractDevice(device_kind=device.device_kind, num_cores=getattr(device, "num_cores", None),
                                      platform=platform)
