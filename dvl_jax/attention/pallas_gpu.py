@@ -8,7 +8,9 @@ every accumulation in fp32; inputs fp32, bf16 or fp16. GQA reads key/value head 
 of repeating it, and a dK/dV program accumulates over its group's query heads. A row with no allowed
 key returns 0 and passes no gradient (the dense reference returns a uniform average there; callers
 never read such rows). Sequences are padded to whole tiles (segment 0) and head dims to a power of
-two (zeros), as Triton needs.
+two (zeros), as Triton needs. Decoding (`attend_prefixed`, forward only) pads nothing: it reads the layer's KV
+cache in place from the stacked cache, then the step's own keys, with masked loads and stores at the arrays'
+ends, and takes q / k / v from one array where the decoder made one; under a mesh every kernel runs per device.
 """
 
 from __future__ import annotations
