@@ -14,7 +14,9 @@ their mesh, so a user passes a sharded model and nothing else. Layout while samp
   batches). A batch that `data` does not divide is padded with dead rows (length 0, done from the start);
 * the KV cache `[layers, B, max_len, kv_heads, head_dim]` is `P(None, 'data', None, 'tensor', None)`
   when `tensor` divides the KV heads, else replicated over `tensor` (with a one-time warning);
-* image patches are sharded over `data` when it divides their count; ViT heads / MLP follow the rules.
+* image patches are sharded over `data` when it divides their count; ViT heads / MLP follow the rules;
+* Pallas attention kernels, which XLA cannot split, run per device under `shard_map` on these rows and kv heads
+  (`Placement.tracing` around every program's body).
 """
 
 from __future__ import annotations
