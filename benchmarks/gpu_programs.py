@@ -11,7 +11,7 @@ elementwise product written out at the weight's shape, then summed).
 Prints one row per (setting, batch) on the accelerator bench's 3B-shaped model (`--tiny`: its tiny one): kernels
 per decoding step (a step that branches runs one branch: the fewest and the most), of them the own Pallas
 attention kernels, kernels outside the loop (prefill, outputs), elementwise products at a weight's shape
-(should be 0), compile seconds.
+(should be 0), per-layer copies of the KV cache in the program (should be 0), compile seconds.
 
 Needs JAX's CUDA plugin importable, not installed in the project's venv (without a driver it would make every
 JAX start try CUDA first): `pip install --no-deps --target .gpu-aot jax-cuda12-plugin==0.10.2
@@ -132,6 +132,13 @@ def named(thunks: list[Thunk], prefix: str) -> int:
   return total
 
 
+def cache_copies(hlo: str, cache_len: int, kv_heads: int, head_dim: int) -> int:
+  """Fusions or copies writing a `[B, L >= cache_len, kv_heads, head_dim]` array: a layer's KV cache copied (the
+  new keys appended, padded) rather than read in place; 0 since 3716a5c, two a layer before."""
+  found = re.findall(r"= \w+\[(\d+),(\d+),(\d+),(\d+)\]\{[\d,]*\} (?:fusion|copy)\(", hlo)
+  return sum(int(length) >= cache_len and (int(h), int(d)) == (kv_heads, head_dim) for _, length, h, d in found)
+
+
 def weight_shaped_products(hlo: str, shapes: set[tuple[int, ...]]) -> int:
   """Elementwise fusions whose output has a weight matrix's shape: XLA's rewrite of a single row's product."""
   found = re.findall(r"= \w+\[(\d+),(\d+)\]\{1,0\} fusion\([^\n]*kind=kLoop", hlo)
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   print(f"{topo.devices[0].device_kind} (compiled without one, JAX {jax.__version__}); {s.name} sampler model; "
         f"single rows as two on: {', '.join(layers.ONE_ROW_AS_TWO) or 'no backend'}")
   print("| setting | batch | kernels per step | Pallas kernels per step | kernels outside the loop "
-        "| weight-shaped products | compile s |\n|---|---|---|---|---|---|---|")
+        "| weight-shaped products | KV-cache copies | compile s |\n|---|---|---|---|---|---|---|---|")
   rows = []
   for name in args.settings:
     for batch in args.batches:
@@ -194,11 +201,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       hlo, thunks, seconds = compiled_program(model, prompts, config, topo.devices[0])
       loop = max(loops(thunks), key=lambda t: kernels([t], with_loops=True)[1])
       step = kernels([loop], with_loops=True)
+      cache_len = config.resolve(s.sampler).cache_len(prompts.bucketed(config, s.sampler).ids.shape[1])
+      t = s.sampler.text
       row = {"setting": name, "batch": batch, "step": step, "pallas": named([loop], "dvl_"),
-             "outside": kernels(thunks), "weight_shaped": weight_shaped_products(hlo, weights), "compile_s": seconds}
+             "outside": kernels(thunks), "weight_shaped": weight_shaped_products(hlo, weights),
+             "cache_copies": cache_copies(hlo, cache_len, t.num_kv_heads, t.head_dim), "compile_s": seconds}
       span = lambda c: str(c[0]) if c[0] == c[1] else f"{c[0]}-{c[1]}"  # noqa: E731
       print(f"| {name} | {batch} | {span(step)} | {row['pallas']} | {span(row['outside'])} | "
-            f"{row['weight_shaped']} | {seconds:.1f} |", flush=True)
+            f"{row['weight_shaped']} | {row['cache_copies']} | {seconds:.1f} |", flush=True)
       rows.append(row)
   return rows
 

@@ -63,3 +63,15 @@ def test_weight_shaped_elementwise_products_are_counted_and_nothing_else():
 """
   assert gpu_programs.weight_shaped_products(hlo, {(2048, 2048), (2048, 256), (2048, 11008)}) == 2
   assert gpu_programs.weight_shaped_products(hlo, {(2048, 11008)}) == 0
+
+
+def test_copies_of_a_layers_kv_cache_are_counted_and_nothing_else():
+  hlo = """\
+  %loop_pad_fusion.1 = bf16[2,384,2,128]{3,2,1,0} fusion(%cache.1, %k.1), kind=kLoop, calls=%fused_pad
+  %copy.3 = bf16[2,320,2,128]{3,2,1,0} copy(%cache.2)
+  %loop_pad_fusion.2 = bf16[2,16,2,128]{3,2,1,0} fusion(%k.2), kind=kLoop, calls=%fused_pad.1
+  %fusion.4 = bf16[2,1,20,128]{3,2,1,0} fusion(%qkv), kind=kLoop, calls=%fused_rope
+  %dynamic-update-slice.5 = bf16[36,2,320,2,128]{4,3,2,1,0} fusion(%cache.3, %kv), kind=kLoop, calls=%fused_dus
+"""
+  assert gpu_programs.cache_copies(hlo, 320, 2, 128) == 2  # the appended-and-padded copy and the plain one
+  assert gpu_programs.cache_copies(hlo, 320, 4, 128) == 0
