@@ -88,12 +88,17 @@ def attend_joint(qkv: jax.Array, num_heads: int, spec: AttentionSpec, backend: s
   """`attend` for queries, keys and values as one array `[B, L, Hq + 2 Hkv, D]` (heads in that order), as a
   decoding step computes them in one fused epilogue: the own GPU kernel reads them from it when decoding (three
   arrays cut from it would be three copies, a kernel each); the other cases attend over the slices."""
-  hkv = (qkv.shape[2] - num_heads) // 2
-  q, k, v = qkv[:, :, :num_heads], qkv[:, :, num_heads:num_heads + hkv], qkv[:, :, num_heads + hkv:]
+  q, k, v = joint_parts(qkv, num_heads)
   impl = _runnable(q, k, v, spec, backend, prefix)
   if prefix is not None and impl.attend_prefixed_joint is not None:
     return impl.attend_prefixed_joint(qkv, num_heads, spec, prefix)
   return _attend_with(impl, q, k, v, spec, prefix)
+
+
+def joint_parts(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q `[B, L, Hq, D]`, k, v `[B, L, Hkv, D]` of `attend_joint`'s one array."""
+  hkv = (qkv.shape[2] - num_heads) // 2
+  return qkv[:, :, :num_heads], qkv[:, :, num_heads:num_heads + hkv], qkv[:, :, num_heads + hkv:]
 
 
 def reads_joint(backend: str, batch: int, kv_heads: int) -> bool:

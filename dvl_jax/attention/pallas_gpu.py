@@ -299,15 +299,16 @@ def _prefixed_forward(cfg: _Config, prefix_block: int, lists: block_table.TileLi
   cache_keys = [pl.BlockSpec((None, lp), lambda i, n, h: (n, 0))] * 2
   new_keys, new_values = (pl.BlockSpec((None, lk_tiles, None, d), lambda i, n, h, f=f: (n, 0, f + h // group, 0))
                           for f in first[1:])
+  new_lists = _query_major_specs(lists, nq, bq, lk_tiles)  # tile count and list, query rows, then new keys' rows
   return pl.pallas_call(
       functools.partial(_prefixed_forward_kernel, cfg=cfg, prefix_block=prefix_block, group=group, lq=lq, lk=lk),
       grid=(nq, b, hq),
       in_specs=[
           whole,
           *_query_major_specs(prefix_lists, nq, bq, lp)[:2],
-          *_query_major_specs(lists, nq, bq, lk_tiles)[:4],
+          *new_lists[:4],
           *cache_keys,
-          *_query_major_specs(lists, nq, bq, lk_tiles)[4:],
+          *new_lists[4:],
           pl.BlockSpec((None, bq, None, d), lambda i, n, h: (n, i, first[0] + h, 0)),
           whole, whole, new_keys, new_values,
       ],
@@ -405,21 +406,32 @@ def unsupported(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -
   return None
 
 
-def _prepare(q, k, v, spec: AttentionSpec, block_q: int | None, block_k: int | None, interpret: bool | None,
-             count_visits: bool = False):
-  """Pads to whole tiles / a power-of-two head dim; -> (config, tile lists, index arrays, q, k, v)."""
-  lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
-  dp = max(16, pl.next_power_of_2(d))
-  default_q, default_k = default_tiles(lq, lk, dp * q.dtype.itemsize)
+def _plan(spec: AttentionSpec, dtype, d: int, block_q: int | None, block_k: int | None, interpret: bool | None,
+          count_visits: bool = False) -> tuple[_Config, block_table.TileLists, tuple[jax.Array, ...]]:
+  """The tiles for `spec`'s lengths and `dtype` x head dim `d`: (config, tile lists, index and segment arrays
+  padded to whole tiles)."""
+  lq, lk = spec.q_idx.shape[1], spec.kv_idx.shape[1]
+  default_q, default_k = default_tiles(lq, lk, max(16, pl.next_power_of_2(d)) * jnp.dtype(dtype).itemsize)
   bq, bk = block_q or default_q, block_k or default_k
   lq_p, lk_p = -(-lq // bq) * bq, -(-lk // bk) * bk
   cfg = _Config(kind=spec.kind, block_size=spec.block_size, half_len=spec.half_len, scale=d ** -0.5,
                 block_q=bq, block_k=bk, count_visits=count_visits,
                 interpret=jax.default_backend() != "gpu" if interpret is None else interpret)
-  seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
-  heads = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))
+  seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1])))  # noqa: E731
   pos = (seq(spec.q_idx, lq_p), seq(spec.q_seg, lq_p), seq(spec.kv_idx, lk_p), seq(spec.kv_seg, lk_p))
-  return cfg, block_table.tile_lists(spec, bq, bk), pos, heads(q, lq_p), heads(k, lk_p), heads(v, lk_p)
+  return cfg, block_table.tile_lists(spec, bq, bk), pos
+
+
+def _prepare(q, k, v, spec: AttentionSpec, block_q: int | None, block_k: int | None, interpret: bool | None,
+             count_visits: bool = False):
+  """`_plan`, and q, k, v padded to whole tiles / a power-of-two head dim; -> (config, tile lists, index arrays, q,
+  k, v)."""
+  d = q.shape[-1]
+  dp = max(16, pl.next_power_of_2(d))
+  cfg, lists, pos = _plan(spec, q.dtype, d, block_q, block_k, interpret, count_visits)
+  lq_p, lk_p = pos[0].shape[1], pos[2].shape[1]
+  heads = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, dp - d)))  # noqa: E731
+  return cfg, lists, pos, heads(q, lq_p), heads(k, lk_p), heads(v, lk_p)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, block_q: int | None = None,
@@ -489,34 +501,33 @@ def _attend_prefixed(qkv: _Heads, spec: AttentionSpec, prefix: CachePrefix, bloc
     q, k, v = qkv.split()
     keys, values = prefix.joined(k, v)
     return attend(q, keys, values, spec, block_q=block_q, block_k=block_k, interpret=interpret)
+  where = shards.split(q.shape[0], qkv.num_kv_heads)
+  if where is not None and where.heads is not None and qkv.first != (0, 0, 0):  # heads split: each part apart
+    qkv = _Heads(qkv.split(), qkv.num_heads, qkv.num_kv_heads)
 
-  def local(arrays, spec, prefix):
-    q, k, v = arrays
+  def local(q, k, v, spec, prefix):
     cached, new = (spec.replace(kv_idx=spec.kv_idx[:, part], kv_seg=spec.kv_seg[:, part])
                    for part in (slice(None, lp), slice(lp, None)))
-    cfg, lists, pos, *_ = _prepare(q[:, :, :1], k[:, :, :1], v[:, :, :1], new, block_q, block_k, interpret)
+    cfg, lists, pos = _plan(new, q.dtype, d, block_q, block_k, interpret)
     prefix_block = min(block_k or default_tiles(lq, lp, d * q.dtype.itemsize)[1], 1 << (lp.bit_length() - 1))
     prefix_lists = block_table.tile_lists(cached, cfg.block_q, prefix_block)
     return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg),
-                             qkv.on(arrays), prefix)
+                             qkv.on((q, k, v)), prefix)
 
-  where = shards.split(q.shape[0], qkv.num_kv_heads)
+  return _per_device(local, *qkv.arrays, spec, prefix, kv_heads=qkv.num_kv_heads)
+
+
+def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *prefix: CachePrefix,
+                kv_heads: int | None = None):
+  """`fn(q, k, v, spec, *prefix)` on each device's rows and heads under a mesh context (`shards`), else as is;
+  `kv_heads`: when `k` holds more heads than its own (q, k and v as one array)."""
+  where = shards.split(q.shape[0], kv_heads or k.shape[2])
   if where is None:
-    return local(qkv.arrays, spec, prefix)
-  if where.heads is not None and qkv.first != (0, 0, 0):  # heads split per device: each part on its own
-    qkv = _Heads(qkv.split(), qkv.num_heads, qkv.num_kv_heads)
+    return fn(q, k, v, spec, *prefix)
   x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
-  in_specs = ((x, x, x), jax.tree.map(lambda _: where.per_row(), spec), CachePrefix(cache, cache, P()))
-  return where.map(local, in_specs, x)(qkv.arrays, spec, prefix)
-
-
-def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec):
-  """`fn(q, k, v, spec)` on each device's rows and heads under a mesh context (`shards`), else as is."""
-  where = shards.split(q.shape[0], k.shape[2])
-  if where is None:
-    return fn(q, k, v, spec)
-  x = where.sequences()
-  return where.map(fn, (x, x, x, jax.tree.map(lambda _: where.per_row(), spec)), x)(q, k, v, spec)
+  in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
+              *(CachePrefix(cache, cache, P()) for _ in prefix))
+  return where.map(fn, in_specs, x)(q, k, v, spec, *prefix)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dvl_jax.attention.cache_prefix import CachePrefix
-from dvl_jax.attention.dispatch import attend, attend_joint, reads_joint
+from dvl_jax.attention.dispatch import attend, attend_joint, joint_parts, reads_joint
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.models.interface import KV
@@ -78,7 +78,7 @@ class Attention(nnx.Module):
       if packing is not None:
         qkv = packing.unpack(qkv)
       out = attend_joint(qkv, hq, spec, backend=self.backend, prefix=prefix)
-      k, v = qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+      _, k, v = joint_parts(qkv, hq)
     b, n = out.shape[:2]
     out = out.reshape(b, n, -1)
     return self.o_proj(out if packing is None else packing.pack(out)), (k, v)
