@@ -6,7 +6,8 @@ Backends: `xla` (dense reference), `splash` (TPU Pallas), `pallas_gpu` (our Pall
 backend that cannot run the inputs (dtype, head dim, a KV-cache window on splash, wrong platform, a JAX
 without Pallas' Triton backend) hands them on with one warning per backend and reason (the own GPU kernel to
 cuDNN, anything else to `xla`) — never a silently different answer. A `CachePrefix` (decoding: keys
-`[cache ; new]`) is read in place by a backend that can (`pallas_gpu`) and concatenated for the others.
+`[cache ; new]`) is read in place by a backend that can (`pallas_gpu`; on `splash`'s TPUs the decoding kernel of
+`tpu_decode`) and concatenated for the others.
 Forcing a Pallas backend on CPU runs it in the Pallas interpreter (tests).
 """
 
@@ -18,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from dvl_jax.attention import cudnn, pallas_gpu, shards, splash
+from dvl_jax.attention import cudnn, pallas_gpu, shards, splash, tpu_decode
 from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.attention.spec import AttentionSpec
@@ -31,11 +32,19 @@ class _Backend(NamedTuple):
   unsupported: Callable[..., str | None]
   attend_prefixed: Callable[..., jax.Array] | None = None  # reads a CachePrefix in place
   attend_prefixed_joint: Callable[..., jax.Array] | None = None  # and q, k, v from one array
+  prefixed_unsupported: Callable[..., str | None] | None = None  # when another kernel reads the prefix
+
+  def refuses(self, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix | None
+              ) -> str | None:
+    """Why this backend cannot run these inputs, or None."""
+    with_prefix = prefix is not None and self.prefixed_unsupported is not None
+    return (self.prefixed_unsupported if with_prefix else self.unsupported)(q, k, v, spec)
 
 
 _IMPLS = {
     "xla": _Backend(attend_dense, lambda *_: None),
-    "splash": _Backend(splash.attend, splash.unsupported),
+    "splash": _Backend(splash.attend, splash.unsupported, tpu_decode.attend_prefixed,
+                       prefixed_unsupported=tpu_decode.unsupported),
     "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported, pallas_gpu.attend_prefixed,
                            pallas_gpu.attend_prefixed_joint),
     "cudnn": _Backend(cudnn.attend, cudnn.unsupported),
@@ -116,7 +125,7 @@ def _runnable(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, bac
   reason)."""
   _check_shapes(q, k, v, spec, prefix)
   name = resolve_backend(backend)
-  while (reason := _IMPLS[name].unsupported(q, k, v, spec)) is not None:
+  while (reason := _IMPLS[name].refuses(q, k, v, spec, prefix)) is not None:
     after = _NEXT.get(name, "xla")
     if (name, reason) not in _WARNED:
       _WARNED.add((name, reason))

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec as P
 
 try:  # JAX 0.11 deprecated Pallas' Triton backend for removal: without it the kernel only runs interpreted
   from jax.experimental.pallas import triton as plgpu
@@ -447,7 +446,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *, blo
     cfg, lists, pos, qp, kp, vp = _prepare(q, k, v, spec, block_q, block_k, interpret)
     return _flash(cfg, lists, pos, qp, kp, vp)[:, :q.shape[1], :, :q.shape[-1]]
 
-  return _per_device(local, q, k, v, spec)
+  return shards.per_device(local, q, k, v, spec)
 
 
 class _Heads(NamedTuple):
@@ -514,20 +513,7 @@ def _attend_prefixed(qkv: _Heads, spec: AttentionSpec, prefix: CachePrefix, bloc
     return _prefixed_forward(cfg, prefix_block, lists, prefix_lists, pos, (cached.kv_idx, cached.kv_seg),
                              qkv.on((q, k, v)), prefix)
 
-  return _per_device(local, *qkv.arrays, spec, prefix, kv_heads=qkv.num_kv_heads)
-
-
-def _per_device(fn, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, *prefix: CachePrefix,
-                kv_heads: int | None = None):
-  """`fn(q, k, v, spec, *prefix)` on each device's rows and heads under a mesh context (`shards`), else as is;
-  `kv_heads`: when `k` holds more heads than its own (q, k and v as one array)."""
-  where = shards.split(q.shape[0], kv_heads or k.shape[2])
-  if where is None:
-    return fn(q, k, v, spec, *prefix)
-  x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
-  in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
-              *(CachePrefix(cache, cache, P()) for _ in prefix))
-  return where.map(fn, in_specs, x)(q, k, v, spec, *prefix)
+  return shards.per_device(local, *qkv.arrays, spec, prefix, kv_heads=qkv.num_kv_heads)
 
 
 def tile_visits(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, do: jax.Array, *,

@@ -63,3 +63,17 @@ def split(batch: int, kv_heads: int) -> Split | None:
     return None
   axes = lambda name, size: partition_spec((name,), (size,), mesh, rules)[0]  # noqa: E731
   return Split(mesh, axes("batch", batch), axes("kv_heads", kv_heads))
+
+
+def per_device(fn: Callable[..., Any], q: jax.Array, k: jax.Array, v: jax.Array, spec: Any, *prefix: Any,
+               kv_heads: int | None = None) -> Any:
+  """`fn(q, k, v, spec, *prefix)` on each device's rows and heads under a split (`split`), else as is: q, k, v and
+  the output `[B, L, H, D]`, the spec's arrays `[B, L]`, a `CachePrefix`'s `[layers, B, L, Hkv, D]`. `kv_heads`:
+  when `k` holds more heads than its own (q, k and v as one array)."""
+  where = split(q.shape[0], kv_heads or k.shape[2])
+  if where is None:
+    return fn(q, k, v, spec, *prefix)
+  x, cache = where.sequences(), P(None, where.rows, None, where.heads, None)
+  in_specs = (x, x, x, jax.tree.map(lambda _: where.per_row(), spec),
+              *(type(p)(cache, cache, P()) for p in prefix))
+  return where.map(fn, in_specs, x)(q, k, v, spec, *prefix)

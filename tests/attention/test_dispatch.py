@@ -174,9 +174,10 @@ def test_environment_variable_reaches_the_model(monkeypatch):
 
 
 @pytest.mark.parametrize("scan", [True, False])
-def test_a_decoding_step_with_the_own_kernel_copies_no_cache(scan, monkeypatch):
-  """The decoder hands the kernel the stacked cache and a layer index (no `[cache ; new]` concatenation: on a GPU
-  each was a copy of the layer's whole cache per step) and q / k / v as one array; the xla backend concatenates."""
+def test_a_decoding_step_with_a_kernel_copies_no_cache(scan, monkeypatch):
+  """The decoder hands the kernels the stacked cache and a layer index (no `[cache ; new]` concatenation: on a GPU
+  each was a copy of the layer's whole cache per step, on a TPU two) and the own GPU kernel q / k / v as one array;
+  the xla backend concatenates."""
   from dvl_jax.attention.spec import AttentionSpec  # pylint: disable=import-outside-toplevel
 
   monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
@@ -186,12 +187,14 @@ def test_a_decoding_step_with_the_own_kernel_copies_no_cache(scan, monkeypatch):
   spec = AttentionSpec(q_idx=idx[:, lp:], kv_idx=idx, q_seg=jnp.ones((2, n), jnp.int32),
                        kv_seg=jnp.ones((2, lp + n), jnp.int32), kind="block_causal", block_size=8)
 
-  def concatenated(backend: str) -> list[str]:
+  def concatenated(backend: str, kernel: str | None = None) -> list[str]:
     model = tiny_model(tiny_config(attention_backend=backend, scan_layers=scan))
     x = jnp.zeros((2, n, model.config.text.hidden_size), jnp.float32)
     text = str(jax.make_jaxpr(lambda x: model.decode(x, idx[:, lp:], spec, cache))(x))
+    assert kernel is None or kernel in text
     return re.findall(r"\w+:\w+\[([\d,]+)\] = concatenate", text)
 
   assert any(f",{lp + n}," in shape for shape in concatenated("xla"))  # the reference: [B, Lp + n, Hkv, D]
-  own = concatenated("pallas_gpu")
+  own = concatenated("pallas_gpu", "dvl_flash_forward_cached")
   assert own and not any(str(lp + n) in shape.split(",") for shape in own), own  # only q / k / v joined
+  assert not any(str(lp + n) in shape.split(",") for shape in concatenated("splash", "dvl_tpu_decode"))

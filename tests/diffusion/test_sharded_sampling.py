@@ -92,7 +92,6 @@ def test_greedy_tokens_equal_single_device(shape, setting):
   assert again.cache[0].sharding.is_equivalent_to(cache, 5)
 
 
-@pytest.mark.filterwarnings("ignore:attention backend 'splash' cannot run a non-positional spec")
 @pytest.mark.parametrize("backend, shape, setting", [("pallas_gpu", (2, 1, 4), "static"),
                                                      ("pallas_gpu", (2, 1, 4), "autoregressive"),
                                                      ("pallas_gpu", (8, 1, 1), "autoregressive"),
@@ -100,9 +99,9 @@ def test_greedy_tokens_equal_single_device(shape, setting):
 def test_attention_kernels_run_per_device_on_a_mesh(backend, shape, setting):
   """XLA cannot split a Pallas kernel: left unsplit, every device gathered the whole KV cache in every step
   (the own GPU kernel, compiled for GPUs) or the whole batch's prompts (splash's prefill). The sampler runs the
-  kernels per device (`shard_map`, a manual computation in the program) and gets the single-device tokens (the
-  kernels interpreted here): heads split over `tensor` (q, k and v apart), or rows alone (q, k and v read from one
-  array)."""
+  kernels per device (`shard_map`, a manual computation in the program; with splash the TPU decoding kernel too)
+  and gets the single-device tokens (the kernels interpreted here): heads split over `tensor` (q, k and v apart),
+  or rows alone (q, k and v read from one array)."""
   kernel = shard_model(tiny_model(CFG.replace(attention_backend=backend), logit_scale=40.0), make_mesh(shape))
   assert "sdy.manual_computation" in sampler.lower(kernel, PROMPTS, SETTINGS[setting]).as_text()
   assert_same_output(sampler.generate(kernel, PROMPTS, SETTINGS[setting]), single_device(setting))
