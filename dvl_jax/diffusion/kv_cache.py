@@ -63,25 +63,29 @@ def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: ja
   """Writes `[layers, B, n, ...]` K/V into slots `[starts[b], starts[b] + n)` of the `enabled` rows `[B]`, which
   must lie inside the cache.
 
-  In place: every row writes a window of `n` slots (a disabled row writes back what the window holds), one
-  dynamic-update-slice per (layer, row) under `vmap`. Its batch dimensions are explicit and leading, so a
-  row-sharded cache is updated in place on each device (a scatter indexed by global row ids would all-gather
-  the update); a write that may drop slots would copy the whole cache every step instead (XLA selects between
-  the updated and the old cache). `sharding` (the cache's, on a mesh) pins the cache, the new K/V and the
-  result: left to itself the partitioner may shard the write like the attention that produced the K/V and then
-  all-gather the whole cache back.
+  In place: one scatter of the enabled rows' windows, the others' indices past the cache (dropped). Writing
+  every row's window instead (a disabled row writing back what the window held) read those windows with a gather
+  that XLA:TPU served by relayouting the whole stacked cache, twice per AR step. On a mesh (`sharding`, the
+  cache's) each device scatters into its own rows (`shard_map`): the partitioner would all-gather a scatter's
+  global row indices and updates.
   """
   cache, kv = pinned(cache, sharding), pinned(kv, sharding)
-  n, max_len = kv[0].shape[2], cache[0].shape[2]
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return _scatter(cache, kv, starts, enabled)
+  spec = sharding.spec
+  rows = jax.sharding.PartitionSpec(spec[1] if len(spec) > 1 else None)
+  local = jax.shard_map(_scatter, mesh=sharding.mesh, in_specs=(spec, spec, rows, rows), out_specs=spec,
+                        check_vma=False)
+  return local(cache, kv, starts, enabled)
+
+
+def _scatter(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array) -> KV:
+  b, n, max_len = kv[0].shape[1], kv[0].shape[2], cache[0].shape[2]
   starts = jnp.clip(starts, 0, max_len - n)
-
-  def row(c: jax.Array, x: jax.Array, start: jax.Array, on: jax.Array) -> jax.Array:  # c [max_len, ...], x [n, ...]
-    kept = jax.lax.dynamic_slice_in_dim(c, start, n)
-    return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(on, x.astype(c.dtype), kept), start, axis=0)
-
-  layer = jax.vmap(row)  # over rows
-  return pinned(tuple(jax.vmap(layer, in_axes=(0, 0, None, None))(c, x, starts, enabled) for c, x in zip(cache, kv)),
-                sharding)
+  slots = jnp.where(enabled[:, None], starts[:, None], max_len) + jnp.arange(n)  # [B, n]
+  rows = jnp.arange(b)[:, None]
+  return tuple(c.at[:, rows, slots].set(x.astype(c.dtype), mode="drop", unique_indices=True)
+               for c, x in zip(cache, kv))
 
 
 def put_row(cache: KV, row: KV, index: jax.Array) -> KV:
