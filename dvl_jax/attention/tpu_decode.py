@@ -98,9 +98,10 @@ def _kernel(tiles_ref, layer_ref, q_ref, q_idx_ref, q_seg_ref, k_ref, v_ref, k_i
     inside = t * tile + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1) < length
     inside_rows = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, 1), 0) < length
     k_seg = jnp.where(inside, k_seg_ref[...], 0)
+    head = lambda ref, h: ref[...] if ref.ndim == 2 else ref[:, h, :]  # noqa: E731  (one kv head: squeezed)
     for h in range(heads):
-      values = jnp.where(inside_rows, v_ref[:, h, :], 0).astype(v_ref.dtype)
-      update(h, k_ref[:, h, :], values, k_idx_ref[...], k_seg)
+      values = jnp.where(inside_rows, head(v_ref, h), 0).astype(v_ref.dtype)
+      update(h, head(k_ref, h), values, k_idx_ref[...], k_seg)
 
   @pl.when(t == pl.num_programs(1) - 1)
   def _():
@@ -139,13 +140,17 @@ def _attend_local(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
   heads_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Lk, Hkv, D] -> [B, Hkv, Lk, D]
 
   def cache_map(n, t, tiles_ref, layer_ref):  # tiles past the last valid one repeat it: no new DMA
-    return layer_ref[0], n, jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0)), 0, 0
+    return layer_ref[0], n, jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0)), *(0,) * (len(cache_block) - 3)
 
   def cache_row_map(n, t, tiles_ref, layer_ref):
     return n, 0, jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0))
 
   per_row = lambda *shape: pl.BlockSpec((None, *shape), lambda n, t, *_: (n,) + (0,) * len(shape))  # noqa: E731
-  cache_spec = pl.BlockSpec((None, None, tile, hkv, d), cache_map)
+  # One kv head (a device's share under tensor parallelism) drops its axis: XLA:TPU keeps a `[..., 1, D]` array in
+  # a layout whose last two dims are not (1, D) (those would pad 8x), and relayouted the whole cache for the kernel.
+  cache_block = (None, None, tile, d) if hkv == 1 else (None, None, tile, hkv, d)
+  keys, values = (c.reshape(c.shape[:3] + c.shape[4:]) if hkv == 1 else c for c in (prefix.keys, prefix.values))
+  cache_spec = pl.BlockSpec(cache_block, cache_map)
   cache_row = pl.BlockSpec((None, 1, tile), cache_row_map)
   kernel = functools.partial(_kernel, kind=spec.kind, block_size=spec.block_size or 1, half_len=spec.half_len,
                              scale=d ** -0.5, length=lp)
@@ -164,6 +169,6 @@ def _attend_local(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
       interpret=interpret,
       name="dvl_tpu_decode",
   )(tiles.astype(jnp.int32), jnp.reshape(prefix.layer, (1,)).astype(jnp.int32), q_rows,
-    by_group(spec.q_idx), by_group(spec.q_seg), prefix.keys, prefix.values, lane_row(cache_idx),
+    by_group(spec.q_idx), by_group(spec.q_seg), keys, values, lane_row(cache_idx),
     lane_row(cache_seg), heads_major(k), heads_major(v), lane_row(new_idx), lane_row(new_seg))
   return out.reshape(b, hkv, group, lq, d).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
