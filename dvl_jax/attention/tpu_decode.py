@@ -6,8 +6,8 @@ wants (`[B, Hkv, L, D]` against the cache's `[B, L, Hkv, D]`), once concatenated
 each per step for a 36-layer model, all of the cache's bytes moved twice more per step). This kernel DMAs the
 layer's cache tiles straight from the stacked array (the layer index is a scalar-prefetch operand), a row's tile
 with all its kv heads at a time, with an online softmax over the tiles and the window's own keys last; tiles past
-a row's last valid slot are neither loaded nor computed. Queries of a kv head's group are rows of one matrix (`group x window`
-rows), so GQA costs no repeated keys. Masks are `masks.allowed` of the spec's arrays, as in every backend.
+a row's last valid slot are neither loaded nor computed. Queries of a kv head's group are rows of one matrix
+(`group x window` rows), so GQA costs no repeated keys. Masks are `masks.allowed` of the spec's arrays, as in every backend.
 Forward only (decoding); runs in the Pallas interpreter off TPU (tests).
 """
 
