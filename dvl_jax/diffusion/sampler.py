@@ -397,11 +397,19 @@ def fused_step(ctx: _Context, c: _Carry) -> _Carry:
   pack = (counts[0] > 0) & (counts[0] <= packs)
   alone = (counts[0] > 0) & ~fuse & ~pack
   branch = jnp.where(counts[0] == 0, 0, jnp.where(pack, 3, jnp.where(fuse, 2, 1)))
-  hidden, cache = jax.lax.switch(branch, [
-      lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], cache),
-      lambda cache: commit_pass(ctx, c, c.blk - commit, commit, cache),
-      functools.partial(fused_pass, ctx, c, commit),
-      *([functools.partial(fused_pass, ctx, c, commit, packs=packs)] if packs else [])], c.cache)
+
+  def written(result: tuple[jax.Array, KV]) -> tuple[jax.Array, KV]:  # (hidden, K/V in the cache's dtype)
+    return result[0], jax.tree.map(lambda x, a: x.astype(a.dtype), result[1], c.cache)
+
+  nothing = jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (ctx.bs,) + a.shape[3:], a.dtype), c.cache)
+  branches = [lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], nothing),
+              lambda cache: written(block_pass(ctx, c.ids, c.blk - commit, cache, True)),
+              lambda cache: written(fused_pass(ctx, c, commit, cache)),
+              *([lambda cache: written(fused_pass(ctx, c, commit, cache, packs=packs))] if packs else [])]
+  # The committing rows' previous blocks' K/V leave the switch and are written after it: a cache that a branch
+  # wrote and returned was copied whole at every forward that took the branch (XLA:TPU, compiled for a v5e).
+  hidden, committed = jax.lax.switch(branch, branches, c.cache)
+  cache = kv_cache.write(c.cache, committed, (c.blk - 1) * ctx.bs, commit, ctx.placement.cache)
   denoising = active & ~(commit & alone)
   ids, masked, decoded_at = denoise(ctx, c, hidden, denoising, jnp.where(alone, widest[1], jnp.max(widest)))
   clean, last = block_state(ctx, ids, masked, c.blk)
@@ -423,8 +431,9 @@ def packed_rows(ctx: _Context, b: int) -> int:
 
 def fused_pass(ctx: _Context, c: _Carry, commit: jax.Array, cache: KV, packs: int = 0) -> tuple[jax.Array, KV]:
   """The window `[previous block ; current block]` `[B, 2 bs]`, block-causal: the previous block's rows see the
-  cache and themselves (its commit pass: same K/V, written for the `commit` rows `[B]`), the current block sees
-  those too (its denoising pass) -> the current block's hidden `[B, bs, H]` and the cache. `packs` > 0: at most
+  cache and themselves (its commit pass: same K/V, for the `commit` rows `[B]` to write), the current block sees
+  those too (its denoising pass) -> the current block's hidden `[B, bs, H]` and the previous block's K/V
+  `[layers, B, bs, Hkv, D]`. `packs` > 0: at most
   that many rows commit, and the decoder computes every row's current block and the previous blocks of `packs`
   rows, the committing ones first (`packing`): what the others' previous blocks would cost is not spent."""
   bs, start = ctx.bs, c.blk * ctx.bs
@@ -433,8 +442,7 @@ def fused_pass(ctx: _Context, c: _Carry, commit: jax.Array, cache: KV, packs: in
                            window[:, bs:] < ctx.limit[:, None]], axis=1)
   packed = packing(commit, packs, bs) if packs else None
   hidden, kv = forward(ctx, c.ids, window, valid, jnp.where(commit, start - bs, start), cache, True, packed)
-  previous = jax.tree.map(lambda a: a[:, :, :bs], kv)
-  return hidden[:, bs:], kv_cache.write(cache, previous, start - bs, commit, ctx.placement.cache)
+  return hidden[:, bs:], jax.tree.map(lambda a: a[:, :, :bs], kv)
 
 
 def packing(commit: jax.Array, packs: int, bs: int) -> jax.Array:
