@@ -7,8 +7,8 @@ each per step for a 36-layer model, all of the cache's bytes moved twice more pe
 layer's cache tiles straight from the stacked array (the layer index is a scalar-prefetch operand), a row's tile
 with all its kv heads at a time, with an online softmax over the tiles and the window's own keys last; tiles past
 a row's last valid slot are neither loaded nor computed. Queries of a kv head's group are rows of one matrix
-(`group x window` rows), so GQA costs no repeated keys. Masks are `masks.allowed` of the spec's arrays, as in every backend.
-Forward only (decoding); runs in the Pallas interpreter off TPU (tests).
+(`group x window` rows), so GQA costs no repeated keys. Masks are `masks.allowed` of the spec's arrays, as in every
+backend. Forward only (decoding); runs in the Pallas interpreter off TPU (tests).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dvl_jax.attention import masks, shards, splash
 from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.spec import AttentionSpec
 
-LANES = 128
+LANES = splash.LANES  # a kv-index tile is a row of lanes
 _NEG = -1e30  # finite: a row with no allowed key stays finite (its output is 0)
 
 
@@ -139,19 +139,15 @@ def _attend_local(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec,
   q_rows = q.reshape(b, lq, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
   heads_major = lambda x: x.transpose(0, 2, 1, 3)  # [B, Lk, Hkv, D] -> [B, Hkv, Lk, D]
 
-  def cache_map(n, t, tiles_ref, layer_ref):  # tiles past the last valid one repeat it: no new DMA
-    return layer_ref[0], n, jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0)), *(0,) * (len(cache_block) - 3)
-
-  def cache_row_map(n, t, tiles_ref, layer_ref):
-    return n, 0, jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0))
-
   per_row = lambda *shape: pl.BlockSpec((None, *shape), lambda n, t, *_: (n,) + (0,) * len(shape))  # noqa: E731
   # One kv head (a device's share under tensor parallelism) drops its axis: XLA:TPU keeps a `[..., 1, D]` array in
   # a layout whose last two dims are not (1, D) (those would pad 8x), and relayouted the whole cache for the kernel.
   cache_block = (None, None, tile, d) if hkv == 1 else (None, None, tile, hkv, d)
   keys, values = (c.reshape(c.shape[:3] + c.shape[4:]) if hkv == 1 else c for c in (prefix.keys, prefix.values))
-  cache_spec = pl.BlockSpec(cache_block, cache_map)
-  cache_row = pl.BlockSpec((None, 1, tile), cache_row_map)
+  last = lambda n, t, tiles_ref: jnp.minimum(t, jnp.maximum(tiles_ref[n] - 1, 0))  # noqa: E731  (no new DMA past it)
+  cache_spec = pl.BlockSpec(cache_block, lambda n, t, tiles_ref, layer_ref: (
+      layer_ref[0], n, last(n, t, tiles_ref), *(0,) * (len(cache_block) - 3)))
+  cache_row = pl.BlockSpec((None, 1, tile), lambda n, t, tiles_ref, _: (n, 0, last(n, t, tiles_ref)))
   kernel = functools.partial(_kernel, kind=spec.kind, block_size=spec.block_size or 1, half_len=spec.half_len,
                              scale=d ** -0.5, length=lp)
   out = pl.pallas_call(

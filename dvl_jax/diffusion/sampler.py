@@ -401,8 +401,10 @@ def fused_step(ctx: _Context, c: _Carry) -> _Carry:
   def written(result: tuple[jax.Array, KV]) -> tuple[jax.Array, KV]:  # (hidden, K/V in the cache's dtype)
     return result[0], jax.tree.map(lambda x, a: x.astype(a.dtype), result[1], c.cache)
 
-  nothing = jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (ctx.bs,) + a.shape[3:], a.dtype), c.cache)
-  branches = [lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], nothing),
+  def nothing(cache: KV) -> KV:  # what a forward without commits hands the write (which drops it)
+    return jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (ctx.bs,) + a.shape[3:], a.dtype), cache)
+
+  branches = [lambda cache: (block_pass(ctx, c.ids, c.blk, cache, False)[0], nothing(cache)),
               lambda cache: written(block_pass(ctx, c.ids, c.blk - commit, cache, True)),
               lambda cache: written(fused_pass(ctx, c, commit, cache)),
               *([lambda cache: written(fused_pass(ctx, c, commit, cache, packs=packs))] if packs else [])]

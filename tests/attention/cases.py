@@ -127,3 +127,15 @@ def cache_prefix_window(cache: int, window: int, kind: str, *, layers: int = 3, 
                                                                                 head_dim), jnp.int32(1))
   q, k, v = (normal(batch, window, h, head_dim) for h in (heads[0], heads[1], heads[1]))
   return q, k, v, spec, prefix
+
+
+def assert_reads_the_prefix_layer(out: jax.Array, q, k, v, spec: AttentionSpec, prefix: CachePrefix) -> np.ndarray:
+  """`out` of a cache-prefix kernel equals the dense reference over `[layer of the cache ; k]` on the rows with an
+  allowed key (within 1e-5), and that layer is the prefix's (another layer's numbers differ); -> those rows."""
+  ref = np.asarray(attend_dense(q, *prefix.joined(k, v), spec))
+  rows = np.asarray(spec.dense().any(-1))
+  assert rows.sum() < rows.size  # an invalid query row, whose output nobody reads
+  np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], atol=1e-5, rtol=0)
+  other_layer = attend_dense(q, *prefix._replace(layer=jnp.int32(2)).joined(k, v), spec)
+  assert np.abs(np.asarray(other_layer) - ref)[rows].max() > 1e-2  # the layer index is read
+  return rows

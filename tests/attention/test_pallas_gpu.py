@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dvl_jax.attention import block_table, pallas_gpu
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.parallel.mesh import make_mesh
-from tests.attention.cases import Case, cache_prefix_window, cache_window, max_errors, problem, targeting
+from tests.attention.cases import (Case, assert_reads_the_prefix_layer, cache_prefix_window, cache_window,
+                                   max_errors, problem, targeting)
 
 TILE = 16  # small tiles: several per sequence, so skipping and tile boundaries are exercised
 
@@ -121,12 +122,7 @@ def test_a_cache_prefix_read_in_place_matches_the_reference_over_the_concatenati
   cache, window, kind, tile = CACHED[name]
   q, k, v, spec, prefix = cache_prefix_window(cache, window, kind)
   out = jax.jit(functools.partial(pallas_gpu.attend_prefixed, spec=spec, block_k=tile))(q, k, v, prefix=prefix)
-  ref = attend_dense(q, *prefix.joined(k, v), spec)
-  rows = np.asarray(spec.dense().any(-1))
-  assert rows.sum() < rows.size  # an invalid query row, whose output nobody reads
-  np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], atol=1e-5, rtol=0)
-  other_layer = attend_dense(q, *prefix._replace(layer=jnp.int32(2)).joined(k, v), spec)
-  assert np.abs(np.asarray(other_layer) - np.asarray(ref))[rows].max() > 1e-2  # the layer index is read
+  assert_reads_the_prefix_layer(out, q, k, v, spec, prefix)
 
 
 def test_queries_keys_and_values_read_from_one_array_give_the_numbers_of_three():

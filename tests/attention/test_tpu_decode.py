@@ -9,7 +9,7 @@ import pytest
 
 from dvl_jax.attention import tpu_decode
 from dvl_jax.attention.reference import attend_dense
-from tests.attention.cases import cache_prefix_window, targeting
+from tests.attention.cases import assert_reads_the_prefix_layer, cache_prefix_window, targeting
 
 CASES = {  # (cache slots, window, mask kind, cache tile, (query heads, kv heads)): the samplers' steps
     "block-diffusion-window-cache40-one-tile": (40, 8, "block_causal", None, (4, 2)),
@@ -25,13 +25,8 @@ def test_a_cache_read_in_place_matches_the_reference_over_the_concatenation(name
   q, k, v, spec, prefix = cache_prefix_window(cache, window, kind, heads=heads)
   out = np.asarray(jax.jit(functools.partial(tpu_decode.attend_prefixed, spec=spec, block_k=tile))(q, k, v,
                                                                                                   prefix=prefix))
-  ref = np.asarray(attend_dense(q, *prefix.joined(k, v), spec))
-  rows = np.asarray(spec.dense().any(-1))
-  assert rows.sum() < rows.size  # an invalid query row: 0 here, a uniform average in the reference
-  np.testing.assert_allclose(out[rows], ref[rows], atol=1e-5, rtol=0)
-  np.testing.assert_array_equal(out[~rows], 0)
-  other_layer = attend_dense(q, *prefix._replace(layer=jnp.int32(2)).joined(k, v), spec)
-  assert np.abs(np.asarray(other_layer) - ref)[rows].max() > 1e-2  # the layer index is read
+  rows = assert_reads_the_prefix_layer(out, q, k, v, spec, prefix)
+  np.testing.assert_array_equal(out[~rows], 0)  # an invalid query row: 0 here, a uniform average in the reference
 
 
 def test_stale_slots_get_no_weight_at_all():
