@@ -141,6 +141,9 @@ def step(ctx: _Context, c: _Carry) -> _Carry:
   x = ctx.model.embed(jnp.take_along_axis(c.tokens, (c.t - 1)[:, None], axis=1))
   spec = kv_cache.window_spec(slot[:, None], jnp.ones((b, 1), bool), slot, ctx.max_len, kind="causal")
   hidden, kv = ctx.model.decode(x, pos, spec, kv_cache.pinned(c.cache, ctx.placement.cache), return_kv=True)
+  # Everything after the forward waits for all of it: compiled for TPUs on a mesh with one kv head per chip,
+  # XLA:TPU otherwise copied the whole value cache twice per step (to keep a layer's read apart from the write).
+  hidden, kv = jax.lax.optimization_barrier((hidden, kv))
   cache = kv_cache.write(c.cache, kv, slot, active, ctx.placement.cache)
   logits = ctx.model.logits(hidden)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)

@@ -65,7 +65,10 @@ def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: ja
 
   In place: one scatter of the enabled rows' windows, the others' indices past the cache (dropped). Writing
   every row's window instead (a disabled row writing back what the window held) read those windows with a gather
-  that XLA:TPU served by relayouting the whole stacked cache, twice per AR step. On a mesh (`sharding`, the
+  that XLA:TPU served by relayouting the whole stacked cache, twice per AR step. Each (layer, row, slot) is an
+  index of the scatter and `[kv_heads, head_dim]` its window: with the layers in the window, a device holding one
+  kv head (tensor parallel over all of them) saw `[layers, head_dim]` windows, and XLA:TPU kept its cache with the
+  layers second-minor, relayouting it for the decoding kernel at every forward. On a mesh (`sharding`, the
   cache's) each device scatters into its own rows (`shard_map`): the partitioner would all-gather a scatter's
   global row indices and updates.
   """
@@ -80,11 +83,11 @@ def write(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array, sharding: ja
 
 
 def _scatter(cache: KV, kv: KV, starts: jax.Array, enabled: jax.Array) -> KV:
-  b, n, max_len = kv[0].shape[1], kv[0].shape[2], cache[0].shape[2]
+  layers, b, n, max_len = kv[0].shape[:3] + cache[0].shape[2:3]
   starts = jnp.clip(starts, 0, max_len - n)
   slots = jnp.where(enabled[:, None], starts[:, None], max_len) + jnp.arange(n)  # [B, n]
-  rows = jnp.arange(b)[:, None]
-  return tuple(c.at[:, rows, slots].set(x.astype(c.dtype), mode="drop", unique_indices=True)
+  rows, layer = jnp.arange(b)[:, None], jnp.arange(layers)[:, None, None]
+  return tuple(c.at[layer, rows, slots].set(x.astype(c.dtype), mode="drop", unique_indices=True)
                for c, x in zip(cache, kv))
 
 

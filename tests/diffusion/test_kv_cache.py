@@ -1,6 +1,8 @@
 """`kv_cache.write`: the enabled rows' windows land where they should, nothing else changes, on one device or a
 mesh, and the write reads nothing back from the cache."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,15 @@ def test_the_write_reads_nothing_back_from_the_cache():
   cache, new, starts, enabled = _inputs()
   jaxpr = str(jax.make_jaxpr(kv_cache.write)(cache, new, starts, enabled))
   assert "gather" not in jaxpr and "scatter" in jaxpr
+
+
+def test_every_layer_row_and_slot_is_an_index_and_only_heads_and_dims_a_window():
+  """With the layers inside the scatter's window a device holding one kv head saw `[layers, head_dim]` windows,
+  and XLA:TPU kept its cache layers-second-minor, relayouting it for the decoding kernel at every forward."""
+  cache, new, starts, enabled = _inputs()
+  text = jax.jit(kv_cache.write).lower(cache, new, starts, enabled).as_text()
+  dims = re.findall(r"update_window_dims = \[([\d, ]*)\], inserted_window_dims = \[([\d, ]*)\]", text)
+  assert len(dims) == 2 and all(inserted == "0, 1, 2" for _, inserted in dims), dims
 
 
 def test_on_a_mesh_each_device_writes_its_own_rows_without_collectives():
