@@ -102,8 +102,9 @@ def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple[jax.Array, jax
   positions = jnp.moveaxis(inputs[0], 0, -2)  # the model's [B, W] or [3, B, W]
   b, w = prompt.ids.shape
   spec = AttentionSpec.self_attention(jnp.arange(w)[None, :] < lengths[:, None], kind="causal")
-  hidden, kv = ctx.model.decode(prompt.embeds, positions, spec, return_kv=True)
-  cache = kv_cache.write_prefix(cache, kv, ctx.placement.cache)
+  hidden, cache = ctx.model.decode(prompt.embeds, positions, spec,
+                                  fill=kv_cache.pinned(cache, ctx.placement.cache))
+  cache = kv_cache.pinned(cache, ctx.placement.cache)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
   first, _ = sampler_common.propose_if_sampling(ctx.config, ctx.model.logits(last), ctx.rows.keys,
                                                 jnp.zeros((b,), jnp.int32), lengths > 0, ctx.placement)

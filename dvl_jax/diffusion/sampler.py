@@ -179,8 +179,7 @@ def start(ctx: _Context, cache: KV, prompt: Prompt, inputs: tuple) -> _Carry:
   """The prefill, then every row at its first block: the prompt ids, the mask id elsewhere, slots
   `[P, limit)` to decode."""
   prefilled = ctx.first_blk > 0
-  cache = jax.lax.cond(jnp.any(prefilled), lambda c: kv_cache.write_prefix(c, prefill(ctx, prompt), ctx.placement.cache),
-                       lambda c: c, cache)
+  cache = jax.lax.cond(jnp.any(prefilled), lambda c: prefill(ctx, prompt, c), lambda c: c, cache)
   mask_id = ctx.model.config.mask_token_id
   b, w = prompt.ids.shape
   plen, slots = prompt.lengths[:, None], jnp.arange(ctx.max_len)[None, :]
@@ -222,12 +221,15 @@ def _at(a: jax.Array, window: jax.Array) -> jax.Array:
 _put = jax.vmap(lambda a, i, x: a.at[i].set(x))  # `a` `[B, M]` written at `[B, n]`: row-sharded arrays update locally
 
 
-def prefill(ctx: _Context, prompt: Prompt) -> KV:
-  """One block-causal pass over each row's whole prompt blocks: their K/V `[layers, B, W, ...]` (spec §6.2)."""
+def prefill(ctx: _Context, prompt: Prompt, cache: KV) -> KV:
+  """One block-causal pass over each row's whole prompt blocks, their K/V written into `cache`'s first slots
+  (spec §6.2) layer by layer."""
   b, w = prompt.ids.shape
   valid = jnp.arange(w)[None, :] < (ctx.first_blk * ctx.bs)[:, None]
   spec = AttentionSpec.self_attention(valid, kind="block_causal", block_size=ctx.bs)
-  return ctx.model.decode(prompt.embeds, jnp.broadcast_to(jnp.arange(w), (b, w)), spec, return_kv=True)[1]
+  positions = jnp.broadcast_to(jnp.arange(w), (b, w))
+  _, cache = ctx.model.decode(prompt.embeds, positions, spec, fill=kv_cache.pinned(cache, ctx.placement.cache))
+  return kv_cache.pinned(cache, ctx.placement.cache)
 
 
 def forward(ctx: _Context, ids: jax.Array, window: jax.Array, valid: jax.Array, cache_end: jax.Array, cache: KV,

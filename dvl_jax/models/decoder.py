@@ -115,25 +115,33 @@ class TextModel(nnx.Module):
     self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=pd)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, spec: AttentionSpec,
-               cache: KV | None = None, *, return_kv: bool = False, packing: Packing | None = None
-               ) -> tuple[jax.Array, KV | None]:
+               cache: KV | None = None, *, return_kv: bool = False, packing: Packing | None = None,
+               fill: KV | None = None) -> tuple[jax.Array, KV | None]:
     """x `[B, L, H]` embeddings -> normed hidden `[B, L, H]` and, if asked, per-layer new K/V.
 
     `cache` is `(k, v)` each `[layers, B, Lc, kv_heads, head_dim]`, read (never written) as a prefix;
     returned K/V are `[layers, B, L, kv_heads, head_dim]`. `packing`: only its positions are computed (the
-    others' hidden states and K/V are zeros); one device only (the packed stream mixes rows).
+    others' hidden states and K/V are zeros); one device only (the packed stream mixes rows). `fill`: a cache
+    `[layers, B, Lf >= L, ...]` each layer writes its K/V into at slots `[0, L)` as it runs, returned in place of
+    the K/V (a prefill then never holds every layer's K/V beside the cache: as much memory again).
     """
     pin = lambda h: constrain(h, ROWS)  # noqa: E731
     if packing is not None:  # the packed stream has no rows to pin
       x, cos, sin = packing.pack(x), packing.pack(cos), packing.pack(sin)
       pin = lambda h: h  # noqa: E731
 
-    def body(layer: DecoderLayer, h: jax.Array, index: jax.Array | None):
+    def body(layer: DecoderLayer, carry: tuple[jax.Array, KV | None], index: jax.Array | None):
+      h, filled = carry
       prefix = None if cache is None else CachePrefix(*cache, index)  # the whole cache: no per-layer copies
       h, kv = layer(pin(h), cos, sin, spec, prefix, packing)
-      return pin(h), (kv if return_kv else None)
+      if filled is not None:
+        filled = tuple(jax.lax.dynamic_update_slice(f, new[None].astype(f.dtype), (index, 0, 0, 0, 0))
+                       for f, new in zip(filled, kv))
+      return (pin(h), filled), (kv if return_kv and filled is None else None)
 
-    layers = None if cache is None else np.arange(cache[0].shape[0], dtype=np.int32)  # constants when unrolled
-    h, kv = run_stack(self.layers, x, body, layers, remat_policy=self.remat_policy)
+    indexed = cache if cache is not None else fill
+    layers = None if indexed is None else np.arange(indexed[0].shape[0], dtype=np.int32)  # constants when unrolled
+    (h, filled), kv = run_stack(self.layers, (x, fill), body, layers, remat_policy=self.remat_policy)
+    kv = filled if fill is not None else kv
     h = self.norm(h)
     return (h if packing is None else packing.unpack(h)), kv

@@ -44,14 +44,15 @@ class DecoderLM(nnx.Module):
     return self.text.embed_tokens(input_ids)
 
   def decode(self, embeds: jax.Array, positions: jax.Array, spec: AttentionSpec, cache: KV | None = None,
-             *, return_kv: bool = False, packed: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+             *, return_kv: bool = False, packed: jax.Array | None = None,
+             fill: KV | None = None) -> tuple[jax.Array, KV | None]:
     """Decoder over embeddings with `[B, L]` (flat) or `[3, B, L]` (M-RoPE) positions."""
     t = self.config.text
     b, n = embeds.shape[:2]
     packing = None if packed is None else Packing(packed, b, n)
     with jax.named_scope("decoder"):  # names the decoder's ops in profiles (`benchmarks/sampling.py --split`)
       cos, sin = text_rope(positions, t.head_dim, t.rope_theta, t.mrope_section, dtypes(self.config)[1])
-      return self.text(embeds, cos, sin, spec, cache, return_kv=return_kv, packing=packing)
+      return self.text(embeds, cos, sin, spec, cache, return_kv=return_kv, packing=packing, fill=fill)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """lm_head (tied or not) in the compute dtype, returned in fp32 (spec §10.7)."""

@@ -11,13 +11,15 @@ The pieces, in the order a forward runs them:
   `[N_tokens, H]` features, one per image token (row-major over the batch). A text-only family raises.
 * `embed(input_ids, image_features=None)`: `[B, L]` ids -> `[B, L, H]` embeddings, the features spliced at
   the `config.image_token_id` positions in order.
-* `decode(embeds, positions, spec, cache=None, *, return_kv=False, packed=None)`: the decoder stack over
+* `decode(embeds, positions, spec, cache=None, *, return_kv=False, packed=None, fill=None)`: the decoder stack over
   `[B, L, H]` embeddings at `positions` (`[B, L]` flat or `[3, B, L]` M-RoPE) under an `AttentionSpec`; `cache`
   is a read-only KV prefix `(k, v)` each `[layers, B, Lc, kv_heads, head_dim]`. Returns the final-normed hidden
   states `[B, L, H]` and, if asked, this call's K/V `[layers, B, L, kv_heads, head_dim]`. `packed` `[P]` (flat
   indices into the `B * L` positions; one device): compute those positions only, attention in the padded layout
   (the spec marks the others invalid), the others' hidden states and K/V zeros: the block sampler's fused
-  commit of a few rows' previous blocks (`SamplingConfig.packed_commit_share`).
+  commit of a few rows' previous blocks (`SamplingConfig.packed_commit_share`). `fill`: a KV cache
+  `[layers, B, Lf >= L, ...]` each layer writes its K/V into at slots `[0, L)`, returned in place of the K/V
+  (the samplers' prefill: no copy of every layer's K/V beside the cache).
 * `logits(hidden)`: `[..., H]` -> `[..., vocab]` fp32 (spec §10.7).
 * `positions(input_ids, image_grid_thw, attention_mask, mode)`: host-side position ids for a prompt
   (`mode` "flat" or "mrope"; an array passes through).
@@ -57,7 +59,8 @@ class DiffusionLM(Protocol):
     ...
 
   def decode(self, embeds: jax.Array, positions: jax.Array, spec: AttentionSpec, cache: KV | None = None,
-             *, return_kv: bool = False, packed: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+             *, return_kv: bool = False, packed: jax.Array | None = None,
+             fill: KV | None = None) -> tuple[jax.Array, KV | None]:
     ...
 
   def logits(self, hidden: jax.Array) -> jax.Array:

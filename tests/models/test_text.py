@@ -101,6 +101,25 @@ def test_kv_prefix_reproduces_full_causal_pass():
   np.testing.assert_allclose(np.asarray(tail), np.asarray(full[:, 6:]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_decode_fills_a_cache_layer_by_layer_with_the_k_v_it_would_return(scan):
+  """`decode(fill=cache)` (the samplers' prefill): each layer's K/V land in the cache's first slots, the rest of the
+  cache keeps its values, and the hidden states are those of the plain call."""
+  from dvl_jax.attention.spec import AttentionSpec
+
+  model = tiny_model(tiny_config(scan_layers=scan), seed=6)
+  rng = np.random.default_rng(6)
+  emb = model.embed(jnp.asarray(rng.integers(3, 200, (2, 5))))
+  pos, spec = jnp.arange(5)[None].repeat(2, 0), AttentionSpec.self_attention(jnp.ones((2, 5)), kind="causal")
+  hidden, kv = jax.jit(lambda e: model.decode(e, pos, spec, return_kv=True))(emb)
+  cache = tuple(jnp.asarray(rng.normal(size=(a.shape[0], 2, 9, *a.shape[3:])), a.dtype) for a in kv)
+  got_hidden, filled = jax.jit(lambda e, c: model.decode(e, pos, spec, fill=c))(emb, cache)
+  np.testing.assert_array_equal(np.asarray(got_hidden), np.asarray(hidden))
+  for got, new, old in zip(filled, kv, cache):
+    np.testing.assert_array_equal(np.asarray(got[:, :, :5]), np.asarray(new))
+    np.testing.assert_array_equal(np.asarray(got[:, :, 5:]), np.asarray(old[:, :, 5:]))
+
+
 def test_the_model_call_takes_the_block_size_for_block_causal_from_the_config():
   """`mask_kind="block_causal"` used to fall back silently to plain causal attention (block size 1)."""
   from dvl_jax.attention.spec import AttentionSpec
