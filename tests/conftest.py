@@ -58,3 +58,10 @@ def _room_for_the_next_test():
   if (warning := mappings.warning()) is not None:
     jax.clear_caches()
     print(f"\nconftest: cleared the compiled programs: {warning}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Files with slow (end-to-end) tests first, otherwise in collection order: under `--dist loadfile` a worker
+  takes the next file when it is free, so the longest ones (the demos, collected last) ran at the end while the
+  other worker sat idle; first, the short files fill in around them."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
