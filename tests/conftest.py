@@ -59,10 +59,3 @@ def _room_for_the_next_test():
     jax.clear_caches()
     print(f"\nconftest: cleared the compiled programs: {warning}")
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """Files with slow (end-to-end) tests first, otherwise in collection order: under `--dist loadfile` a worker
-  takes the next file when it is free, and the longest ones (the demos, with few tests: xdist's default order, by
-  test count, put them last) ran at the end while the other worker sat idle; first, the short files fill in around
-  them (`--no-loadscope-reorder` in pyproject's addopts keeps this order)."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

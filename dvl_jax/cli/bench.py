@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 BENCHMARKS = ("accelerator", "attention", "convert", "gpu_programs", "original", "random_checkpoint", "sampling",
-              "serve", "train", "train_memory")
+              "serve", "tpu_programs", "train", "train_memory")
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
