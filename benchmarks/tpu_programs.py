@@ -44,6 +44,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _OP = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(")
 _CALLED = re.compile(r"\b(?:condition|body|to_apply|calls)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_LOOP_PARTS = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
 _IN_PLACE = {"scatter", "dynamic-update-slice"}
 _SKIPPED = {"parameter", "get-tuple-element", "bitcast", "tuple", "custom-call", "copy-done"}
 
@@ -59,12 +60,12 @@ def cache_ops(hlo: str, cache_elements: int) -> collections.Counter:
       lines = computations.setdefault(m.group(1), [])
     else:
       lines.append(line)
-  calls = {name: set(_CALLED.findall("\n".join(body))) |
-           {b.strip().lstrip("%") for group in _BRANCHES.findall("\n".join(body)) for b in group.split(",")}
-           for name, body in computations.items()}
+  texts = {name: "\n".join(body) for name, body in computations.items()}
+  calls = {name: set(_CALLED.findall(text)) |
+           {b.strip().lstrip("%") for group in _BRANCHES.findall(text) for b in group.split(",")}
+           for name, text in texts.items()}
   in_loop: set[str] = set()
-  pending = [c for body in computations.values() for line in body for c in re.findall(r"\b(?:body|condition)="
-                                                                                       r"%?([\w.\-]+)", line)]
+  pending = [part for text in texts.values() for part in _LOOP_PARTS.findall(text)]
   while pending:
     name = pending.pop()
     if name not in in_loop:

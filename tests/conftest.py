@@ -58,4 +58,3 @@ def _room_for_the_next_test():
   if (warning := mappings.warning()) is not None:
     jax.clear_caches()
     print(f"\nconftest: cleared the compiled programs: {warning}")
-

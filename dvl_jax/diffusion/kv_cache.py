@@ -52,7 +52,8 @@ def _zeros(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding |
 
 
 def write_prefix(cache: KV, kv: KV, sharding: jax.sharding.Sharding | None = None) -> KV:
-  """Writes `[layers, B, n, ...]` new K/V into slots `[0, n)` of every row (prefill); `sharding`: see `write`."""
+  """Writes `[layers, B, n, ...]` K/V into slots `[0, n)` of every row (the serving engine's decoded view, back
+  into its whole cache; a prefill fills the cache inside the decoder, `decode(fill=)`); `sharding`: see `write`."""
   cache, kv = pinned(cache, sharding), pinned(kv, sharding)
   return pinned(tuple(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=2) for c, x in zip(cache, kv)),
                 sharding)
