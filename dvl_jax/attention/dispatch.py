@@ -119,6 +119,12 @@ def reads_joint(backend: str, batch: int, kv_heads: int) -> bool:
           and (split is None or split.heads is None))
 
 
+def reads_cache_in_place(backend: str = "auto") -> bool:
+  """Whether decoding with `backend` reads the KV cache where it is, each row's live tiles only (the own GPU
+  kernel; TPU's decoding kernel): attending to a shorter prefix of the cache then saves only dead tiles' checks."""
+  return _IMPLS[resolve_backend(backend)].attend_prefixed is not None
+
+
 def _runnable(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str,
               prefix: CachePrefix | None) -> _Backend:
   """The backend that runs these inputs: the chosen one or the next that can (one warning per backend and

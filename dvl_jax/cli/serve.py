@@ -18,10 +18,10 @@ from dvl_jax.cli.checkpoint_args import (add_layer_layout, add_pixel_bounds, che
                                          load_processor)
 from dvl_jax.cli.generate import add_sampling_options, load_mesh
 from dvl_jax.diffusion.sampling_config import SamplingConfig
-from dvl_jax.serving.engine import MAX_PROMPT, longest_prompt
+from dvl_jax.serving.engine import DEFAULT_VIEWS, MAX_PROMPT, longest_prompt
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "slots": 8, "max_prompt": None, "chunk": 16, "admit_every": 2,
-            "views": 7,
+            "views": None,
             "max_queue": 64, "request_timeout": 600.0, "grace_period": 30.0, "max_body_bytes": 64 * 2 ** 20,
             "max_images": 8, "max_image_bytes": 20 * 2 ** 20, "max_image_pixels": 4096 * 4096}
 
@@ -60,8 +60,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       f"its slot (default: {d['admit_every']})")
   engine.add_argument("--views", type=int, default=d["views"], help="cache lengths a decoding chunk may attend to "
                       "(the whole cache, then each about 0.71 of the one before: 7 reach down to 1/8): each chunk "
-                      "reads the shortest that holds its requests, at one compile per view (default: {})"
-                      .format(d["views"]))
+                      "reads the shortest that holds its requests, at one compile per view (default: "
+                      f"{DEFAULT_VIEWS} where attention reads the whole view, as on a CPU; 1 on GPUs and TPUs, "
+                      "whose decoding kernels read only each row's live part of the cache)")
   engine.add_argument("--mesh", default=None, help="device mesh data,fsdp,tensor (e.g. 1,2,4), or auto: "
                       "dvl.suggest_mesh for --slots (default: one device)")
   engine.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -24,6 +24,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from dvl_jax.attention import dispatch
 from dvl_jax.core import mappings
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache
@@ -38,6 +39,7 @@ from dvl_jax.serving.request import Request, Result
 # most of its cost (the demo's model, 8 slots: 1.3 ms at 160 slots, 2.0 at 320, 3.9 at 640), and a request with
 # an image (~390 slots with its answer) in any slot sets the view for all: halving views left it at 640.
 VIEW_RATIO = 2 ** -0.5
+DEFAULT_VIEWS = 7  # `Engine(views=None)` where attention reads the whole view (a CPU)
 MAX_PROMPT = 1024  # `longest_prompt`'s cap: a server's default
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,10 @@ class Engine:
   client sends its next request when the last one's answer reaches it). `views`: how many
   cache lengths a decoding chunk may attend to (`max_len`, then each `VIEW_RATIO` of the one before, in whole
   blocks): each chunk takes the shortest that holds every busy request, so attention costs what the requests in
-  the slots need, at one `generate` compile per view. `config.compact_rows` (one device only): each chunk runs
+  the slots need, at one `generate` compile per view. Default (None): `DEFAULT_VIEWS` where the model's attention
+  backend reads the whole cache (a CPU's dense attention), 1 where it reads each row's live tiles in place (the
+  GPU and TPU kernels: a shorter view would save nothing there, and its slice of the cache is copied in and out
+  every chunk). `config.compact_rows` (one device only): each chunk runs
   only the narrowest of `S`, S/2, ..., 1 rows that holds its busy slots, one compile per view and row width: where
   a forward's cost grows with its rows (a CPU), the few requests left after a burst no longer pay for a whole
   batch's; on an accelerator a forward over a few rows costs about one row's, so it is off by default.
@@ -109,7 +114,9 @@ class Engine:
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, admit_every: int = 2,
-               views: int = 7):
+               views: int | None = None):
+    if views is None:
+      views = 1 if dispatch.reads_cache_in_place(model.config.attention_backend) else DEFAULT_VIEWS
     if min(slots, chunk, admit_every, views) < 1:
       raise ValueError(f"slots, chunk, admit_every and views must be >= 1, got slots={slots}, chunk={chunk}, "
                        f"admit_every={admit_every}, views={views}")
