@@ -64,7 +64,6 @@ SIDE_FILES_LAYOUT = ""
 STAGE1_LM = Layout("qwen2 LM", (("model.", LM),), ("model.",))
 STAGE1_VISION = Layout("siglip", (("vision_model.", "model.vision_tower.vision_model."),), ("vision_model.",))
 STAGE1_UNUSED = ("text_model.", "logit_scale", "logit_bias", "vision_model.head.")
-STAGE1_NEW = ("projector", "image_newline")  # first names of the params stage 1 initialises
 
 
 def stage1_removed_layer(depth: int) -> str:
