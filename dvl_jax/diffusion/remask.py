@@ -129,12 +129,17 @@ def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
 
 def _top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
   """Removes tokens whose cumulative probability (sorted descending) exceeds `top_p` (broadcast to `logits`),
-  shifted right by one."""
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  shifted right by one.
+
+  Sorted with the vocabulary index alongside (a stable sort: ties by lowest index first), then sorted back by that
+  index: no gather or scatter. With the vocabulary split over a mesh's `tensor` axis, `take_along_axis` /
+  `put_along_axis` made XLA build and all-gather `[..., vocab, 3]` int32 index arrays (the serving engine's
+  block-diffusion chunk, 8 slots of a 3B model on a v5e 1,2,2 mesh: 2.96 GiB of temporaries per chip)."""
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  descending, order = jax.lax.sort((-logits, index), dimension=logits.ndim - 1, num_keys=1, is_stable=True)
+  cumulative = jnp.cumsum(jax.nn.softmax(-descending, axis=-1), axis=-1)
   remove = jnp.concatenate([jnp.zeros_like(cumulative[..., :1], bool), cumulative[..., :-1] > top_p], axis=-1)
-  remove_unsorted = jnp.put_along_axis(jnp.zeros_like(remove), order, remove, axis=-1, inplace=False)
+  _, remove_unsorted = jax.lax.sort((order, remove), dimension=logits.ndim - 1, num_keys=1)
   return jnp.where(remove_unsorted, -jnp.inf, logits)
 
 

@@ -115,3 +115,34 @@ def test_a_greedy_program_compiles_no_sampling():
   assert "stablehlo.sort" in hlo(SamplingConfig(temperature=0.5))
   assert sampler_common.compile_key(SamplingConfig(temperature=0.5, top_k=3, top_p=0.9)) == \
       sampler_common.compile_key(SamplingConfig(temperature=1.5))
+
+
+def _top_p_oracle(logits: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+  """NumPy restatement of the top-p filter (float64): sort each row descending, a tie going to the lower index
+  first; a token is removed when the probability of the tokens sorted before it exceeds p -> the removed mask."""
+  order = np.argsort(-logits, axis=-1, kind="stable")
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  before = np.cumsum(np.take_along_axis(probs, order, -1), -1) - np.take_along_axis(probs, order, -1)
+  removed = np.zeros(logits.shape, bool)
+  np.put_along_axis(removed, order, before > top_p[..., None], -1)
+  return removed, before
+
+
+def test_top_p_matches_the_oracle_and_splits_a_tie_at_the_cutoff_by_index():
+  """Rows of a `[B, n, V]` batch with their own p; the first row's tied tokens 1, 2, 3 straddle the cutoff (0.3
+  before them, then 0.5, then 0.7 > p = 0.6): 1 and 2 stay, 3 goes. No gather or scatter: on a mesh that splits
+  the vocabulary they made XLA all-gather `[..., V, 3]` index arrays."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(3, 4, 50)) * 2
+  logits[0, 0, :5] = np.log([0.1, 0.2, 0.2, 0.2, 0.3]) + 40  # far above the rest: the row's mass is these five
+  top_p = np.array([[0.6, 0.9, 0.3, 0.99], [0.5, 0.7, 0.1, 0.8], [0.95, 0.2, 0.6, 0.4]])
+  removed, before = _top_p_oracle(logits, top_p)
+  assert np.abs(before - top_p[..., None]).min() > 1e-4  # no cutoff within float32's rounding of the sums
+  got = jax.jit(remask._top_p)(jnp.asarray(logits, jnp.float32), jnp.asarray(top_p, jnp.float32)[..., None])
+  np.testing.assert_array_equal(np.isneginf(np.asarray(got)), removed)
+  assert removed[0, 0, 3] and not removed[0, 0, [1, 2, 4]].any() and removed[0, 0, 5:].all()
+  kept = np.asarray(got)[~removed]
+  np.testing.assert_array_equal(kept, logits.astype(np.float32)[~removed])  # kept logits pass through unchanged
+  jaxpr = str(jax.make_jaxpr(remask._top_p)(jnp.asarray(logits, jnp.float32), 0.9))
+  assert "gather" not in jaxpr and "scatter" not in jaxpr
