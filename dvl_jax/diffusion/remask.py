@@ -128,19 +128,24 @@ def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
 
 
 def _top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
-  """Removes tokens whose cumulative probability (sorted descending) exceeds `top_p` (broadcast to `logits`),
-  shifted right by one.
+  """Keeps the smallest prefix of the tokens sorted by descending logit (a tie: the lower index first) whose
+  probability exceeds `top_p` (broadcast to `logits`): the tokens sorted before it sum to at most `top_p`.
 
-  Sorted with the vocabulary index alongside (a stable sort: ties by lowest index first), then sorted back by that
-  index: no gather or scatter. With the vocabulary split over a mesh's `tensor` axis, `take_along_axis` /
-  `put_along_axis` made XLA build and all-gather `[..., vocab, 3]` int32 index arrays (the serving engine's
-  block-diffusion chunk, 8 slots of a 3B model on a v5e 1,2,2 mesh: 2.96 GiB of temporaries per chip)."""
-  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  descending, order = jax.lax.sort((-logits, index), dimension=logits.ndim - 1, num_keys=1, is_stable=True)
+  One stable sort of (-logits, vocabulary index) gives the prefix's last token; a token is kept when it comes no
+  later in that order (a larger logit, or the same with an index no larger): no gather, scatter or second sort.
+  With the vocabulary split over a mesh's `tensor` axis, `take_along_axis` / `put_along_axis` into the sorted
+  order made XLA build and all-gather `[..., vocab, 3]` int32 index arrays (the serving engine's block-diffusion
+  chunk, 8 slots of a 3B model on a v5e 1,2,2 mesh: 2.96 GiB of temporaries per chip)."""
+  axis = logits.ndim - 1
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+  descending, order = jax.lax.sort((-logits, index), dimension=axis, num_keys=1, is_stable=True)
   cumulative = jnp.cumsum(jax.nn.softmax(-descending, axis=-1), axis=-1)
-  remove = jnp.concatenate([jnp.zeros_like(cumulative[..., :1], bool), cumulative[..., :-1] > top_p], axis=-1)
-  _, remove_unsorted = jax.lax.sort((order, remove), dimension=logits.ndim - 1, num_keys=1)
-  return jnp.where(remove_unsorted, -jnp.inf, logits)
+  last = jnp.sum(cumulative[..., :-1] <= top_p, axis=-1, keepdims=True)  # the prefix's last sorted position
+  at_last = index == last
+  value = -jnp.max(jnp.where(at_last, descending, -jnp.inf), axis=-1, keepdims=True)
+  token = jnp.max(jnp.where(at_last, order, -1), axis=-1, keepdims=True)
+  kept = (logits > value) | ((logits == value) & (index <= token))
+  return jnp.where(kept, logits, -jnp.inf)
 
 
 def confidence_rank(conf: jax.Array) -> jax.Array:

@@ -131,8 +131,8 @@ def _top_p_oracle(logits: np.ndarray, top_p: np.ndarray) -> np.ndarray:
 
 def test_top_p_matches_the_oracle_and_splits_a_tie_at_the_cutoff_by_index():
   """Rows of a `[B, n, V]` batch with their own p; the first row's tied tokens 1, 2, 3 straddle the cutoff (0.3
-  before them, then 0.5, then 0.7 > p = 0.6): 1 and 2 stay, 3 goes. No gather or scatter: on a mesh that splits
-  the vocabulary they made XLA all-gather `[..., V, 3]` index arrays."""
+  before them, then 0.5, then 0.7 > p = 0.6): 1 and 2 stay, 3 goes. One sort, no gather or scatter: on a mesh
+  that splits the vocabulary those made XLA all-gather `[..., V, 3]` index arrays."""
   rng = np.random.default_rng(5)
   logits = rng.normal(size=(3, 4, 50)) * 2
   logits[0, 0, :5] = np.log([0.1, 0.2, 0.2, 0.2, 0.3]) + 40  # far above the rest: the row's mass is these five
@@ -145,4 +145,4 @@ def test_top_p_matches_the_oracle_and_splits_a_tie_at_the_cutoff_by_index():
   kept = np.asarray(got)[~removed]
   np.testing.assert_array_equal(kept, logits.astype(np.float32)[~removed])  # kept logits pass through unchanged
   jaxpr = str(jax.make_jaxpr(remask._top_p)(jnp.asarray(logits, jnp.float32), 0.9))
-  assert "gather" not in jaxpr and "scatter" not in jaxpr
+  assert "gather" not in jaxpr and "scatter" not in jaxpr and jaxpr.count("sort[") == 1
