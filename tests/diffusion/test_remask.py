@@ -146,3 +146,20 @@ def test_top_p_matches_the_oracle_and_splits_a_tie_at_the_cutoff_by_index():
   np.testing.assert_array_equal(kept, logits.astype(np.float32)[~removed])  # kept logits pass through unchanged
   jaxpr = str(jax.make_jaxpr(remask._top_p)(jnp.asarray(logits, jnp.float32), 0.9))
   assert "gather" not in jaxpr and "scatter" not in jaxpr and jaxpr.count("sort[") == 1
+
+
+def test_top_k_keeps_each_rows_k_largest_logits_with_their_ties():
+  """NumPy restatement: a token goes when its logit is below the row's k-th largest (0: no filter; k past the
+  vocabulary: none goes). Rows asking at most `PARTIAL_TOP_K` take `lax.top_k`'s k-th value, a batch with a larger
+  k sorts the vocabulary: both give the oracle's masks, ties at the k-th value kept."""
+  rng = np.random.default_rng(6)
+  logits = np.round(rng.normal(size=(5, 3, 600)) * 4, 1).astype(np.float32)  # rounded: many ties
+  for ks in ([0, 1, 7, 40, remask.PARTIAL_TOP_K], [3, 0, remask.PARTIAL_TOP_K + 1, 599, 650]):
+    k = np.array(ks, np.int32)
+    descending = np.sort(logits, axis=-1)[..., ::-1]
+    kth = np.take_along_axis(descending, np.broadcast_to(np.clip(k - 1, 0, 599)[:, None, None], (5, 3, 1)), -1)
+    removed = (k[:, None, None] > 0) & (logits < kth)
+    got = np.asarray(jax.jit(remask._top_k)(jnp.asarray(logits), jnp.asarray(k)[:, None, None]))
+    np.testing.assert_array_equal(np.isneginf(got), removed)
+    np.testing.assert_array_equal(got[~removed], logits[~removed])
+    assert removed[2].any() and not removed[1 if ks[1] == 0 else 0].all()
