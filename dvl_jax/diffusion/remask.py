@@ -111,7 +111,8 @@ def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: j
   per_row = lambda v: v.reshape((-1,) + (1,) * (logits.ndim - 1))
   sampled = temperature > 0
   z = logits / per_row(jnp.where(sampled, temperature, 1.0))
-  z = jax.lax.cond(jnp.any(sampled & (top_k > 0)), lambda z: _top_k(z, per_row(top_k)), lambda z: z, z)
+  top_k = jnp.where(sampled, top_k, 0)  # a greedy row's filter is never read: its k cannot make the others sort
+  z = jax.lax.cond(jnp.any(top_k > 0), lambda z: _top_k(z, per_row(top_k)), lambda z: z, z)
   z = jax.lax.cond(jnp.any(sampled & (top_p < 1)),
                    lambda z: jnp.where(per_row(top_p < 1), _top_p(z, per_row(top_p)), z), lambda z: z, z)
   x0 = jax.vmap(lambda key, lg: jax.random.categorical(key, lg, axis=-1))(keys, z)
