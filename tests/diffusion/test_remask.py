@@ -149,6 +149,46 @@ def test_top_p_matches_the_oracle_and_splits_a_tie_at_the_cutoff_by_index():
   assert "gather" not in jaxpr and "scatter" not in jaxpr and jaxpr.count("sort[") == 1
 
 
+def test_top_p_sorts_the_vocabulary_only_for_a_row_its_top_candidates_do_not_cover(monkeypatch):
+  """A vocabulary wider than `PARTIAL_TOP_K`: rows whose prefix ends among `lax.top_k`'s candidates (peaked) and
+  rows where it does not (flat: p past the top 256's mass, or a tie of 600 tokens split at the cutoff) all give the
+  oracle's masks. The whole-vocabulary sort runs only in a batch with a row of the second kind, and a row gets the
+  same bits alone as in a batch that sorts."""
+  rng = np.random.default_rng(8)
+  logits = rng.normal(size=(4, 2, 1000))
+  logits[0, :, :30] += 8  # peaked: 30 likely tokens
+  logits[1, 1, :30] += 8
+  logits[1, 0, :5] = np.log([0.1, 0.2, 0.2, 0.2, 0.3]) + 40  # a tie straddling p = 0.6 among the candidates
+  logits[2, 1, 100:700] = 40  # a 600-token tie straddling p: its cutoff lies past the candidates
+  top_p = np.array([[0.9, 0.5], [0.6, 0.95], [0.7, 0.5525], [1.0, 0.99]])[..., None]
+  removed, before = _top_p_oracle(logits, top_p[..., 0])
+  filtered = top_p[..., 0] < 1
+  assert np.abs(before - top_p)[filtered].min() > 1e-5  # no cutoff within float32's rounding of 1000 terms
+  removed[~filtered] = False
+  kept = (~removed).sum(-1)
+  assert (kept[:2] < remask.PARTIAL_TOP_K).all() and (kept[2:][filtered[2:]] > remask.PARTIAL_TOP_K).all()
+  assert removed[1, 0, 3] and not removed[1, 0, [1, 2, 4]].any()
+  tie = removed[2, 1, 100:700]
+  assert tie.any() and not tie.all() and (np.diff(tie.astype(int)) >= 0).all()  # the tie's lowest indices stay
+
+  sorts = []
+  whole = remask._sorted_prefix_end
+  def counted(*args):
+    jax.debug.callback(lambda: sorts.append(1))
+    return whole(*args)
+  monkeypatch.setattr(remask, "_sorted_prefix_end", counted)
+  top_p_filter = jax.jit(lambda x, p: remask._top_p(x, p))  # a new function: traced with the counting sort
+  got = np.asarray(top_p_filter(jnp.asarray(logits, jnp.float32), jnp.asarray(top_p, jnp.float32)))
+  np.testing.assert_array_equal(np.isneginf(got), removed)
+  np.testing.assert_array_equal(got[~removed], logits.astype(np.float32)[~removed])
+  assert len(sorts) == 1
+  alone = np.asarray(top_p_filter(jnp.asarray(logits[:2], jnp.float32), jnp.asarray(top_p[:2], jnp.float32)))
+  assert len(sorts) == 1  # rows 0 and 1 end among the candidates: no sort
+  np.testing.assert_array_equal(alone, got[:2])
+  jaxpr = str(jax.make_jaxpr(remask._top_p)(jnp.asarray(logits, jnp.float32), 0.9))
+  assert "gather" not in jaxpr and "scatter" not in jaxpr and jaxpr.count("sort[") == 1 and "top_k" in jaxpr
+
+
 def test_top_k_keeps_each_rows_k_largest_logits_with_their_ties():
   """NumPy restatement: a token goes when its logit is below the row's k-th largest (0: no filter; k past the
   vocabulary: none goes). Rows asking at most `PARTIAL_TOP_K` take `lax.top_k`'s k-th value, a batch with a larger
