@@ -77,17 +77,27 @@ def greedy(logits: jax.Array, chunked: bool = False) -> tuple[jax.Array, jax.Arr
   if chunk == 1:
     top = jnp.max(logits, axis=-1, keepdims=True)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), 1 / jnp.sum(jnp.exp(logits - top), axis=-1)
-  parts = logits.reshape(*logits.shape[:-1], -1, chunk)
-  maxima = jnp.max(parts, axis=-1)
+  maxima = _chunk_maxima(logits, chunk)
   total = jnp.sum(jnp.exp(logits - jnp.max(maxima, axis=-1, keepdims=True)), axis=-1)
-  x0 = jax.lax.cond(jnp.any(jnp.isnan(total)), lambda: jnp.argmax(logits, axis=-1),
-                    lambda: _first_max(parts, maxima, chunk))
-  return x0.astype(jnp.int32), 1 / total
+  return _chunked_argmax(logits, maxima, chunk, jnp.any(jnp.isnan(total))), 1 / total
 
 
 def _argmax_chunk(vocab: int) -> int:
   """The chunk `greedy` splits the vocabulary into: the largest power of two up to 128 that divides it."""
   return vocab & -vocab if vocab & -vocab < 128 else 128
+
+
+def _chunk_maxima(values: jax.Array, chunk: int) -> jax.Array:
+  """`[..., V]` -> the maxima of its `chunk`-wide pieces `[..., V / chunk]`."""
+  return jnp.max(values.reshape(*values.shape[:-1], -1, chunk), axis=-1)
+
+
+def _chunked_argmax(values: jax.Array, maxima: jax.Array, chunk: int, nan: jax.Array) -> jax.Array:
+  """`jnp.argmax(values, -1)` as int32, from the chunks' `maxima` (`_first_max`) unless `nan` (some row holds a
+  NaN; then `jnp.argmax` itself)."""
+  parts = values.reshape(*values.shape[:-1], -1, chunk)
+  return jax.lax.cond(nan, lambda: jnp.argmax(values, axis=-1), lambda: _first_max(parts, maxima, chunk)
+                      ).astype(jnp.int32)
 
 
 def _first_max(parts: jax.Array, maxima: jax.Array, chunk: int) -> jax.Array:
@@ -115,12 +125,22 @@ def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: j
   z = jax.lax.cond(jnp.any(top_k > 0), lambda z: _top_k(z, per_row(top_k)), lambda z: z, z)
   top_p = jnp.where(sampled, top_p, 1.0)  # likewise: a greedy row's p cannot send the others to the sort
   z = jax.lax.cond(jnp.any(top_p < 1), lambda z: _top_p(z, per_row(top_p)), lambda z: z, z)
-  x0 = jax.vmap(lambda key, lg: jax.random.categorical(key, lg, axis=-1))(keys, z)
-  p0 = jnp.take_along_axis(jax.nn.softmax(z if confidence == "sampled" else logits, axis=-1), x0[..., None],
-                           axis=-1)[..., 0]
+  # `jax.random.categorical`: the argmax of the logits plus Gumbel noise, here chunk by chunk when `chunked`
+  perturbed = jax.vmap(lambda key, row: jax.random.gumbel(key, row.shape, row.dtype))(keys, z) + z
+  scored = z if confidence == "sampled" else logits
+  top = jnp.max(scored, axis=-1, keepdims=True)
+  total = jnp.sum(jnp.exp(scored - top), axis=-1)
+  chunk = _argmax_chunk(logits.shape[-1]) if chunked else 1
+  if chunk == 1:
+    x0 = jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
+  else:  # a NaN in `perturbed` is a NaN logit, which makes `total` NaN
+    x0 = _chunked_argmax(perturbed, _chunk_maxima(perturbed, chunk), chunk, jnp.any(jnp.isnan(total)))
+  at_x0 = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == x0[..., None]
+  # softmax(scored) at x0 (to an ulp: fused apart from the sum) without the `[..., V]` probabilities or a gather
+  p0 = jnp.exp(jnp.max(jnp.where(at_x0, scored, -jnp.inf), axis=-1) - top[..., 0]) / total
   gx, gp = greedy(logits, chunked)
   rows = per_row(sampled)[..., 0]
-  return jnp.where(rows, x0.astype(jnp.int32), gx), jnp.where(rows, p0, gp)
+  return jnp.where(rows, x0, gx), jnp.where(rows, p0, gp)
 
 
 def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:

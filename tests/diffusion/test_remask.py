@@ -104,6 +104,24 @@ def test_the_greedy_token_is_the_first_largest_logit_on_chunked_vocabularies():
       np.testing.assert_array_equal(np.isnan(p0), [r in (3, 4, 5, 6) for r in range(9)[rows]])
 
 
+def test_a_sampled_token_is_categoricals_draw_on_chunked_vocabularies():
+  """With `chunked`, a sampled row's token (the argmax of its logits plus Gumbel noise, found chunk by chunk) is
+  `jax.random.categorical`'s with the same key, and its confidence the softmax there; a NaN row sends the batch
+  to `jnp.argmax`, whose answer it then gets."""
+  logits = np.random.default_rng(9).normal(size=(3, 5, 640)).astype(np.float32) * 4
+  logits[2, 1, 7] = np.nan
+  keys = jax.random.split(jax.random.key(11), 3)
+  sample = jax.jit(lambda x, k: remask.propose(x, k, temperature=np.float32(0.8), top_k=0, top_p=1.0, chunked=True))
+  for rows in (slice(0, 2), slice(0, 3)):  # finite rows only (the chunked path), and with the NaN row
+    z = jnp.asarray(logits[rows]) / np.float32(0.8)
+    want = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys[rows], z)
+    x0, p0 = sample(jnp.asarray(logits[rows]), keys[rows])
+    np.testing.assert_array_equal(x0, want)
+    softmax = np.take_along_axis(np.asarray(jax.nn.softmax(z, -1)), np.asarray(want)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(p0[:2], softmax[:2], rtol=1e-6)
+  assert x0[2, 1] == 7 and np.isnan(p0[2, 1])
+
+
 def test_a_greedy_program_compiles_no_sampling():
   """No sort (top-k / top-p) in the decision a greedy sampler compiles, whereas a sampled one has them: the
   compile key keeps whether rows may sample, and the values themselves are arrays."""
