@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +53,9 @@ def propose(logits: jax.Array, keys: jax.Array, *, temperature: float | jax.Arra
   filtered by top-k (keep >= k-th largest) and top-p (smallest prefix of the sorted distribution reaching p, the
   first token always kept), then sampled; the confidence is the sampled token's probability under that modified
   distribution with `confidence="sampled"` (DiffusionVL-QwenVL), under the unmodified `softmax(logits)` with
-  "softmax" (DiffusionVL-Qwen, LLaDA-BD3LM; spec §6.5, §7.5). The filters and the sampling run only when some row samples (`lax.cond`),
-  each filter only when some sampled row asks for it: an all-greedy batch pays for the argmax and its softmax.
+  "softmax" (DiffusionVL-Qwen, LLaDA-BD3LM; spec §6.5, §7.5). The filters and the sampling run only when some
+  row samples (`lax.cond`), each filter only when some sampled row asks for it: an all-greedy batch pays for the
+  argmax and its softmax.
   The branches change no value of a row that does not use them, so a row gets the same bits whatever the others
   ask (one compiled program serves every mix: the serving engine's slots). `chunked`: see `greedy`.
   """
@@ -112,7 +113,7 @@ def _first_max(parts: jax.Array, maxima: jax.Array, chunk: int) -> jax.Array:
   return first * chunk + jnp.argmax(inside, axis=-1)
 
 
-PARTIAL_TOP_K = 256  # top-k filters up to this k find their k-th largest logit without sorting the vocabulary
+PARTIAL_TOP_K = 256  # top-k / top-p candidates from `lax.top_k`, a partial sort of the vocabulary
 
 
 def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -121,9 +122,9 @@ def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: j
   per_row = lambda v: v.reshape((-1,) + (1,) * (logits.ndim - 1))
   sampled = temperature > 0
   z = logits / per_row(jnp.where(sampled, temperature, 1.0))
-  top_k = jnp.where(sampled, top_k, 0)  # a greedy row's filter is never read: its k cannot make the others sort
+  top_k = jnp.where(sampled, top_k, 0)  # a greedy row's filter is never read: its k cannot slow the others
   z = jax.lax.cond(jnp.any(top_k > 0), lambda z: _top_k(z, per_row(top_k)), lambda z: z, z)
-  top_p = jnp.where(sampled, top_p, 1.0)  # likewise: a greedy row's p cannot send the others to the sort
+  top_p = jnp.where(sampled, top_p, 1.0)  # likewise for its p
   z = jax.lax.cond(jnp.any(top_p < 1), lambda z: _top_p(z, per_row(top_p)), lambda z: z, z)
   # `jax.random.categorical`: the argmax of the logits plus Gumbel noise, here chunk by chunk when `chunked`
   perturbed = jax.vmap(lambda key, row: jax.random.gumbel(key, row.shape, row.dtype))(keys, z) + z
@@ -146,14 +147,22 @@ def _sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: j
 def _top_k(logits: jax.Array, top_k: jax.Array) -> jax.Array:
   """Removes tokens below each row's `top_k`-th largest logit (`top_k` broadcast to `logits`; 0: none).
 
-  When no row asks for more than `PARTIAL_TOP_K`, the k-th largest comes from `lax.top_k` (a partial sort: on the
-  CPU a sort of 64 rows of 151,936 logits takes ~2.7 s); otherwise from a sort of the whole vocabulary."""
+  When no row asks for more than `PARTIAL_TOP_K`, the k-th largest comes from `lax.top_k` (a partial sort); otherwise
+  by bisection over the logits' order (`_smallest_key`: 32 counts over the vocabulary, no sort: on the CPU a sort of
+  64 rows of 151,936 logits takes ~2.7 s, and over a mesh that splits the vocabulary it gathers every row whole)."""
   vocab = logits.shape[-1]
-  at = lambda values, i: jnp.take_along_axis(values, jnp.broadcast_to(i, logits.shape[:-1] + (1,)), axis=-1)
   partial = min(PARTIAL_TOP_K, vocab)
+  top_k = jnp.broadcast_to(top_k, logits.shape[:-1] + (1,))
+
+  def by_bisection() -> jax.Array:
+    keys = _ordered_keys(logits)
+    fewer_above = lambda t: jnp.sum(keys > t, axis=-1, keepdims=True) < top_k  # noqa: E731
+    return _from_key(_smallest_key(fewer_above, _ordered_keys(jnp.max(logits, axis=-1, keepdims=True))))
+
   kth = jax.lax.cond(jnp.all(top_k <= partial),
-                     lambda: at(jax.lax.top_k(logits, partial)[0], jnp.clip(top_k - 1, 0, partial - 1)),
-                     lambda: at(jnp.sort(logits, axis=-1), jnp.clip(vocab - top_k, 0, vocab - 1)))
+                     lambda: jnp.take_along_axis(jax.lax.top_k(logits, partial)[0], jnp.clip(top_k - 1, 0, partial - 1),
+                                                 axis=-1),
+                     by_bisection)
   return jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
 
 
@@ -163,9 +172,9 @@ def _top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
   with `top_p >= 1` keeps every token.
 
   A row whose `PARTIAL_TOP_K` most likely tokens already exceed p (a peaked distribution, the usual case) finds the
-  prefix among `lax.top_k`'s candidates; the others sort the whole vocabulary, in a branch that runs only when some
-  row needs it (on the CPU a sort of 64 rows of 151,936 logits takes ~2.9 s, the top 256 ~50 ms). Which way a row
-  goes depends on its own logits and p only, so it gets the same bits whatever the other rows ask.
+  prefix among `lax.top_k`'s candidates (on the CPU ~50 ms for 64 rows of 151,936 logits, against ~2.9 s for a
+  sort); the others by bisection (`_bisected_prefix_end`), in a branch that runs only when some row needs it.
+  Which way a row goes depends on its own logits and p only, so it gets the same bits whatever the other rows ask.
 
   A token is kept when it sorts no later than the prefix's last one (a larger logit, or the same with an index no
   larger): no gather or scatter. With the vocabulary split over a mesh's `tensor` axis, `take_along_axis` /
@@ -176,15 +185,13 @@ def _top_p(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
   top = jnp.max(logits, axis=-1, keepdims=True)
   total = jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)
   candidates = min(PARTIAL_TOP_K, logits.shape[-1])
-  if candidates == logits.shape[-1]:
-    value, token = _sorted_prefix_end(logits, top, total, top_p)
-  else:
-    value, token, inside = _prefix_end(*jax.lax.top_k(logits, candidates), top, total, top_p)
-    sort = (top_p < 1) & ~inside
+  value, token, inside = _prefix_end(*jax.lax.top_k(logits, candidates), top, total, top_p)
+  if candidates < logits.shape[-1]:  # (else the candidates are the whole vocabulary in sorted order)
+    bisect = (top_p < 1) & ~inside
     value, token = jax.lax.cond(
-        jnp.any(sort),
-        lambda: tuple(jnp.where(sort, *pair) for pair in zip(_sorted_prefix_end(logits, top, total, top_p),
-                                                              (value, token))),
+        jnp.any(bisect),
+        lambda: tuple(jnp.where(bisect, *pair) for pair in zip(_bisected_prefix_end(logits, top, total, top_p),
+                                                                (value, token))),
         lambda: (value, token))
   index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   kept = (top_p >= 1) | (logits > value) | ((logits == value) & (index <= token))
@@ -204,12 +211,56 @@ def _prefix_end(descending: jax.Array, order: jax.Array, top: jax.Array, total: 
   return value, jnp.max(jnp.where(at_last, order, -1), axis=-1, keepdims=True), ~before[..., -1:]
 
 
-def _sorted_prefix_end(logits: jax.Array, top: jax.Array, total: jax.Array, top_p: jax.Array
-                       ) -> tuple[jax.Array, jax.Array]:
-  """`_prefix_end` over the whole vocabulary: one stable sort of (-logits, index)."""
+def _bisected_prefix_end(logits: jax.Array, top: jax.Array, total: jax.Array, top_p: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """`_prefix_end` over the whole vocabulary without sorting it: the prefix ends in the group of tokens tied at the
+  smallest logit v whose larger logits hold at most p (`_smallest_key`, 32 sums), and its r-th token (by index) is
+  kept while that mass plus r times the group's probability is at most p (the index found by halving too). The
+  sums run in the vocabulary's order, not the sorted one: a cutoff within float32's rounding of p may fall one
+  token apart from a sort's."""
+  keys = _ordered_keys(logits)
+  probs = jnp.exp(logits - top) / total
+  mass_above = lambda t: jnp.sum(jnp.where(keys > t, probs, 0), axis=-1, keepdims=True)  # noqa: E731
+  at = _smallest_key(lambda t: mass_above(t) <= top_p, _ordered_keys(top))
+  value, tied = _from_key(at), keys == at
+  share, count = jnp.exp(value - top) / total, jnp.sum(tied, axis=-1, keepdims=True)
+  kept = jnp.where(share > 0, jnp.clip(jnp.floor((top_p - mass_above(at)) / share) + 1, 1, count), count)
   index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  negated, order = jax.lax.sort((-logits, index), dimension=logits.ndim - 1, num_keys=1, is_stable=True)
-  return _prefix_end(-negated, order, top, total, top_p)[:2]
+  enough = lambda i: jnp.sum(tied & (index <= i), axis=-1, keepdims=True) >= kept  # noqa: E731
+  vocab = logits.shape[-1]
+  token = _smallest_key(enough, jnp.full(top.shape, vocab - 1, jnp.int32), low=jnp.full(top.shape, -1, jnp.int32),
+                        steps=vocab.bit_length())
+  return value, token
+
+
+_FLOAT_MIN_KEY = -(2 ** 23) * 255 - 1  # `_ordered_keys(-inf)`
+
+
+def _ordered_keys(x: jax.Array) -> jax.Array:
+  """float32 -> int32 keys in the same order (-inf lowest, -0 below +0, as `lax.sort` orders them)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _from_key(key: jax.Array) -> jax.Array:
+  """The float32 whose `_ordered_keys` is `key` (the map is its own inverse on the bits)."""
+  return jax.lax.bitcast_convert_type(jnp.where(key < 0, key ^ 0x7FFFFFFF, key), jnp.float32)
+
+
+def _smallest_key(holds: Callable[[jax.Array], jax.Array], high: jax.Array, low: jax.Array | None = None,
+                  steps: int = 32) -> jax.Array:
+  """Per row (`[..., 1]` int32), the smallest t in (low, high] where `holds(t)` (monotone: false below that t, true
+  from it on; true at `high`), by `steps` halvings of the interval. `low` defaults to just below
+  `_ordered_keys(-inf)`: a condition true for every key then gives -inf's."""
+  low = jnp.full(high.shape, _FLOAT_MIN_KEY - 1, jnp.int32) if low is None else low
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2) without overflow
+    ok = holds(middle)
+    return jnp.where(ok, low, middle), jnp.where(ok, middle, high)
+
+  return jax.lax.fori_loop(0, steps, halve, (low, high))[1]
 
 
 def confidence_rank(conf: jax.Array) -> jax.Array:
