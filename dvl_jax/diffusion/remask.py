@@ -260,7 +260,7 @@ def _smallest_key(holds: Callable[[jax.Array], jax.Array], high: jax.Array, low:
     ok = holds(middle)
     return jnp.where(ok, low, middle), jnp.where(ok, middle, high)
 
-  return jax.lax.fori_loop(0, steps, halve, (low, high))[1]
+  return jnp.maximum(jax.lax.fori_loop(0, steps, halve, (low, high))[1], low + 1)  # (true at `low` too: low + 1)
 
 
 def confidence_rank(conf: jax.Array) -> jax.Array:

@@ -210,6 +210,24 @@ def test_top_p_bisects_the_vocabulary_only_for_a_row_its_top_candidates_do_not_c
   assert not re.search(r"gather|scatter|sort\[", jaxpr) and "top_k" in jaxpr
 
 
+def test_the_bisection_keys_keep_the_float_order_and_find_the_smallest_key_that_holds():
+  """`_ordered_keys` orders float32 as `lax.sort` does (-inf first, -0 before +0) and `_from_key` inverts it;
+  `_smallest_key` finds the first key where a monotone condition holds, and `low + 1` when it holds everywhere (a
+  top-p at or above a row's whole rounded mass, or a top-k past the vocabulary: every token stays)."""
+  floats = np.array([-np.inf, -3e38, -1.5, -1e-45, -0.0, 0.0, 1e-45, 2.0, 3e38, np.inf], np.float32)
+  keys = np.asarray(remask._ordered_keys(jnp.asarray(floats)))
+  assert (np.diff(keys) > 0).all() and keys[0] == remask._FLOAT_MIN_KEY
+  np.testing.assert_array_equal(np.asarray(remask._from_key(jnp.asarray(keys))).view(np.int32), floats.view(np.int32))
+  high = jnp.full((3, 1), keys[-1], jnp.int32)
+  found = remask._smallest_key(lambda t: t >= jnp.asarray(keys[[2, 5, 7]])[:, None], high)
+  np.testing.assert_array_equal(found[:, 0], keys[[2, 5, 7]])
+  assert remask._smallest_key(lambda t: t > remask._FLOAT_MIN_KEY - 5, high)[0, 0] == remask._FLOAT_MIN_KEY
+  tail = np.random.default_rng(4).normal(size=(1, 3, 1000)).astype(np.float32)
+  tail[..., 300:] = -np.inf  # a top-k above the candidates before it
+  kept = np.isfinite(np.asarray(jax.jit(remask._top_p)(jnp.asarray(tail), np.float32(1 - 2 ** -24))))
+  assert kept[..., :300].all() and not kept[..., 300:].any()
+
+
 def test_top_k_keeps_each_rows_k_largest_logits_with_their_ties():
   """NumPy restatement: a token goes when its logit is below the row's k-th largest (0: no filter; k past the
   vocabulary: none goes). Rows asking at most `PARTIAL_TOP_K` take `lax.top_k`'s k-th value, a batch with a larger
