@@ -16,7 +16,8 @@ queued ones, and a latency counts the wait for the batches before (a static serv
 `--in-process SERVE_ARGS` adds the server's rows without HTTP: the same bodies through the engine and request
 builder `dvl serve SERVE_ARGS` would serve, stepped in this process (what HTTP, streaming and the server's
 threads cost is the difference). Each algorithm of `--algorithms` runs the whole workload (the server takes
-`algorithm` per request). `--repeats R` runs R rounds of every row back to back and ends with each row's median
+`algorithm` per request). `--temperature` (with `--top-p`, `--top-k`) samples every request with its own seed, the
+static rows with the same keys (the same tokens). `--repeats R` runs R rounds of every row back to back and ends with each row's median
 output tok/s and latency p99, and the medians of the rounds' ratios of both to the static row's: on a shared
 machine a ratio of neighbours is much steadier than either number (one round's p99 is one slow batch or request
 away from another value).
@@ -24,7 +25,7 @@ away from another value).
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]
         [--concurrency 8 | --request-rate 4] [--answers 8,16,64,128] [--image-fraction 0.25] [--repeats 3]
-        [--in-process "--slots 8"]
+        [--in-process "--slots 8"] [--temperature 0.7 --top-p 0.9]
 """
 
 from __future__ import annotations
@@ -54,6 +55,26 @@ class Job:
   question: str
   image: bytes | None  # PNG
   max_tokens: int
+  seed: int = 0  # a sampled request's `seed`
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Every request's sampling settings (temperature 0: greedy, no seed sent). A sampled request sends its job's
+  seed, and the static rows give each row the key `dvl.generate` alone takes from that seed: every request draws
+  the same tokens in both."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+
+  def fields(self, seed: int) -> dict[str, Any]:
+    if self.temperature == 0:
+      return {}
+    return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": seed}
+
+
+GREEDY = Sampling()
 
 
 @dataclasses.dataclass
@@ -82,17 +103,18 @@ def workload(n: int, answers: list[int], words: tuple[int, int], image_fraction:
       side = int(rng.choice([56, 84, 112]))
       Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(buf, "PNG")
       image = buf.getvalue()
-    jobs.append(Job(question, image, int(rng.choice(answers))))
+    jobs.append(Job(question, image, int(rng.choice(answers)), seed=len(jobs)))
   return jobs
 
 
-def chat_body(job: Job, model: str, algorithm: str) -> dict[str, Any]:
+def chat_body(job: Job, model: str, algorithm: str, sampling: Sampling = GREEDY) -> dict[str, Any]:
   content: list[dict[str, Any]] = [{"type": "text", "text": job.question}]
   if job.image is not None:
     url = "data:image/png;base64," + base64.b64encode(job.image).decode()
     content.insert(0, {"type": "image_url", "image_url": {"url": url}})
   return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": job.max_tokens,
-          "stream": True, "stream_options": {"include_usage": True}, "algorithm": algorithm}
+          "stream": True, "stream_options": {"include_usage": True}, "algorithm": algorithm,
+          **sampling.fields(job.seed)}
 
 
 async def one_request(client: Any, body: dict[str, Any]) -> Timing:
@@ -117,7 +139,8 @@ async def one_request(client: Any, body: dict[str, Any]) -> Timing:
 
 
 async def through_server(url: str, key: str | None, model: str, jobs: list[Job], algorithm: str, concurrency: int,
-                         arrivals: np.ndarray | None, warm: bool = True) -> tuple[list[Timing], float]:
+                         arrivals: np.ndarray | None, warm: bool = True, sampling: Sampling = GREEDY
+                         ) -> tuple[list[Timing], float]:
   import httpx
 
   headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -127,7 +150,7 @@ async def through_server(url: str, key: str | None, model: str, jobs: list[Job],
 
     async def gated(job: Job) -> Timing:
       async with gate:
-        return await one_request(client, chat_body(job, model, algorithm))
+        return await one_request(client, chat_body(job, model, algorithm, sampling))
 
     if warm:  # untimed: every prompt bucket and image shape compiles
       await asyncio.gather(*(gated(job) for job in jobs))
@@ -179,32 +202,39 @@ class StaticBatches:
   """The same jobs through `dvl.generate` as `static_schedule`'s batches of up to `batch`; each batch shape
   compiles the first time it comes up, off the clock."""
 
-  def __init__(self, checkpoint: str, batch: int, pixels: tuple | None):
+  def __init__(self, checkpoint: str, batch: int, pixels: tuple | None, sampling: Sampling = GREEDY):
     import dvl_jax as dvl
 
     self.processor = dvl.Processor.from_pretrained(checkpoint, **({} if pixels is None else
                                                                  dict(min_pixels=pixels[0], max_pixels=pixels[1])))
     # per layer, as `dvl generate` and `dvl serve` load it (weights read in place)
     self.model, self.batch, self.compiled = dvl.load(checkpoint, scan_layers=False), batch, set()
+    self.sampling = sampling
 
   def _generate(self, group: list[Job], algorithm: str) -> tuple[Any, float]:
+    import jax
     from PIL import Image
 
     import dvl_jax as dvl
+    from dvl_jax.diffusion import remask
 
     images = [[Image.open(io.BytesIO(j.image)).convert("RGB")] if j.image else [] for j in group]
     inputs = self.processor([dvl.generation_prompt(j.question, len(i)) for j, i in zip(group, images)], images)
-    config = dvl.SamplingConfig(gen_length=max(j.max_tokens for j in group), algorithm=algorithm)
+    config = dvl.SamplingConfig(gen_length=max(j.max_tokens for j in group), algorithm=algorithm,
+                                temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                                top_k=self.sampling.top_k)
+    rng = None if self.sampling.temperature == 0 else jax.numpy.stack(
+        [remask.row_keys(jax.random.key(j.seed), 1)[0] for j in group])  # each row's key alone
     grids = inputs.get("image_grid_thw")
     shapes = (algorithm, config.gen_length, *(np.shape(v) for v in inputs.values() if v is not None),
               None if grids is None else tuple(np.ravel(grids)))
     untimed = 0.0
     if shapes not in self.compiled:  # a first run compiles, off the clock
       tic = time.perf_counter()
-      dvl.generate(self.model, inputs, config)
+      dvl.generate(self.model, inputs, config, rng=rng)
       self.compiled.add(shapes)
       untimed = time.perf_counter() - tic
-    return dvl.generate(self.model, inputs, config), untimed
+    return dvl.generate(self.model, inputs, config, rng=rng), untimed
 
   def run(self, jobs: list[Job], algorithm: str, arrivals: np.ndarray | None) -> tuple[list[Timing], float]:
     return static_schedule(jobs, self.batch, lambda group: self._generate(group, algorithm), arrivals)
@@ -259,12 +289,12 @@ class InProcess:
     self.inputs = Inputs(processor, self.engine.config, served.media, served.max_images)
     self.model = served.model_name
 
-  def run(self, jobs: list[Job], algorithm: str, concurrency: int, arrivals: np.ndarray | None, warm: bool = True
-          ) -> tuple[list[Timing], float]:
+  def run(self, jobs: list[Job], algorithm: str, concurrency: int, arrivals: np.ndarray | None, warm: bool = True,
+          sampling: Sampling = GREEDY) -> tuple[list[Timing], float]:
     from dvl_jax.serving.http.schema import ChatRequest
 
     def submit(i: int) -> int:
-      body = ChatRequest.model_validate(chat_body(jobs[i], self.model, algorithm))
+      body = ChatRequest.model_validate(chat_body(jobs[i], self.model, algorithm, sampling))
       return self.engine.submit(self.inputs.chat(body)[0])
 
     if warm:  # untimed, as the server rows' first pass
@@ -309,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
                       help="with --checkpoint: also run each row through the engine `dvl serve --checkpoint "
                       "CHECKPOINT SERVE_ARGS` would serve, in this process without HTTP (give the server's options, "
                       "e.g. \"--slots 8 --max-prompt 512 --compact-rows\"; it warms up as they say) (default: none)")
+  parser.add_argument("--temperature", type=float, default=0.0,
+                      help="every request's temperature; above 0 each also sends its own seed (default: 0, greedy)")
+  parser.add_argument("--top-p", type=float, default=1.0, help="every sampled request's top_p (default: 1.0)")
+  parser.add_argument("--top-k", type=int, default=0, help="every sampled request's top_k (default: 0, none)")
   parser.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
   parser.add_argument("--repeats", type=int, default=1,
                       help="rounds of every row, alternating server and static batches; with more than one, a last "
@@ -328,10 +362,12 @@ def main(argv: list[str] | None = None) -> None:
   jobs = workload(args.num_requests, [int(a) for a in args.answers.split(",")], (low, high), args.image_fraction,
                   args.seed)
   pixels = tuple(int(p) for p in args.pixels.split(",")) if args.pixels else None
-  static = StaticBatches(args.checkpoint, args.concurrency, pixels) if args.checkpoint else None
+  sampling = Sampling(args.temperature, args.top_p, args.top_k)
+  static = StaticBatches(args.checkpoint, args.concurrency, pixels, sampling) if args.checkpoint else None
   engine = InProcess(args.checkpoint, args.in_process) if args.in_process is not None else None
   arrival = f"Poisson {args.request_rate}/s" if args.request_rate else f"concurrency {args.concurrency}"
-  print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image")
+  print(f"{len(jobs)} requests, {arrival}, max_tokens from {args.answers}, {args.image_fraction:.0%} with an image, "
+        + (f"temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k}" if args.temperature else "greedy"))
   lines = ["| batching | algorithm | output tok/s | req/s | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
            "ITL ms p50 / p99 | latency ms p50 / p99 | tokens / forward |", "|---|---|---|---|---|---|---|---|---|"]
   rounds: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (algorithm, batching) -> (tok/s, p99 s) each
@@ -339,12 +375,12 @@ def main(argv: list[str] | None = None) -> None:
   for round_ in range(args.repeats):
     for algorithm in args.algorithms.split(","):
       timings, wall = asyncio.run(through_server(args.url, args.api_key, model, jobs, algorithm, args.concurrency,
-                                                 arrivals, warm=round_ == 0))
+                                                 arrivals, warm=round_ == 0, sampling=sampling))
       lines.append(row("continuous (dvl serve)", algorithm, timings, wall))
       rounds.setdefault((algorithm, "continuous"), []).append(rate_and_p99(timings, wall))
       print(lines[-1], flush=True)
       if engine is not None:
-        timings, wall = engine.run(jobs, algorithm, args.concurrency, arrivals, warm=round_ == 0)
+        timings, wall = engine.run(jobs, algorithm, args.concurrency, arrivals, warm=round_ == 0, sampling=sampling)
         lines.append(row("continuous (engine in process)", algorithm, timings, wall))
         rounds.setdefault((algorithm, "in process"), []).append(rate_and_p99(timings, wall))
         print(lines[-1], flush=True)

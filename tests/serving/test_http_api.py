@@ -230,6 +230,22 @@ def test_the_serve_benchmarks_in_process_rows_decode_what_the_server_does(served
   assert all(0 < t.ttft <= t.latency for t in inside)
 
 
+def test_the_serve_benchmarks_static_rows_sample_each_request_as_it_samples_alone(served):
+  """`benchmarks/serve.py --temperature ...`: a sampled request sends its job's seed, and a static batch gives each
+  row the key `dvl.generate` alone takes from that seed (what the server does): the same tokens."""
+  sampling = serve.Sampling(temperature=1.5, top_p=0.9, top_k=20)
+  jobs = [serve.Job(QUESTION, None, 16, seed=3), serve.Job("What is", None, 16, seed=4)]
+  assert {k: serve.chat_body(jobs[0], MODEL, "block_diffusion", sampling)[k] for k in ("temperature", "seed")} == \
+      {"temperature": 1.5, "seed": 3}
+  static = serve.StaticBatches(served.checkpoint, 2, (PIXELS, PIXELS), sampling)
+  out, _ = static._generate(jobs, "block_diffusion")
+  for row, job in enumerate(jobs):
+    want = alone(served, job.question, seed=job.seed, gen_length=16, temperature=1.5, top_p=0.9, top_k=20)
+    np.testing.assert_array_equal(out.tokens[row], want.tokens[0])
+  greedy = alone(served, QUESTION, gen_length=16)
+  assert (out.tokens[0] != greedy.tokens[0]).any()  # it did sample
+
+
 def test_the_api_key_guards_v1_only(served):
   for path in ("/v1/models", f"/v1/models/{MODEL}"):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
