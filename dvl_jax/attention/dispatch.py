@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -33,6 +33,7 @@ class _Backend(NamedTuple):
   attend_prefixed: Callable[..., jax.Array] | None = None  # reads a CachePrefix in place
   attend_prefixed_joint: Callable[..., jax.Array] | None = None  # and q, k, v from one array
   prefixed_unsupported: Callable[..., str | None] | None = None  # when another kernel reads the prefix
+  reads_prefix: Callable[..., bool] | None = None  # (length, head_dim, cache dtype, query dtype): else concatenated
 
   def refuses(self, q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, prefix: CachePrefix | None
               ) -> str | None:
@@ -46,7 +47,7 @@ _IMPLS = {
     "splash": _Backend(splash.attend, splash.unsupported, tpu_decode.attend_prefixed,
                        prefixed_unsupported=tpu_decode.unsupported),
     "pallas_gpu": _Backend(pallas_gpu.attend, pallas_gpu.unsupported, pallas_gpu.attend_prefixed,
-                           pallas_gpu.attend_prefixed_joint),
+                           pallas_gpu.attend_prefixed_joint, reads_prefix=pallas_gpu.reads_prefix_in_place),
     "cudnn": _Backend(cudnn.attend, cudnn.unsupported),
 }
 BACKENDS = ("auto", *_IMPLS)
@@ -119,10 +120,20 @@ def reads_joint(backend: str, batch: int, kv_heads: int) -> bool:
           and (split is None or split.heads is None))
 
 
-def reads_cache_in_place(backend: str = "auto") -> bool:
-  """Whether decoding with `backend` reads the KV cache where it is, each row's live tiles only (the own GPU
-  kernel; TPU's decoding kernel): attending to a shorter prefix of the cache then saves only dead tiles' checks."""
-  return _IMPLS[resolve_backend(backend)].attend_prefixed is not None
+def reads_cache_in_place(backend: str, *, heads: int, kv_heads: int, head_dim: int, length: int, dtype: Any,
+                         cache_dtype: Any) -> bool:
+  """Whether decoding with `backend` reads a KV cache of `length` slots where it is, each row's live tiles only (the
+  own GPU kernel; TPU's decoding kernel), for queries of `heads` x `head_dim` in `dtype`: attending to a shorter
+  prefix of the cache then saves only dead tiles' checks. False where the kernel would refuse these inputs (another
+  backend then attends over the concatenation) or concatenate the cache itself."""
+  impl = _IMPLS[resolve_backend(backend)]
+  if impl.attend_prefixed is None:
+    return False
+  q, k = (jax.ShapeDtypeStruct((1, 1, n, head_dim), dtype) for n in (heads, kv_heads))
+  cache = jax.ShapeDtypeStruct((1, 1, length, kv_heads, head_dim), cache_dtype)
+  if impl.refuses(q, k, k, None, CachePrefix(cache, cache, 0)) is not None:  # (the refusals read no mask)
+    return False
+  return impl.reads_prefix is None or impl.reads_prefix(length, head_dim, cache_dtype, dtype)
 
 
 def _runnable(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, backend: str,

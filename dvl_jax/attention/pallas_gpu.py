@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -479,9 +479,16 @@ def attend_prefixed(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpe
                     block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None
                     ) -> jax.Array:
   """`attend` over keys `[prefix ; k]` (`spec`'s key arrays `[B, Lp + Lk]`), the cache prefix read in place:
-  forward only (decoding). A prefix shorter than one tile (16), a head dim that is not a power of two >= 16 (the
-  cache would need padding) or a cache in another dtype is concatenated instead."""
+  forward only (decoding). A prefix it cannot read in place (`reads_prefix_in_place`) is concatenated instead."""
   return _attend_prefixed(_Heads((q, k, v), q.shape[2], k.shape[2]), spec, prefix, block_q, block_k, interpret)
+
+
+def reads_prefix_in_place(length: int, head_dim: int, cache_dtype: Any, query_dtype: Any) -> bool:
+  """Whether `attend_prefixed` reads a cache prefix of `length` slots where it is; else it concatenates it: a prefix
+  shorter than one tile (16), a head dim that is not a power of two >= 16 (the cache would need padding), a cache
+  in another dtype than the queries."""
+  return (length >= 16 and head_dim == max(16, pl.next_power_of_2(head_dim))
+          and jnp.dtype(cache_dtype) == jnp.dtype(query_dtype))
 
 
 def attend_prefixed_joint(qkv: jax.Array, num_heads: int, spec: AttentionSpec, prefix: CachePrefix, *,
@@ -496,7 +503,7 @@ def _attend_prefixed(qkv: _Heads, spec: AttentionSpec, prefix: CachePrefix, bloc
                      block_k: int | None, interpret: bool | None) -> jax.Array:
   q = qkv.arrays[0]
   lq, lp, d = q.shape[1], prefix.length, q.shape[-1]
-  if lp < 16 or d != max(16, pl.next_power_of_2(d)) or prefix.keys.dtype != q.dtype:
+  if not reads_prefix_in_place(lp, d, prefix.keys.dtype, q.dtype):
     q, k, v = qkv.split()
     keys, values = prefix.joined(k, v)
     return attend(q, keys, values, spec, block_q=block_q, block_k=block_k, interpret=interpret)

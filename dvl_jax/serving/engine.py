@@ -22,6 +22,7 @@ import logging
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dvl_jax.attention import dispatch
@@ -105,19 +106,18 @@ class Engine:
   blocks): each chunk takes the shortest that holds every busy request, so attention costs what the requests in
   the slots need, at one `generate` compile per view. Default (None): `DEFAULT_VIEWS` where the model's attention
   backend reads the whole cache (a CPU's dense attention), 1 where it reads each row's live tiles in place (the
-  GPU and TPU kernels: a shorter view would save nothing there, and its slice of the cache is copied in and out
-  every chunk). `config.compact_rows` (one device only): each chunk runs
-  only the narrowest of `S`, S/2, ..., 1 rows that holds its busy slots, one compile per view and row width: where
-  a forward's cost grows with its rows (a CPU), the few requests left after a burst no longer pay for a whole
-  batch's; on an accelerator a forward over a few rows costs about one row's, so it is off by default.
+  GPU and TPU kernels, for the head dims and dtypes they take: `dispatch.reads_cache_in_place`; a shorter view
+  would save nothing there, and its slice of the cache is copied in and out every chunk). `config.compact_rows`
+  (one device only): each chunk runs only the narrowest of `S`, S/2, ..., 1 rows that holds its busy slots, one
+  compile per view and row width: where a forward's cost grows with its rows (a CPU), the few requests left after
+  a burst no longer pay for a whole batch's; on an accelerator a forward over a few rows costs about one row's, so
+  it is off by default.
   """
 
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, admit_every: int = 2,
                views: int | None = None):
-    if views is None:
-      views = 1 if dispatch.reads_cache_in_place(model.config.attention_backend) else DEFAULT_VIEWS
-    if min(slots, chunk, admit_every, views) < 1:
+    if min(slots, chunk, admit_every, views or 1) < 1:
       raise ValueError(f"slots, chunk, admit_every and views must be >= 1, got slots={slots}, chunk={chunk}, "
                        f"admit_every={admit_every}, views={views}")
     graphdef, self.state, self._placement = split_cache.split(model)
@@ -136,6 +136,12 @@ class Engine:
                        f"the model's {positions} positions (max_position_embeddings); lower max_prompt to "
                        f"{longest_prompt(model.config, config, max_tokens)} or max_tokens")
     self.config = dataclasses.replace(config, block_size=bs, gen_length=max_tokens, max_len=max_len)
+    if views is None:
+      text, dtype = model.config.text, jnp.dtype(model.config.compute_dtype)  # the queries' and the cache's
+      in_place = dispatch.reads_cache_in_place(model.config.attention_backend, heads=text.num_heads,
+                                               kv_heads=text.num_kv_heads, head_dim=text.head_dim, length=max_len,
+                                               dtype=dtype, cache_dtype=dtype)
+      views = 1 if in_place else DEFAULT_VIEWS
     self.views = sorted({min(round_up(round(max_len * VIEW_RATIO ** k), bs), max_len) for k in range(views)})
     if config.compact_rows and self._placement.mesh is not None:
       raise ValueError("compact_rows needs the params on one device (on a mesh the slots are split over `data`)")

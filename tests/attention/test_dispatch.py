@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from dvl_jax.attention import dispatch
+from dvl_jax.attention.cache_prefix import CachePrefix
 from dvl_jax.attention.reference import attend_dense
 from dvl_jax.testing.tiny import tiny_config
 from dvl_jax.diffusion.loss import bd3_loss
@@ -72,6 +73,29 @@ def test_the_own_gpu_kernel_falls_back_to_cudnn_then_xla(monkeypatch):
   with pytest.warns(UserWarning, match="'cudnn' cannot run this dtype; falling back to 'xla'"):
     out = dispatch.attend(q, k, v, spec, backend="pallas_gpu")
   np.testing.assert_array_equal(np.asarray(out), np.asarray(attend_dense(q, k, v, spec)))
+
+
+def test_reads_cache_in_place_says_what_decoding_with_a_cache_prefix_does(monkeypatch):
+  """`reads_cache_in_place` (the serving engine's default views) answers what `attend` does with a cache prefix: the
+  own GPU kernel reads it where it is unless the head dim is not a power of two >= 16, the cache is shorter than a
+  tile or in another dtype (it concatenates it then), or it refuses the inputs; XLA always concatenates."""
+  joined = []
+  original = CachePrefix.joined
+  monkeypatch.setattr(CachePrefix, "joined", lambda self, k, v: joined.append(1) or original(self, k, v))
+  for head_dim, cache, cache_dtype in [(32, 32, jnp.float32), (24, 32, jnp.float32), (32, 8, jnp.float32),
+                                       (32, 32, jnp.bfloat16)]:
+    q, k, v, spec = cache_window(window=8, cache=cache, head_dim=head_dim)
+    prefix = CachePrefix(*(x[None, :, :cache].astype(cache_dtype) for x in (k, v)), jnp.int32(0))
+    joined.clear()
+    dispatch.attend(q, k[:, cache:], v[:, cache:], spec, backend="pallas_gpu", prefix=prefix)
+    in_place = dispatch.reads_cache_in_place("pallas_gpu", heads=4, kv_heads=2, head_dim=head_dim, length=cache,
+                                             dtype=jnp.float32, cache_dtype=cache_dtype)
+    assert in_place == (not joined) == ((head_dim, cache, cache_dtype) == (32, 32, jnp.float32))
+  fits = dict(heads=4, kv_heads=2, head_dim=128, length=2048, dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16)
+  assert dispatch.reads_cache_in_place("pallas_gpu", **fits) and dispatch.reads_cache_in_place("splash", **fits)
+  assert not dispatch.reads_cache_in_place("xla", **fits)
+  assert not dispatch.reads_cache_in_place("pallas_gpu", **{**fits, "head_dim": 512})  # refused: cuDNN takes it
+  assert not dispatch.reads_cache_in_place("splash", **{**fits, "dtype": jnp.float16, "cache_dtype": jnp.float16})
 
 
 def test_a_jax_without_the_triton_backend_still_imports_and_interprets_the_kernel():

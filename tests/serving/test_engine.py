@@ -272,13 +272,15 @@ def test_the_cache_views_step_down_by_about_a_square_root_of_two():
   assert all(v % engine.config.block_size == 0 for v in engine.views)
 
 
-@pytest.mark.parametrize("backend, views", [("auto", 7), ("pallas_gpu", 1), ("splash", 1)])
-def test_one_view_by_default_where_decoding_reads_only_each_rows_live_cache(backend, views):
+@pytest.mark.parametrize("backend, head_dim, views", [("auto", 16, 7), ("pallas_gpu", 16, 1), ("splash", 16, 1),
+                                                      ("pallas_gpu", 24, 7)])
+def test_one_view_by_default_where_decoding_reads_only_each_rows_live_cache(backend, head_dim, views):
   """The GPU and TPU decoding kernels read each row's live cache tiles in place: there a shorter view would only
   add compiles and copy its slice of the cache in and out every chunk. The CPU's dense attention (`auto` here)
-  reads the whole view."""
-  engine = Engine(tiny_model(dataclasses.replace(CFG, attention_backend=backend)), CONFIG, slots=8, max_prompt=512,
-                  max_tokens=128)
+  reads the whole view, and so does the own GPU kernel at a head dim it pads (it concatenates the cache)."""
+  cfg = dataclasses.replace(CFG, attention_backend=backend,
+                            text=dataclasses.replace(CFG.text, hidden_size=CFG.text.num_heads * head_dim))
+  engine = Engine(tiny_model(cfg), CONFIG, slots=8, max_prompt=512, max_tokens=128)
   assert len(engine.views) == views and engine.views[-1] == engine.config.max_len == 640
 
 
