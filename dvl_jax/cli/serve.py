@@ -62,7 +62,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       "(the whole cache, then each about 0.71 of the one before: 7 reach down to 1/8): each chunk "
                       "reads the shortest that holds its requests, at one compile per view (default: "
                       f"{DEFAULT_VIEWS} where attention reads the whole view, as on a CPU; 1 on GPUs and TPUs, "
-                      "whose decoding kernels read only each row's live part of the cache)")
+                      "whose decoding kernels read only each row's live part of the cache, for the head dims and "
+                      "dtypes they take)")
   engine.add_argument("--mesh", default=None, help="device mesh data,fsdp,tensor (e.g. 1,2,4), or auto: "
                       "dvl.suggest_mesh for --slots (default: one device)")
   engine.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
