@@ -17,10 +17,10 @@ queued ones, and a latency counts the wait for the batches before (a static serv
 builder `dvl serve SERVE_ARGS` would serve, stepped in this process (what HTTP, streaming and the server's
 threads cost is the difference). Each algorithm of `--algorithms` runs the whole workload (the server takes
 `algorithm` per request). `--temperature` (with `--top-p`, `--top-k`) samples every request with its own seed, the
-static rows with the same keys (the same tokens). `--repeats R` runs R rounds of every row back to back and ends with each row's median
-output tok/s and latency p99, and the medians of the rounds' ratios of both to the static row's: on a shared
-machine a ratio of neighbours is much steadier than either number (one round's p99 is one slow batch or request
-away from another value).
+static rows with the same keys (the same tokens). `--repeats R` runs R rounds of every row back to back and ends
+with each row's median output tok/s and latency p99, and the medians of the rounds' ratios of both to the static
+row's: on a shared machine a ratio of neighbours is much steadier than either number (one round's p99 is one slow
+batch or request away from another value).
 
     dvl serve --checkpoint CKPT --slots 8 &                      # or with --port 0 and the printed URL
     python benchmarks/serve.py --url http://127.0.0.1:8000 --checkpoint CKPT [--num-requests 64]

@@ -117,7 +117,7 @@ class Engine:
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, admit_every: int = 2,
                views: int | None = None):
-    if min(slots, chunk, admit_every, views or 1) < 1:
+    if min(slots, chunk, admit_every, 1 if views is None else views) < 1:
       raise ValueError(f"slots, chunk, admit_every and views must be >= 1, got slots={slots}, chunk={chunk}, "
                        f"admit_every={admit_every}, views={views}")
     graphdef, self.state, self._placement = split_cache.split(model)

@@ -281,6 +281,8 @@ def test_one_view_by_default_where_decoding_reads_only_each_rows_live_cache(back
   cfg = dataclasses.replace(CFG, attention_backend=backend,
                             text=dataclasses.replace(CFG.text, hidden_size=CFG.text.num_heads * head_dim))
   engine = Engine(tiny_model(cfg), CONFIG, slots=8, max_prompt=512, max_tokens=128)
+  with pytest.raises(ValueError, match="views must be >= 1"):  # 0 is not the default
+    Engine(tiny_model(cfg), CONFIG, slots=8, max_prompt=512, max_tokens=128, views=0)
   assert len(engine.views) == views and engine.views[-1] == engine.config.max_len == 640
 
 
