@@ -25,6 +25,9 @@ lm_head / proposal / other, in the shares the decoding loop's XLA ops take by na
 out), next to the time one full read of the decoder's and the lm_head's weights takes (a forward cannot be
 faster than reading them). CPU time, not wall time: on a shared machine it is the steadier of the two.
 
+`--settings` picks among the greedy settings (the default) and three that sample (temperature 0.7, top-p 0.95,
+key 0: AR, static and dynamic block diffusion), which show what the sampled path's filters and noise cost.
+
 `--mesh` takes shapes (`2,1,4`), `auto` (`suggest_mesh` for the largest batch) or `1` (one device). On
 CPU, fake devices must exist before jax starts; they share the host's cores, so their tokens/s measure
 the sharded program's overhead, not a speed-up (memory per device is real):
@@ -78,6 +81,10 @@ SETTINGS = {
                                                 packed_commit_share=0.25),
     "threshold t0.9 reference": dict(mode="reference", remasking_strategy="threshold", confidence_threshold=0.9),
     "threshold t0.9 fused": dict(mode="fused", remasking_strategy="threshold", confidence_threshold=0.9),
+    "AR sampled T0.7 p0.95": dict(algorithm="autoregressive", temperature=0.7, top_p=0.95),
+    "static s8 fused, sampled T0.7 p0.95": dict(mode="fused", temperature=0.7, top_p=0.95),
+    "dynamic t0.85 fused, sampled T0.7 p0.95": dict(mode="fused", remasking_strategy="low_confidence_dynamic",
+                                                     temperature=0.7, top_p=0.95),
 }
 
 
@@ -279,7 +286,8 @@ def main() -> None:
   parser.add_argument("--lm-head-scale", type=float, default=40.0)
   parser.add_argument("--compact-rows", action="store_true", help="finished rows leave the batch (SamplingConfig."
                       "compact_rows: same tokens, longer compiles)")
-  parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  parser.add_argument("--settings", nargs="+", default=[name for name in SETTINGS if "sampled" not in name],
+                      choices=list(SETTINGS), help="default: the greedy ones")
   parser.add_argument("--mesh", nargs="+", default=["1"], help='"1" (one device), "auto" or data,fsdp,tensor')
   parser.add_argument("--layers", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
                       help="layer layouts to compare (scan_layers True / False; the same weights)")

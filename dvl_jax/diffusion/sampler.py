@@ -295,42 +295,68 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   """Token and confidence `[B, bs]` at every `masked` `[B, bs]` position of the block (other positions: zeros)
   from its hidden states `[B, bs, H]`; no row has more than `widest` `[]` masked positions.
 
-  Greedy decoding runs the lm_head and the proposal at the masked positions only: they are gathered, in order,
-  to the narrowest of a few compiled widths (`widths`). On one device the whole batch's are gathered together,
-  so rows in different phases of their blocks (one with 8 masked positions next to one with 1) pay for their
-  own positions rather than each for the widest row's; on a mesh each row's are gathered on its own device.
-  Sampling draws its noise per position of the whole block, so it keeps all `bs` (its tokens then do not depend
-  on the other rows'). A program that may sample (`config.temperature` > 0: the serving engine's slots, whose
-  requests mostly decode greedily) takes that path only in forwards where a row with masked positions samples,
-  and the gathered greedy one otherwise."""
+  The lm_head and the proposal run at the masked positions only. On one device the whole batch's are taken
+  together as one line, so rows in different phases of their blocks (one with 8 masked positions next to one with
+  1) pay for their own positions rather than each for the widest row's; on a mesh each row is a line, on its own
+  device. Greedy forwards gather a line's masked positions, in order, to the narrowest of a few compiled widths
+  (`widths`). A forward where a row samples runs them `bs` at a time (`_sampled_in_chunks`): its filters and noise
+  compile once rather than at every width. A sampled position draws its noise from its row's key, pass and place
+  in the block (`propose`), so its token does not depend on which positions share its forward."""
+  b, bs = masked.shape
+  lines = (lambda a: a.reshape(1, b * bs, *a.shape[2:])) if ctx.placement.mesh is None else (lambda a: a)
+  most = jnp.sum(masked) if ctx.placement.mesh is None else widest  # masked positions in the fullest line
+  line = (lines(hidden), lines(masked), most, lines(jnp.broadcast_to(jnp.arange(b)[:, None], (b, bs))),
+          lines(jnp.broadcast_to(jnp.arange(bs), (b, bs))))
   if ctx.config.temperature > 0:
     greedy = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, temperature=0.0))
-    sampling = sampler_common.samples(ctx.rows.keys, jnp.any(masked, axis=1))  # a row with masked positions
-    return jax.lax.cond(sampling, lambda: propose(ctx, c, hidden), lambda: proposals(greedy, c, hidden, masked, widest))
-  if ctx.placement.mesh is None:
-    b, bs = masked.shape
-    x0, p0 = _gathered(ctx, c, hidden.reshape(1, b * bs, -1), masked.reshape(1, b * bs), jnp.sum(masked))
-    return x0.reshape(b, bs), p0.reshape(b, bs)
-  return _gathered(ctx, c, hidden, masked, widest)
+    x0, p0 = jax.lax.cond(sampler_common.samples(ctx.rows.keys, jnp.any(masked, axis=1)),
+                          lambda: _sampled_in_chunks(ctx, c, *line), lambda: _gathered(greedy, c, *line))
+  else:
+    x0, p0 = _gathered(ctx, c, *line)
+  return x0.reshape(b, bs), p0.reshape(b, bs)
 
 
-def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, widest: jax.Array
-              ) -> tuple[jax.Array, jax.Array]:
-  """`proposals` of each row of `hidden` `[R, n, H]` at its `masked` `[R, n]` positions, no row having more than
-  `widest` `[]`, gathered to the narrowest of `widths(n, bs)` -> tokens, confidences `[R, n]`."""
+def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, most: jax.Array, row: jax.Array,
+              place: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`proposals` of each line of `hidden` `[R, n, H]` at its `masked` `[R, n]` positions (which batch `row` and
+  block `place` each is, `[R, n]`), no line having more than `most` `[]`, gathered to the narrowest of
+  `widths(n, bs)` -> tokens, confidences `[R, n]`."""
   order = jnp.argsort(~masked, axis=1, stable=True)  # masked positions first, in order
-  zeros = jnp.zeros(masked.shape, jnp.int32)
 
   def at(width: int) -> Any:
-    def gathered() -> tuple[jax.Array, jax.Array]:
-      slots = order[:, :width]
-      x0, p0 = propose(ctx, c, jnp.take_along_axis(hidden, slots[..., None], axis=1))
-      return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
-    return gathered
+    return lambda: _proposed_at(ctx, c, order[:, :width], hidden, masked, row, place)
 
   sizes = widths(masked.shape[1], ctx.bs)
-  narrowest = jnp.sum(jnp.array(sizes) < widest)  # the first width that holds every row's masked positions
+  narrowest = jnp.sum(jnp.array(sizes) < most)  # the first width that holds every line's masked positions
   return jax.lax.switch(narrowest, [at(w) for w in sizes])
+
+
+def _sampled_in_chunks(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, most: jax.Array,
+                       row: jax.Array, place: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`_gathered` for a forward where a row samples: each line's masked positions, in order, `bs` at a time, as many
+  times as the fullest line needs (`n` is a multiple of `bs`). One compiled sampled proposal instead of one per
+  width (at 8 slots: 11 widths, which took a CPU compile of the engine's chunk from 5 to 13 s)."""
+  order = jnp.argsort(~masked, axis=1, stable=True)
+  zeros = jnp.zeros(masked.shape, jnp.int32), jnp.zeros(masked.shape, jnp.float32)
+
+  def chunk(i: jax.Array, done: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    slots = jax.lax.dynamic_slice_in_dim(order, i * ctx.bs, ctx.bs, axis=1)
+    mine = _put(jnp.zeros(masked.shape, bool), slots, jnp.take_along_axis(masked, slots, axis=1))
+    part = _proposed_at(ctx, c, slots, hidden, masked, row, place)
+    return tuple(jnp.where(mine, new, old) for new, old in zip(part, done))  # the chunk's masked slots only
+
+  return jax.lax.fori_loop(0, -(-most // ctx.bs), chunk, zeros)
+
+
+def _proposed_at(ctx: _Context, c: _Carry, slots: jax.Array, hidden: jax.Array, masked: jax.Array, row: jax.Array,
+                 place: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`propose` at the line positions `slots` `[R, w]` of `_gathered`'s arrays, scattered back -> `[R, n]` (zeros
+  elsewhere)."""
+  pick = lambda a: jnp.take_along_axis(a, slots, axis=1)  # noqa: E731
+  x0, p0 = propose(ctx, c, jnp.take_along_axis(hidden, slots[..., None], axis=1), pick(row), pick(place),
+                   pick(masked))
+  zeros = jnp.zeros(masked.shape, jnp.int32)
+  return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
 
 
 def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
@@ -340,13 +366,26 @@ def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
   return tuple(2 ** i for i in range(bs.bit_length()) if 2 ** i < bs) + tuple(range(bs, n, bs)) + (n,)
 
 
-def propose(ctx: _Context, c: _Carry, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """lm_head and proposal (`sampler_common.propose`) of hidden states `[B, n, H]` -> tokens, confidences `[B, n]`.
-  A row's randomness is keyed by its (block, denoising pass): the same in either mode and whichever forward of the
-  batch the pass falls in."""
+def propose(ctx: _Context, c: _Carry, hidden: jax.Array, row: jax.Array, place: jax.Array, masked: jax.Array
+            ) -> tuple[jax.Array, jax.Array]:
+  """lm_head and proposal (`sampler_common.propose`) of hidden states `[R, w, H]`, each of batch row `row` and
+  block position `place` `[R, w]` -> tokens, confidences `[R, w]`. Each position is proposed as a row of its own,
+  with its batch row's settings and a key folded with (block, denoising pass, position): the same draw in either
+  mode, whichever forward of the batch the pass falls in and whichever positions share the gather. Positions
+  not `masked` (the gather's padding) decode greedily, so that they never take the sampled path or its filters."""
   logits = ctx.model.logits(hidden)
+  r, w = row.shape
+  if ctx.placement.mesh is None:  # one line of the whole batch's positions
+    of_row = lambda a: a[row]  # noqa: E731
+  else:  # a line per row, on the row's device: no gather across the mesh
+    of_row = lambda a: jnp.broadcast_to(a[:, None], (r, w))  # noqa: E731
+  sampling = jax.tree.map(lambda a: of_row(a).reshape(-1), ctx.rows.keys)
+  sampling = sampling._replace(temperature=jnp.where(masked.reshape(-1), sampling.temperature, 0.0))
+  count = (of_row(c.blk * (ctx.bs + 1) + c.step) * ctx.bs + place).reshape(-1)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    return sampler_common.propose(ctx.config, logits, ctx.rows.keys, c.blk * (ctx.bs + 1) + c.step, ctx.placement)
+    x0, p0 = sampler_common.propose_if_sampling(ctx.config, logits.reshape(r * w, 1, -1), sampling, count,
+                                                masked.reshape(-1), ctx.placement)
+  return x0.reshape(r, w), p0.reshape(r, w)
 
 
 def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -106,10 +106,10 @@ def lower(algorithm: Algorithm, model: DiffusionLM, inputs: Any, config: Samplin
 def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array,
             placement: Placement) -> tuple[jax.Array, jax.Array]:
   """`remask.propose` (logits `[B, n, V]` -> tokens, confidences `[B, n]`) with each row's settings `sampling`
-  and its key folded with `count` `[B]`, which numbers the row's decoding passes: fresh randomness per pass, and
-  a row samples as it would alone. `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy
-  decision only; `config.confidence` None (not resolved against a model) is "sampled". The logits are on
-  `placement`'s mesh (`argmax_in_chunks`)."""
+  and its key folded with `count` `[B]`, which numbers the row's decoding passes (block diffusion: its positions
+  in them too, each position a row of `logits`): fresh randomness per pass, and a row samples as it would alone.
+  `config.temperature` 0 (`compile_key`: no row samples) compiles the greedy decision only; `config.confidence`
+  None (not resolved against a model) is "sampled". The logits are on `placement`'s mesh (`argmax_in_chunks`)."""
   chunked = argmax_in_chunks(placement)
   if config.temperature == 0:
     return remask.greedy(logits, chunked)

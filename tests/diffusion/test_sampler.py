@@ -339,8 +339,8 @@ def test_fused_commits_go_alone_when_few_rows_commit(model):
 
 
 def test_sampled_tokens_do_not_depend_on_the_mode(model):
-  """A row's randomness is keyed by its (block, denoising pass), so reference and fused mode, and a fused batch
-  whose commits go alone, fused or packed, draw the same samples."""
+  """A position's randomness is keyed by its row's (block, denoising pass) and its place in the block, so
+  reference and fused mode, and a fused batch whose commits go alone, fused or packed, draw the same samples."""
   prompts = Prompts.from_lists([words(n, n) for n in (6, 12, 19)])
   config = SamplingConfig(gen_length=16, temperature=0.8, top_k=20, remasking_strategy="low_confidence_dynamic",
                           confidence_threshold=0.6)

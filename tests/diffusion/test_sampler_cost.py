@@ -1,6 +1,6 @@
 """The work one step of the decoding loop does, read from the compiled HLO of a tiny model's sampler: a per-layer
-model's weights are read in place (no copy of them in the loop) and greedy denoising runs the lm_head at the
-narrow widths it needs, not always over the whole block."""
+model's weights are read in place (no copy of them in the loop) and denoising, greedy or sampled, runs the lm_head
+and the proposal at the masked positions, not always over the whole block."""
 
 import functools
 import re
@@ -52,21 +52,27 @@ def logits_widths(config: SamplingConfig) -> set[int]:
   return {int(w) for w in re.findall(rf"= f32\[(?:1,)?(\d+),{VOCAB}\]", compiled_hlo(config))}
 
 
+def lm_head_widths(hlo: str) -> set[int]:
+  """The rows of every lm_head product `[w, vocab]` in a compiled program."""
+  return {int(w) for w in re.findall(rf"= f32\[(\d+),{VOCAB}\]\S* dot\(", hlo)}
+
+
 def test_on_one_device_a_batch_gathers_its_masked_positions_together():
-  """Batch 2, rows in different phases of their blocks: logits `[1, w, vocab]` up to the batch's 2 x 8 = 16
-  positions, gathered together, never `[2, w, vocab]` (each row as wide as the widest)."""
+  """Batch 2, rows in different phases of their blocks: lm_head products `[w, vocab]` from 1 up to the batch's
+  2 x 8 = 16 positions, gathered together (each row gathered alone, as wide as the widest, gives no width 1)."""
   hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, GREEDY).compile().as_text()
-  assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
-  assert not re.search(rf"= f32\[2,\d+,{VOCAB}\]", hlo)
+  assert lm_head_widths(hlo) == {1, 2, 4, 8, 16}
+  assert not re.search(rf"= f32\[2,\d+,{VOCAB}\]\S* dot\(", hlo)
 
 
-def test_a_program_that_may_sample_keeps_the_gathered_greedy_path_for_forwards_where_no_row_samples():
-  """The serving engine's slots compile for sampling, though most requests decode greedily: logits `[2, 8, vocab]`
-  (the whole block, for noise per position) where a row samples, else the batch's masked positions gathered
-  `[1, w, vocab]`."""
+def test_sampled_denoising_runs_the_lm_head_and_the_draw_only_at_masked_positions():
+  """A program that may sample (the serving engine's slots) takes the batch's masked positions as greedy decoding
+  does: lm_head products at widths 1 to 16 only; where a row samples, the draw (its Gumbel noise's logarithms) over
+  `[bs, 1, vocab]` chunks of them, never over every row's whole block `[2, bs, vocab]`."""
   hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, SamplingConfig(gen_length=16, temperature=0.7)).compile().as_text()
-  assert re.search(rf"= f32\[2,{CFG.block_size},{VOCAB}\]", hlo)
-  assert {1, 2, 4, 8, 16} <= {int(w) for w in re.findall(rf"= f32\[1,(\d+),{VOCAB}\]", hlo)}
+  assert lm_head_widths(hlo) == {1, 2, 4, 8, 16}
+  assert {int(w) for w in re.findall(rf"= f32\[(\d+),1,{VOCAB}\]\S* log\(", hlo)} == {CFG.block_size}
+  assert not re.search(rf"= f32\[2,{CFG.block_size},{VOCAB}\]", hlo)
 
 
 def test_lowering_allocates_no_cache(monkeypatch):
