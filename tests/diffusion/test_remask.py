@@ -20,7 +20,9 @@ SETTINGS = [(0.0, 0, 1.0), (0.7, 0, 1.0), (0.9, 5, 1.0), (1.3, 40, 0.8), (1.0, 0
 
 def one_setting(logits, key, temperature, top_k, top_p):
   """One row `[1, n, V]` with Python-number settings, filtered the way the sampler did before settings were per
-  row (`lax.top_k` for the k-th largest, each step skipped when it is a no-op)."""
+  row (`lax.top_k` for the k-th largest, each step skipped when it is a no-op). A filtered position whose kept tokens
+  are among the 256 most likely is drawn by `categorical` over those 256 in descending order, any other over the
+  vocabulary."""
   if temperature == 0:
     return jnp.argmax(logits, -1).astype(jnp.int32), jnp.max(jax.nn.softmax(logits, -1), -1)
   if temperature != 1.0:
@@ -30,7 +32,10 @@ def one_setting(logits, key, temperature, top_k, top_p):
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     logits = remask._top_p(logits, top_p)
-  x0 = jax.random.categorical(key, logits[0], axis=-1)[None]
+  descending, order = jax.lax.top_k(logits[0], min(remask.PARTIAL_TOP_K, logits.shape[-1]))
+  among_candidates = jnp.take_along_axis(order, jax.random.categorical(key, descending, axis=-1)[:, None], -1)[:, 0]
+  covered = (top_k > 0 or top_p < 1.0) & (jnp.sum(logits[0] > -jnp.inf, -1) <= remask.PARTIAL_TOP_K)
+  x0 = jnp.where(covered, among_candidates, jax.random.categorical(key, logits[0], axis=-1))[None]
   return x0.astype(jnp.int32), jnp.take_along_axis(jax.nn.softmax(logits, -1), x0[..., None], -1)[..., 0]
 
 
@@ -45,22 +50,47 @@ def settings(rows):
   return {"temperature": np.array(t, np.float32), "top_k": np.array(k, np.int32), "top_p": np.array(p, np.float32)}
 
 
-def test_each_row_samples_with_its_own_settings_as_it_would_alone():
-  x0, p0 = propose(LOGITS, KEYS, **settings(SETTINGS))
-  for i, setting in enumerate(SETTINGS):
-    alone_x, alone_p = propose(LOGITS[i:i + 1], KEYS[i:i + 1], **settings([setting]))
+def rows_as_alone_and_as_one_setting(logits: jax.Array, keys: jax.Array, rows: list) -> tuple[jax.Array, jax.Array]:
+  """`propose` over a batch of `rows` settings, each row checked against itself alone and `one_setting`."""
+  x0, p0 = propose(logits, keys, **settings(rows))
+  for i, setting in enumerate(rows):
+    alone_x, alone_p = propose(logits[i:i + 1], keys[i:i + 1], **settings([setting]))
     np.testing.assert_array_equal(x0[i], alone_x[0])  # bit for bit: what the serving engine promises
     np.testing.assert_array_equal(p0[i], alone_p[0])
-    want_x, want_p = one_setting(LOGITS[i:i + 1], KEYS[i], *setting)
+    want_x, want_p = one_setting(logits[i:i + 1], keys[i], *setting)
     np.testing.assert_array_equal(x0[i], want_x[0])
     # compiled and fused differently (XLA contracts a constant temperature into the softmax): a few ulp apart
     np.testing.assert_allclose(p0[i], want_p[0], rtol=1e-6)
+  return x0, p0
+
+
+def test_each_row_samples_with_its_own_settings_as_it_would_alone():
+  x0, p0 = rows_as_alone_and_as_one_setting(LOGITS, KEYS, SETTINGS)
   argmax = np.asarray(jnp.argmax(LOGITS, -1))
   sampled = settings(SETTINGS)["temperature"] > 0
   assert (np.asarray(x0)[sampled] != argmax[sampled]).any()  # the sampled rows did sample
   np.testing.assert_array_equal(x0[6], argmax[6])  # top-k 1 and top-p 0 keep only the argmax
   np.testing.assert_array_equal(x0[7], argmax[7])
   np.testing.assert_array_equal(p0[6], np.ones(6, np.float32))
+
+
+def test_only_positions_whose_kept_tokens_lie_among_the_candidates_draw_over_them_alone():
+  """Over 2,048 tokens, a filtered position draws among the 256 most likely only when its kept tokens all lie
+  there (a peaked row under top-p, a top-k of 20); a flat row under top-p, a top-k whose k-th logit ties with
+  thousands, or no filter at all draw over the vocabulary. Mixed in one batch, each row as alone. (At 512 to 1,024
+  tokens XLA:CPU sums a row's probabilities in another order at another batch shape, before this change too: the
+  confidences an ulp apart. At 2,048 and at the real 151,936 they agree bit for bit.)"""
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(6, 3, 2048)).astype(np.float32) * np.array([8, 0.01, 1, 1, 2, 1], np.float32)[:, None, None]
+  logits[3] = 0.0
+  logits[3, :, :4] = 5.0  # top-k 8 keeps these 4 and the 2,044 tied at the 8th largest logit
+  rows = [(0.8, 0, 0.9), (1.0, 0, 0.9), (0.7, 0, 1.0), (1.0, 8, 1.0), (0.9, 20, 1.0), (0.0, 0, 1.0)]
+  keys = jax.random.split(jax.random.key(12), len(rows))
+  x0, _ = rows_as_alone_and_as_one_setting(jnp.asarray(logits), keys, rows)
+  kept = [np.asarray(remask._top_p(jnp.asarray(logits[0] / 0.8), 0.9)) > -np.inf,
+          np.asarray(remask._top_p(jnp.asarray(logits[1]), 0.9)) > -np.inf]
+  assert kept[0].sum(-1).max() <= remask.PARTIAL_TOP_K < kept[1].sum(-1).min()  # one covered, one not
+  assert all(k[np.arange(3), x].all() for k, x in zip(kept, np.asarray(x0[:2])))
 
 
 def test_a_greedy_row_is_the_argmax_and_its_probability():
