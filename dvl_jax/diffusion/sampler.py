@@ -383,9 +383,7 @@ def propose(ctx: _Context, c: _Carry, hidden: jax.Array, row: jax.Array, place: 
   sampling = sampling._replace(temperature=jnp.where(masked.reshape(-1), sampling.temperature, 0.0))
   count = (of_row(c.blk * (ctx.bs + 1) + c.step) * ctx.bs + place).reshape(-1)
   with jax.named_scope("proposal"):  # names its ops in profiles (`benchmarks/sampling.py --split`)
-    x0, p0 = sampler_common.propose_if_sampling(ctx.config, logits.reshape(r * w, 1, -1), sampling, count,
-                                                masked.reshape(-1), ctx.placement)
-  return x0.reshape(r, w), p0.reshape(r, w)
+    return sampler_common.propose_if_sampling(ctx.config, logits, sampling, count, masked.reshape(-1), ctx.placement)
 
 
 def block_state(ctx: _Context, ids: jax.Array, masked: jax.Array, blk: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -120,13 +120,24 @@ def propose(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling
 
 def propose_if_sampling(config: SamplingConfig, logits: jax.Array, sampling: remask.Sampling, count: jax.Array,
                         rows: jax.Array, placement: Placement) -> tuple[jax.Array, jax.Array]:
-  """`propose`, its sampled path taken only in a forward where one of `rows` `[B]` samples: a program compiled for
+  """`propose`, its sampled path taken only in a forward where one of `rows` samples: a program compiled for
   sampling (the serving engine's slots, whose requests mostly decode greedily) otherwise pays just the argmax
-  and its probability, not top-k / top-p sorts over the vocabulary. Greedy rows get the same tokens either way."""
+  and its probability, not top-k / top-p sorts over the vocabulary. Greedy rows get the same tokens either way.
+  `sampling`, `count` and `rows` are per row `[B]` of logits `[B, n, V]`, or per position `[B * n]`: each position
+  then samples as a row of its own (the greedy decision keeps the logits' shape: as `[B * n, 1, V]` XLA:CPU copied
+  them twice)."""
   greedy = lambda: remask.greedy(logits, argmax_in_chunks(placement))
   if config.temperature == 0:
     return greedy()
-  return jax.lax.cond(samples(sampling, rows), lambda: propose(config, logits, sampling, count, placement), greedy)
+  b, n = logits.shape[:2]
+
+  def sampled() -> tuple[jax.Array, jax.Array]:
+    if rows.shape[0] == b:
+      return propose(config, logits, sampling, count, placement)
+    x0, p0 = propose(config, logits.reshape(b * n, -1), sampling, count, placement)
+    return x0.reshape(b, n), p0.reshape(b, n)
+
+  return jax.lax.cond(samples(sampling, rows), sampled, greedy)
 
 
 def argmax_in_chunks(placement: Placement) -> bool:

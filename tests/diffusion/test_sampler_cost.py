@@ -68,10 +68,10 @@ def test_on_one_device_a_batch_gathers_its_masked_positions_together():
 def test_sampled_denoising_runs_the_lm_head_and_the_draw_only_at_masked_positions():
   """A program that may sample (the serving engine's slots) takes the batch's masked positions as greedy decoding
   does: lm_head products at widths 1 to 16 only; where a row samples, the draw (its Gumbel noise's logarithms) over
-  `[bs, 1, vocab]` chunks of them, never over every row's whole block `[2, bs, vocab]`."""
+  `[bs, vocab]` chunks of them, never over every row's whole block `[2, bs, vocab]`."""
   hlo = sampler.lower(tiny_model(CFG), TWO_PHASES, SamplingConfig(gen_length=16, temperature=0.7)).compile().as_text()
   assert lm_head_widths(hlo) == {1, 2, 4, 8, 16}
-  assert {int(w) for w in re.findall(rf"= f32\[(\d+),1,{VOCAB}\]\S* log\(", hlo)} == {CFG.block_size}
+  assert {int(w) for w in re.findall(rf"= f32\[(\d+),{VOCAB}\]\S* log\(", hlo)} == {CFG.block_size}
   assert not re.search(rf"= f32\[2,{CFG.block_size},{VOCAB}\]", hlo)
 
 
