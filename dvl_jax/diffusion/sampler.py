@@ -299,9 +299,10 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   together as one line, so rows in different phases of their blocks (one with 8 masked positions next to one with
   1) pay for their own positions rather than each for the widest row's; on a mesh each row is a line, on its own
   device. Greedy forwards gather a line's masked positions, in order, to the narrowest of a few compiled widths
-  (`widths`). A forward where a row samples runs them `bs` at a time (`_sampled_in_chunks`): its filters and noise
-  compile once rather than at every width. A sampled position draws its noise from its row's key, pass and place
-  in the block (`propose`), so its token does not depend on which positions share its forward."""
+  (`widths`). A forward where a row samples gathers them for the lm_head the same way and runs its proposal over
+  them `bs` at a time (`_sampled_in_chunks`): its filters and noise compile once, not at every width. A sampled
+  position draws its noise from its row's key, pass and place in the block (`propose`), so its token does not
+  depend on which positions share its forward."""
   b, bs = masked.shape
   lines = (lambda a: a.reshape(1, b * bs, *a.shape[2:])) if ctx.placement.mesh is None else (lambda a: a)
   most = jnp.sum(masked) if ctx.placement.mesh is None else widest  # masked positions in the fullest line
