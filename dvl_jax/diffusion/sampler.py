@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -306,70 +306,79 @@ def proposals(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, wi
   b, bs = masked.shape
   lines = (lambda a: a.reshape(1, b * bs, *a.shape[2:])) if ctx.placement.mesh is None else (lambda a: a)
   most = jnp.sum(masked) if ctx.placement.mesh is None else widest  # masked positions in the fullest line
-  line = (lines(hidden), lines(masked), most, lines(jnp.broadcast_to(jnp.arange(b)[:, None], (b, bs))),
-          lines(jnp.broadcast_to(jnp.arange(bs), (b, bs))))
+  line = _Line(lines(hidden), lines(masked), jnp.argsort(~lines(masked), axis=1, stable=True), most,
+               lines(jnp.broadcast_to(jnp.arange(b)[:, None], (b, bs))),
+               lines(jnp.broadcast_to(jnp.arange(bs), (b, bs))))
   if ctx.config.temperature > 0:
     greedy = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, temperature=0.0))
     x0, p0 = jax.lax.cond(sampler_common.samples(ctx.rows.keys, jnp.any(masked, axis=1)),
-                          lambda: _sampled_in_chunks(ctx, c, *line), lambda: _gathered(greedy, c, *line))
+                          lambda: _sampled_in_chunks(ctx, c, line), lambda: _gathered(greedy, c, line))
   else:
-    x0, p0 = _gathered(ctx, c, *line)
+    x0, p0 = _gathered(ctx, c, line)
   return x0.reshape(b, bs), p0.reshape(b, bs)
 
 
-def _gathered(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, most: jax.Array, row: jax.Array,
-              place: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`proposals` of each line of `hidden` `[R, n, H]` at its `masked` `[R, n]` positions (which batch `row` and
-  block `place` each is, `[R, n]`), no line having more than `most` `[]`, gathered to the narrowest of
-  `widths(n, bs)` -> tokens, confidences `[R, n]`."""
-  order = jnp.argsort(~masked, axis=1, stable=True)  # masked positions first, in order
+class _Line(NamedTuple):
+  """`proposals`' positions as lines `[R, n]` (the whole batch's on one device, a row's on a mesh)."""
 
-  def at(width: int) -> Any:
-    return lambda: _proposed_at(ctx, c, order[:, :width], hidden, masked, row, place)
+  hidden: jax.Array  # [R, n, H]
+  masked: jax.Array  # [R, n]
+  order: jax.Array  # [R, n] masked positions first, in order
+  most: jax.Array  # [] masked positions in the fullest line
+  row: jax.Array  # [R, n] which batch row each position is
+  place: jax.Array  # [R, n] and where in the block
 
-  sizes = widths(masked.shape[1], ctx.bs)
-  narrowest = jnp.sum(jnp.array(sizes) < most)  # the first width that holds every line's masked positions
-  return jax.lax.switch(narrowest, [at(w) for w in sizes])
+  def at(self, slots: jax.Array) -> "_Line":
+    """The line positions `slots` `[R, w]` (`order` and `most` kept)."""
+    pick = lambda a: jnp.take_along_axis(a, slots.reshape(slots.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+    return self._replace(hidden=pick(self.hidden), masked=pick(self.masked), row=pick(self.row),
+                         place=pick(self.place))
 
 
-def _sampled_in_chunks(ctx: _Context, c: _Carry, hidden: jax.Array, masked: jax.Array, most: jax.Array,
-                       row: jax.Array, place: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _at_narrowest(ctx: _Context, line: _Line, branch: Callable[[int], Callable[[], Any]]) -> Any:
+  """`branch(width)()` at the narrowest of `widths(n, bs)` that holds every line's masked positions."""
+  sizes = widths(line.masked.shape[1], ctx.bs)
+  return jax.lax.switch(jnp.sum(jnp.array(sizes) < line.most), [branch(w) for w in sizes])
+
+
+def _gathered(ctx: _Context, c: _Carry, line: _Line) -> tuple[jax.Array, jax.Array]:
+  """`proposals` of each line at its masked positions, gathered to the narrowest of `widths(n, bs)` -> tokens,
+  confidences `[R, n]` (zeros elsewhere)."""
+
+  def at(width: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
+    def gathered() -> tuple[jax.Array, jax.Array]:
+      slots = line.order[:, :width]
+      part = line.at(slots)
+      x0, p0 = propose(ctx, c, ctx.model.logits(part.hidden), part)
+      zeros = jnp.zeros(line.masked.shape, jnp.int32)
+      return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
+    return gathered
+
+  return _at_narrowest(ctx, line, at)
+
+
+def _sampled_in_chunks(ctx: _Context, c: _Carry, line: _Line) -> tuple[jax.Array, jax.Array]:
   """`_gathered` for a forward where a row samples: the lm_head once over each line's masked positions gathered to
   the narrowest width that holds them (as greedy forwards do), the sampled proposal over them `bs` at a time, as
   many times as the fullest line needs (`n` is a multiple of `bs`). One compiled sampled proposal instead of one per
   width (at 8 slots: 11 widths, which took a CPU compile of the batch's sampler from 5 to 13 s); one lm_head
   product, not one per chunk (on the CPU 8-row products cost 2.2x the CPU time of one wide product over as many)."""
-  order = jnp.argsort(~masked, axis=1, stable=True)
-  n = masked.shape[1]
+  n = line.masked.shape[1]
 
-  def logits_at(width: int) -> Any:  # `[R, n, V]`, positions past `width` zeros (never read as masked)
-    return lambda: jnp.pad(ctx.model.logits(jnp.take_along_axis(hidden, order[:, :width, None], axis=1)),
-                           ((0, 0), (0, n - width), (0, 0)))
+  def logits_at(width: int) -> Callable[[], jax.Array]:  # `[R, n, V]`, positions past `width` zeros (never read)
+    return lambda: jnp.pad(ctx.model.logits(line.at(line.order[:, :width]).hidden), ((0, 0), (0, n - width), (0, 0)))
 
-  sizes = widths(n, ctx.bs)
-  logits = jax.lax.switch(jnp.sum(jnp.array(sizes) < most), [logits_at(w) for w in sizes])
-  zeros = jnp.zeros(masked.shape, jnp.int32), jnp.zeros(masked.shape, jnp.float32)
+  logits = _at_narrowest(ctx, line, logits_at)
 
   def chunk(i: jax.Array, done: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    slots = jax.lax.dynamic_slice_in_dim(order, i * ctx.bs, ctx.bs, axis=1)
-    pick = lambda a: jnp.take_along_axis(a, slots, axis=1)  # noqa: E731
-    x0, p0 = propose(ctx, c, jax.lax.dynamic_slice_in_dim(logits, i * ctx.bs, ctx.bs, axis=1), pick(row),
-                     pick(place), pick(masked))
-    mine = _put(jnp.zeros(masked.shape, bool), slots, pick(masked))
-    return tuple(jnp.where(mine, _put(old, slots, new), old) for new, old in zip((x0, p0), done))
+    slots = jax.lax.dynamic_slice_in_dim(line.order, i * ctx.bs, ctx.bs, axis=1)
+    part = line.at(slots)
+    new = propose(ctx, c, jax.lax.dynamic_slice_in_dim(logits, i * ctx.bs, ctx.bs, axis=1), part)
+    # the chunk's masked slots take their proposals (a line's last chunk may run past its masked positions)
+    return tuple(_put(old, slots, jnp.where(part.masked, x, _at(old, slots))) for x, old in zip(new, done))
 
-  return jax.lax.fori_loop(0, -(-most // ctx.bs), chunk, zeros)
-
-
-def _proposed_at(ctx: _Context, c: _Carry, slots: jax.Array, hidden: jax.Array, masked: jax.Array, row: jax.Array,
-                 place: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The lm_head and `propose` at the line positions `slots` `[R, w]` of `_gathered`'s arrays, scattered back ->
-  `[R, n]` (zeros elsewhere)."""
-  pick = lambda a: jnp.take_along_axis(a, slots, axis=1)  # noqa: E731
-  logits = ctx.model.logits(jnp.take_along_axis(hidden, slots[..., None], axis=1))
-  x0, p0 = propose(ctx, c, logits, pick(row), pick(place), pick(masked))
-  zeros = jnp.zeros(masked.shape, jnp.int32)
-  return _put(zeros, slots, x0), _put(zeros.astype(p0.dtype), slots, p0)
+  zeros = jnp.zeros(line.masked.shape, jnp.int32), jnp.zeros(line.masked.shape, jnp.float32)
+  return jax.lax.fori_loop(0, -(-line.most // ctx.bs), chunk, zeros)
 
 
 def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
@@ -379,13 +388,13 @@ def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
   return tuple(2 ** i for i in range(bs.bit_length()) if 2 ** i < bs) + tuple(range(bs, n, bs)) + (n,)
 
 
-def propose(ctx: _Context, c: _Carry, logits: jax.Array, row: jax.Array, place: jax.Array, masked: jax.Array
-            ) -> tuple[jax.Array, jax.Array]:
-  """The proposal (`sampler_common.propose`) from logits `[R, w, V]`, each of batch row `row` and block position
-  `place` `[R, w]` -> tokens, confidences `[R, w]`. Each position is proposed as a row of its own,
+def propose(ctx: _Context, c: _Carry, logits: jax.Array, line: _Line) -> tuple[jax.Array, jax.Array]:
+  """The proposal (`sampler_common.propose`) from logits `[R, w, V]` at the line positions `line` (`_Line.at`) ->
+  tokens, confidences `[R, w]`. Each position is proposed as a row of its own,
   with its batch row's settings and a key folded with (block, denoising pass, position): the same draw in either
   mode, whichever forward of the batch the pass falls in and whichever positions share the gather. Positions
   not `masked` (the gather's padding) decode greedily, so that they never take the sampled path or its filters."""
+  row, place, masked = line.row, line.place, line.masked
   r, w = row.shape
   if ctx.placement.mesh is None:  # one line of the whole batch's positions
     of_row = lambda a: a[row]  # noqa: E731
