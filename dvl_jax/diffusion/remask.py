@@ -46,7 +46,7 @@ CONFIDENCES = ("sampled", "softmax")  # spec §7.5: DiffusionVL-QwenVL / Diffusi
 def propose(logits: jax.Array, keys: jax.Array, *, temperature: float | jax.Array, top_k: int | jax.Array,
             top_p: float | jax.Array, confidence: str = "sampled", chunked: bool = False
             ) -> tuple[jax.Array, jax.Array]:
-  """logits `[B, n, V]` (fp32), one PRNG key per row `[B]` -> tokens `[B, n]` int32, confidence `[B, n]`.
+  """logits `[B, n, V]` or `[B, V]` (fp32), one PRNG key per row `[B]` -> tokens, confidence `[B, n]` or `[B]`.
 
   `temperature`, `top_k`, `top_p`: one value per row `[B]`, or one for every row. A row at temperature 0 is
   greedy (confidence = softmax prob of the argmax). A sampled row's logits are divided by its temperature,
