@@ -1,15 +1,14 @@
 """Test set-up, before jax is first imported: 8 fake CPU devices, exact fp32 matmuls, and cheaper compiles.
 
-Compiling dominates the suite's time on a CPU (the tiny models run in milliseconds), so tests compile with
-cheap code generation (`user_process.FAST_COMPILE`: the same HLO, less optimised machine code, values within
-float rounding of the default build's) and share one persistent compilation cache for the session, so a
-program compiled again by another test (a new `TrainStep`, a new jitted closure) is read back instead of
-rebuilt. The cache directory is new
-for every session: nothing carries over between runs. Under pytest-xdist the workers inherit the directory
-the controlling process made (through `DVL_TESTS_XLA_CACHE`), so one worker's compiles serve the other, and
-only the process that made it removes it. A size bound turns on the cache's file lock: without it JAX writes an
-entry in place, unlocked, and a worker reading the entry the other is still writing crashed in deserialisation
-(a segfault in one CI run).
+Compiling dominates the suite's time on a CPU (the tiny models run in milliseconds), so tests compile with cheap
+code generation (`user_process.FAST_COMPILE`: the same HLO, less optimised machine code, values within float
+rounding of the default build's) and share one persistent compilation cache for the session, so a program compiled
+again by another test (a new `TrainStep`, a new jitted closure) is read back instead of rebuilt. The cache
+directory is new for every session: nothing carries over between runs. Under pytest-xdist the workers inherit the
+directory the controlling process made (through `DVL_TESTS_XLA_CACHE`), so one worker's compiles serve the other,
+and only the process that made it removes it. A size bound turns on the cache's file lock: without it JAX writes an
+entry in place, unlocked, and a worker reading the entry the other is still writing crashed in deserialisation (a
+segfault in one CI run).
 """
 
 import atexit

@@ -390,10 +390,10 @@ def widths(n: int, bs: int | None = None) -> tuple[int, ...]:
 
 def propose(ctx: _Context, c: _Carry, logits: jax.Array, line: _Line) -> tuple[jax.Array, jax.Array]:
   """The proposal (`sampler_common.propose`) from logits `[R, w, V]` at the line positions `line` (`_Line.at`) ->
-  tokens, confidences `[R, w]`. Each position is proposed as a row of its own,
-  with its batch row's settings and a key folded with (block, denoising pass, position): the same draw in either
-  mode, whichever forward of the batch the pass falls in and whichever positions share the gather. Positions
-  not `masked` (the gather's padding) decode greedily, so that they never take the sampled path or its filters."""
+  tokens, confidences `[R, w]`. Each position is proposed as a row of its own, with its batch row's settings and a
+  key folded with (block, denoising pass, position): the same draw in either mode, whichever forward of the batch
+  the pass falls in and whichever positions share the gather. Positions not `masked` (the gather's padding) decode
+  greedily, so that they never take the sampled path or its filters."""
   row, place, masked = line.row, line.place, line.masked
   r, w = row.shape
   if ctx.placement.mesh is None:  # one line of the whole batch's positions
