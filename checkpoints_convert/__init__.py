@@ -5,7 +5,8 @@ training output, released DiffusionVL); `export` writes the Hub Qwen2.5-VL layou
 """
 
 from checkpoints_convert.errors import (ConversionError, CorruptCheckpointError, DestinationExistsError,
-                                        NotACheckpointError, UnknownLayoutError, WeightsMismatchError)
+                                        NotACheckpointError, OutputIsInputError, UnknownLayoutError,
+                                        WeightsMismatchError)
 from checkpoints_convert.from_lm import convert_from_lm
 from checkpoints_convert.mm_projector import export_mm_projector
 from checkpoints_convert.to_hf import export
@@ -14,6 +15,6 @@ from dvl_jax.checkpoints.loading import restore_params
 
 __all__ = [
     "ConversionError", "CorruptCheckpointError", "DestinationExistsError", "NotACheckpointError",
-    "UnknownLayoutError", "WeightsMismatchError", "convert", "convert_from_lm", "export", "export_mm_projector",
+    "OutputIsInputError", "UnknownLayoutError", "WeightsMismatchError", "convert", "convert_from_lm", "export", "export_mm_projector",
     "restore_params",
 ]

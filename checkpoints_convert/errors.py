@@ -17,6 +17,10 @@ class DestinationExistsError(ConversionError):
   """The output directory exists and `overwrite=True` was not given."""
 
 
+class OutputIsInputError(ConversionError):
+  """The output directory is an input directory or holds one (with `overwrite=True` it would delete it)."""
+
+
 class UnknownLayoutError(ConversionError):
   """The tensor names match none of the known checkpoint layouts."""
 

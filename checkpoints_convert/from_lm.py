@@ -59,7 +59,7 @@ def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, ds
   lm_dir, vision_dir, dst_dir = os.fspath(lm_dir), os.fspath(vision_dir), os.fspath(dst_dir)
   family = families.get(FAMILY)
   lm_hf, vision_hf = _config(lm_dir, "--lm"), _config(vision_dir, "--vision")
-  with atomic_output(dst_dir, overwrite=overwrite) as tmp:
+  with atomic_output(dst_dir, overwrite=overwrite, inputs=(lm_dir, vision_dir)) as tmp:
     try:
       cfg = family.hf_config.start_config(lm_hf, vision_hf, stage, **config_overrides)
     except (ValueError, KeyError, TypeError) as e:

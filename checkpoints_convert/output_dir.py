@@ -6,17 +6,19 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from checkpoints_convert.errors import DestinationExistsError
+from checkpoints_convert.errors import DestinationExistsError, OutputIsInputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
 
 @contextlib.contextmanager
-def atomic_output(dst: str, *, overwrite: bool) -> Iterator[str]:
-  """Yields a temporary directory next to `dst`; it becomes `dst` only when the block succeeds."""
+def atomic_output(dst: str, *, overwrite: bool, inputs: Sequence[str] = ()) -> Iterator[str]:
+  """Yields a temporary directory next to `dst`; it becomes `dst` only when the block succeeds. `dst` may not be
+  one of the `inputs` directories or hold one: replacing it would delete what is being read."""
   dst = os.path.abspath(dst)
+  _check_not_input(dst, inputs)
   _check_free(dst, overwrite)
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
@@ -54,6 +56,16 @@ def copy_side_files(src_dir: str, dst_dir: str, skip: tuple[str, ...] = ()) -> l
     shutil.copy2(path, os.path.join(dst_dir, name))
     copied.append(name)
   return copied
+
+
+def _check_not_input(dst: str, inputs: Sequence[str]) -> None:
+  real = os.path.realpath(dst)  # a link to an input is that input
+  for src in map(os.fspath, inputs):
+    source = os.path.realpath(src)
+    if real == source or source.startswith(real.rstrip(os.sep) + os.sep):
+      where = "is" if real == source else "holds"
+      raise OutputIsInputError(f"the output {dst} {where} the input {src}: replacing it would delete what is being "
+                               "read; write the output to another directory")
 
 
 def _check_free(dst: str, overwrite: bool) -> None:

@@ -38,7 +38,7 @@ def export(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: str
   if not (os.path.isfile(config_path) and os.path.isdir(params_dir)):
     raise NotACheckpointError(f"{src_dir} is not a converted checkpoint: it needs {CONFIG_FILE} and "
                               f"{PARAMS_DIR}/ (dvl.convert output)")
-  with atomic_output(dst_dir, overwrite=overwrite) as tmp:
+  with atomic_output(dst_dir, overwrite=overwrite, inputs=(src_dir,)) as tmp:
     try:
       cfg = ModelConfig.load(config_path)
     except (ValueError, TypeError) as e:

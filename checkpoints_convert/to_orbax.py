@@ -44,7 +44,7 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: st
     raise NotACheckpointError(f"{src_dir} is not a directory")
   if not os.path.isfile(config_path):
     raise NotACheckpointError(f"{src_dir} is not a checkpoint: it has no {CONFIG_FILE}")
-  with atomic_output(dst_dir, overwrite=overwrite) as tmp:
+  with atomic_output(dst_dir, overwrite=overwrite, inputs=(src_dir,)) as tmp:
     cfg = _read_config(config_path, config_overrides)
     if dtype is not None:
       cfg = cfg.replace(param_dtype=float_dtype(dtype).name)

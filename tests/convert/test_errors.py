@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints_convert import (ConversionError, CorruptCheckpointError, DestinationExistsError,
-                                 NotACheckpointError, UnknownLayoutError, WeightsMismatchError, convert,
-                                 export, safetensors_reader)
+                                 NotACheckpointError, OutputIsInputError, UnknownLayoutError, WeightsMismatchError,
+                                 convert, export, safetensors_reader)
 from dvl_jax.cli.commands import main
 from tests.convert.tiny_layouts import hub_state, tiny, write_side_files
 
@@ -137,6 +137,21 @@ def test_existing_destination_needs_overwrite(model, tmp_path):
   convert(src, str(tmp_path / "dst"), progress=False, overwrite=True)
   assert "params" in os.listdir(tmp_path / "dst") and "old.txt" not in os.listdir(tmp_path / "dst")
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_an_output_that_is_or_holds_the_input_is_refused_even_with_overwrite(model, tmp_path):
+  src = _write(tmp_path / "hub" / "src", model, hub_state(model))
+  before = sorted(os.listdir(src))
+  os.symlink(src, tmp_path / "link")
+  for dst in (src, str(tmp_path / "hub"), str(tmp_path / "link")):
+    for overwrite in (False, True):
+      with pytest.raises(OutputIsInputError, match="the input .*another directory"):
+        convert(src, dst, progress=False, overwrite=overwrite)
+  assert sorted(os.listdir(src)) == before and os.listdir(tmp_path / "hub") == ["src"]
+  dst = convert(src, str(tmp_path / "dst"), progress=False)
+  with pytest.raises(OutputIsInputError, match=f"the output {dst} is the input"):
+    export(dst, dst, progress=False, overwrite=True)
+  assert "params" in os.listdir(dst)
 
 
 def test_interrupted_conversion_leaves_nothing(model, tmp_path, monkeypatch):
