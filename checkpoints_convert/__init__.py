@@ -15,6 +15,6 @@ from dvl_jax.checkpoints.loading import restore_params
 
 __all__ = [
     "ConversionError", "CorruptCheckpointError", "DestinationExistsError", "NotACheckpointError",
-    "OutputIsInputError", "UnknownLayoutError", "WeightsMismatchError", "convert", "convert_from_lm", "export", "export_mm_projector",
-    "restore_params",
+    "OutputIsInputError", "UnknownLayoutError", "WeightsMismatchError", "convert", "convert_from_lm", "export",
+    "export_mm_projector", "restore_params",
 ]
