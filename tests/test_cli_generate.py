@@ -192,11 +192,12 @@ def test_requests_file_batches_every_line(files):
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "not a checkpoint", "missing image", "not an image",
                                   "unknown option value", "invalid sampling option", "prompt too long",
-                                  "bad requests line", "image with requests"])
+                                  "bad requests line", "misspelt requests key", "image with requests"])
 def test_user_mistakes_end_in_one_line_and_exit_code_2(files, case):
   root, image = files["root"], files["image"]
   (root / "empty").mkdir(exist_ok=True)
   (root / "bad.jsonl").write_text('{"prompt": "hi"}\n{"images": []}\n')
+  (root / "misspelt.jsonl").write_text('{"prompt": "hi", "image": ["a.png"]}\n')
   prompt = ["--prompt", QUESTION]
   argv = {
       "missing checkpoint": ["generate", "--checkpoint", str(root / "nope"), *prompt],
@@ -207,6 +208,7 @@ def test_user_mistakes_end_in_one_line_and_exit_code_2(files, case):
       "invalid sampling option": generate_args(files, *prompt, "--steps", "0"),
       "prompt too long": generate_args(files, *prompt, "--image", image, "--max-len", "16"),
       "bad requests line": generate_args(files, "--requests", str(root / "bad.jsonl")),
+      "misspelt requests key": generate_args(files, "--requests", str(root / "misspelt.jsonl")),
       "image with requests": generate_args(files, "--requests", str(root / "bad.jsonl"), "--image", image),
   }[case]
   code, out, err = dvl_main(*argv)
@@ -216,7 +218,7 @@ def test_user_mistakes_end_in_one_line_and_exit_code_2(files, case):
           "missing image": "nope.png does not exist", "not an image": "not an image",
           "unknown option value": "invalid choice: 'bogus'", "invalid sampling option": "steps must be >= 1",
           "prompt too long": "exceeds the context of 16 tokens", "bad requests line": "bad.jsonl:2:",
-          "image with requests": "--image goes with --prompt"}[case]
+          "misspelt requests key": "misspelt.jsonl:1: unknown key 'image'", "image with requests": "--image goes with --prompt"}[case]
   assert want in err
 
 

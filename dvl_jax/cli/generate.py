@@ -205,6 +205,9 @@ def _read_jsonl(path: str) -> list[Request]:
       if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(images, list)
               and all(isinstance(p, str) for p in images)):
         raise ValueError(f'{path}:{number}: a request looks like {{"prompt": "...", "images": ["a.png"]}}')
+      unknown = sorted(set(row) - {"prompt", "images"})  # a misspelt "images" would drop the images silently
+      if unknown:
+        raise ValueError(f'{path}:{number}: unknown key {unknown[0]!r}; a request has "prompt" and "images" only')
       requests.append(Request(row["prompt"], [os.path.join(folder, p) for p in images]))
   if not requests:
     raise ValueError(f"{path} holds no requests")
