@@ -218,7 +218,8 @@ def test_user_mistakes_end_in_one_line_and_exit_code_2(files, case):
           "missing image": "nope.png does not exist", "not an image": "not an image",
           "unknown option value": "invalid choice: 'bogus'", "invalid sampling option": "steps must be >= 1",
           "prompt too long": "exceeds the context of 16 tokens", "bad requests line": "bad.jsonl:2:",
-          "misspelt requests key": "misspelt.jsonl:1: unknown key 'image'", "image with requests": "--image goes with --prompt"}[case]
+          "misspelt requests key": "misspelt.jsonl:1: unknown key 'image'",
+          "image with requests": "--image goes with --prompt"}[case]
   assert want in err
 
 
