@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import os
+import tempfile
 from typing import Any
 
 from dvl_jax.diffusion.sampling_config import SamplingConfig
@@ -102,6 +103,8 @@ class EvalSettings:
         raise ValueError(f"{option} values are confidence thresholds in (0, 1), got {value}")
     if self.log_samples and self.out_dir is None:
       raise ValueError("--log-samples and --resume write to and read from an output directory: add --out DIR")
+    if self.out_dir is not None:
+      check_writable(self.out_dir)
     self.configs  # unknown decoder names fail here, before any weights load
 
   @functools.cached_property
@@ -154,6 +157,17 @@ class EvalSettings:
     os.makedirs(self.out_dir, exist_ok=True)
     with open(os.path.join(self.out_dir, RUN_FILE), "w", encoding="utf-8") as f:
       json.dump(record, f, indent=2)
+
+
+def check_writable(out_dir: str) -> None:
+  """Creates the output directory now and writes a file in it: results come after hours of decoding, too late to
+  find that they cannot be written."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    tempfile.TemporaryFile(dir=out_dir).close()
+  except OSError as e:
+    raise ValueError(f"--out {out_dir}: cannot write there ({e.strerror}); pass a directory this process can "
+                     "write") from e
 
 
 def samples_log(out_dir: str, decoder: str) -> str:

@@ -55,6 +55,14 @@ def test_bad_arguments_are_refused_before_anything_runs(kwargs, message):
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_an_output_directory_that_cannot_be_written_is_refused_before_anything_runs(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match=r"^--out .*a_file/results: cannot write there \(Not a directory\)"):
+    EvalSettings("synthetic", out_dir=str(tmp_path / "a_file" / "results"))
+  EvalSettings("synthetic", out_dir=str(tmp_path / "new" / "results"))
+  assert os.listdir(tmp_path / "new" / "results") == []  # made, and the probe file gone
+
+
 def test_resume_under_the_logged_settings_continues(logged_run):
   settings = EvalSettings(**{**LOGGED, "decoders": ("ar", "static")}, out_dir=logged_run, resume=True)
   assert [s.id for s in settings.samples()] == ["synthetic-5-0", "synthetic-5-1", "synthetic-5-2"]
