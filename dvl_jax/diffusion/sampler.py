@@ -81,6 +81,9 @@ def lower(model: DiffusionLM, inputs: Any, config: SamplingConfig = SamplingConf
 
 def algorithm_of(config: SamplingConfig) -> Algorithm:
   """The decoding algorithm `config` asks for (block diffusion or AR)."""
+  if not isinstance(config, SamplingConfig):
+    raise TypeError(f"config must be a dvl.SamplingConfig, e.g. dvl.SamplingConfig(gen_length=64); got "
+                    f"{type(config).__name__}")
   return ar_sampler.ALGORITHM if config.algorithm == "autoregressive" else ALGORITHM
 
 

@@ -138,6 +138,23 @@ class SamplingConfig:
     return self.max_len or round_up(prompt_width + self.gen_length, self.block_size or 1)
 
 
+def _not_text(rows: Any) -> Any:
+  if isinstance(rows, (str, bytes)) or (isinstance(rows, Sequence) and any(isinstance(r, (str, bytes)) for r in rows)):
+    raise TypeError("generate takes token ids, not text: pass dvl.Processor's output (processor(prompts, images)), "
+                    "a Prompts or lists of token ids")
+  return rows
+
+
+def _token_ids(values: Any, what: str) -> np.ndarray:
+  """`values` as int32 token ids; floats, bools or strings are refused rather than cast."""
+  ids = np.asarray(values)
+  if ids.size and not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"{what} must hold integer token ids, got {ids.dtype}")
+  if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+    raise ValueError(f"{what} holds ids past int32 ({ids.min()} .. {ids.max()}): not token ids")
+  return ids.astype(np.int32)
+
+
 def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"unknown {name} {value!r}; use one of {choices}")
@@ -160,6 +177,9 @@ class Prompts:
 
   @classmethod
   def from_lists(cls, rows: Sequence[Sequence[int]], pad_id: int = 0, **images: Any) -> "Prompts":
+    rows = [_token_ids(r, "a prompt") for r in _not_text(rows)]
+    if not rows:
+      raise ValueError("no prompts: pass at least one")
     ids = np.full((len(rows), max(len(r) for r in rows)), pad_id, np.int32)
     for i, r in enumerate(rows):
       ids[i, :len(r)] = r
@@ -172,7 +192,11 @@ class Prompts:
     if isinstance(inputs, Prompts):
       return inputs
     if isinstance(inputs, Mapping):
-      ids = np.asarray(inputs["input_ids"], np.int32)
+      if "input_ids" not in inputs:
+        raise ValueError(f"inputs have no `input_ids` (keys: {sorted(inputs)}); pass the Processor's output")
+      ids = _token_ids(inputs["input_ids"], "input_ids")
+      if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
       if "lengths" in inputs:
         lengths = np.asarray(inputs["lengths"], np.int32)
       elif "attention_mask" in inputs:
@@ -193,6 +217,11 @@ class Prompts:
       raise ValueError(f"{lengths.shape[0]} lengths for {self.ids.shape[0]} prompts")
     if lengths.min() < 1 or lengths.max() > self.ids.shape[1]:
       raise ValueError(f"prompt lengths must be in [1, {self.ids.shape[1]}], got {lengths.tolist()}")
+    vocab = model_cfg.text.vocab_size
+    valid = self.ids[np.arange(self.ids.shape[1]) < lengths[:, None]]
+    if valid.min() < 0 or valid.max() >= vocab:
+      raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got {valid.min()} .. "
+                       f"{valid.max()}: tokenize with the checkpoint's own tokenizer / Processor")
     longest = int(lengths.max())
     width = round_up(longest, config.length_bucket)
     if config.max_len is not None:

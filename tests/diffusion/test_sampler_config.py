@@ -40,10 +40,32 @@ def model():
     ({"input_ids": [[5, 5, 0]], "attention_mask": [[1, 0, 1]]}, {}, "attention_mask must be right-padded"),
     ({"input_ids": [[5, 5, 0]], "lengths": [0]}, {}, r"prompt lengths must be in \[1, 3\]"),
     ({"input_ids": [[5, 5, 0]]}, {}, "need `lengths` or `attention_mask`"),
+    ({"attention_mask": [[1, 1]]}, {}, r"inputs have no `input_ids` \(keys: \['attention_mask'\]\)"),
+    ({"input_ids": [5, 5], "lengths": [2]}, {}, r"input_ids must be \[batch, length\], got shape \(2,\)"),
+    ([[5, 256, 7]], {}, r"token ids must be in \[0, 256\) \(the model's vocabulary\), got 5 .. 256"),
+    ([[5, -1, 7]], {}, r"token ids must be in \[0, 256\)"),
+    ([[5, 2 ** 32 + 5]], {}, "ids past int32"),  # would wrap around to 5
+    ({"input_ids": [[5, 900, 0]], "lengths": [1]}, {}, None),  # past the length: padding, not checked
+    ([], {}, "no prompts"),
 ])
 def test_invalid_prompts(model, inputs, options, message):
+  if message is None:
+    assert sampler.generate(model, inputs, SamplingConfig(gen_length=4, **options)).tokens.shape == (1, 4)
+    return
   with pytest.raises(ValueError, match=message):
     sampler.generate(model, inputs, SamplingConfig(**options))
+
+
+@pytest.mark.parametrize("inputs, config, message", [
+    ("a question", SamplingConfig(), "takes token ids, not text: pass dvl.Processor's output"),
+    (["a question"], SamplingConfig(), "takes token ids, not text"),
+    ({"input_ids": [[5.0, 6.0]], "lengths": [2]}, SamplingConfig(), "input_ids must hold integer token ids, got float"),
+    ([[True, False]], SamplingConfig(), "a prompt must hold integer token ids, got bool"),
+    ([[5, 6]], {"gen_length": 8}, "config must be a dvl.SamplingConfig, e.g. .*; got dict"),
+])
+def test_inputs_of_the_wrong_kind_are_refused_not_cast(model, inputs, config, message):
+  with pytest.raises(TypeError, match=message):
+    sampler.generate(model, inputs, config)
 
 
 def test_prompt_forms_agree():
