@@ -29,6 +29,12 @@ from typing import NamedTuple
 import numpy as np
 
 
+# The hooks take PIL images, which transformers turns into [height, width, channels] arrays; told so, it does not
+# guess the channel axis from the shape (it took an image 1 or 3 pixels tall for channels-first: a 60x3 image came
+# out as a 3x60 one, a 60x1 one failed).
+CHANNELS_LAST = "channels_last"
+
+
 class ImageInputs(NamedTuple):
   """One batch of images as the model takes them."""
 

@@ -16,6 +16,7 @@ from transformers import LlavaOnevisionImageProcessor, SiglipImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from dvl_jax.data.anyres import crops_per_image
+from dvl_jax.data.image_inputs import CHANNELS_LAST
 
 
 def image_processor(vision: Any) -> Any:
@@ -46,7 +47,7 @@ def pixel_rows(images: Sequence[Any], vision: Any, processor: Any = None) -> tup
   processor = image_processor(vision) if processor is None else processor
   crops, sizes, counts = [], [], []
   for image in images:
-    out = processor(image, return_tensors="np")
+    out = processor(image, return_tensors="np", input_data_format=CHANNELS_LAST)
     hw = (image.height, image.width)
     n = crops_per_image(hw, vision)
     pixels = out["pixel_values"].reshape(-1, vision.in_channels, vision.image_size, vision.image_size)

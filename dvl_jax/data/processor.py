@@ -79,7 +79,7 @@ class Processor:
     `pixel_values` `[N_rows, patch_dim]`, `image_grid_thw` `[N_images, k]` (None without images): what
     `dvl.generate` takes (it builds the family's layout from `image_grid_thw`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    images = [[] for _ in prompts] if images is None else [list(x) for x in images]
+    images = [[] for _ in prompts] if images is None else [_pil_images(x, i) for i, x in enumerate(images)]
     if len(images) != len(prompts):
       raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists; give one list per prompt")
     flat_images = [im for row in images for im in row]
@@ -104,6 +104,25 @@ class Processor:
       input_ids[i, :len(r)], attention_mask[i, :len(r)] = r, 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels,
             "image_grid_thw": grids}
+
+
+def _pil_images(row: Any, index: int) -> list[Any]:
+  """One prompt's images as PIL images: `[height, width, 3]` uint8 arrays are converted; anything else (a file
+  path, an image not wrapped in its prompt's list) is refused with what to pass instead."""
+  from PIL import Image
+
+  if not isinstance(row, (list, tuple)):
+    raise TypeError(f"images hold one list per prompt (e.g. [[image]]: one prompt, one image); entry {index} is a "
+                    f"{type(row).__name__}")
+  out = []
+  for image in row:
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+      image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+      raise TypeError(f"an image must be a PIL image or a [height, width, 3] uint8 array (open files with "
+                      f"PIL.Image.open), got {type(image).__name__} {getattr(image, 'shape', '')}".rstrip())
+    out.append(image)
+  return out
 
 
 def _family(config: ModelConfig) -> Any:

@@ -11,7 +11,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from dvl_jax.core.config import VisionConfig
 from dvl_jax.core.vision_layout import VisionLayout, aligned_chunks, patch_rows, tokens_per_image, vision_layout
-from dvl_jax.data.image_inputs import ImageInputs, ImageShape
+from dvl_jax.data.image_inputs import CHANNELS_LAST, ImageInputs, ImageShape
 from dvl_jax.data.processor import pixel_bounds
 from dvl_jax.data.sharded_layout import sharded_vision_layout
 
@@ -29,7 +29,7 @@ def image_processor(ckpt_dir: str, vision: VisionConfig, *, min_pixels: int | No
 
 
 def preprocess(processor: Any, images: Sequence[Any], vision: VisionConfig) -> ImageInputs:
-  out = processor(images=list(images), return_tensors="np")
+  out = processor(images=list(images), return_tensors="np", input_data_format=CHANNELS_LAST)
   grids = out["image_grid_thw"].astype(np.int64)
   return ImageInputs(out["pixel_values"].astype(np.float32), grids, tokens_per_image(grids, vision))
 

@@ -64,3 +64,20 @@ def test_processor_inputs_generate_as_the_hand_built_ones(checkpoint):
 def test_pixel_bounds_are_refused(checkpoint):
   with pytest.raises(ValueError, match="min_pixels / max_pixels bound Qwen2.5-VL's image resize"):
     dvl.Processor.from_pretrained(checkpoint[1], max_pixels=512 * 512)
+
+
+@pytest.mark.parametrize("width, height", [(120, 3), (120, 1), (3, 120)])
+def test_images_a_few_pixels_thin_make_the_crops_their_size_asks(width, height):
+  """As for Qwen's images (tests/data/test_processor.py): transformers, told nothing, took a 120x3 image for a
+  channels-first 3x120 one. The first crop is the whole image resized to a crop (bicubic), scaled to [-1, 1]."""
+  from PIL import Image
+
+  from dvl_jax.data.llava_pixels import crops_to_patch_rows
+
+  image = noise_image(width, height, seed=4)
+  rows, sizes, _ = pixel_rows([image], CFG.vision)
+  assert sizes.tolist() == [[height, width]]
+  size = CFG.vision.image_size
+  whole = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255 * 2 - 1  # [size, size, 3]
+  want = crops_to_patch_rows(whole.transpose(2, 0, 1)[None], CFG.vision.patch_size)
+  np.testing.assert_allclose(rows[:len(want)], want, atol=1e-5)

@@ -66,6 +66,31 @@ def test_text_only_and_user_mistakes(ckpt_dir):
     Processor.from_pretrained(str(path))
 
 
+@pytest.mark.parametrize("width, height", [(60, 3), (60, 1), (3, 60), (1, 60), (2, 2)])
+def test_images_a_few_pixels_thin_keep_their_orientation(ckpt_dir, width, height):
+  """transformers guesses the channel axis from the array's shape: told nothing, it read a 60x3 image as 3x60 and
+  failed on a 60x1 one. The grid must be the one `image_shape` predicts from the size alone (smart_resize)."""
+  path, cfg, _ = ckpt_dir
+  proc = Processor.from_pretrained(str(path))
+  image = _image(height, width, 5)
+  out = proc("look <image>", [[image]])
+  predicted = proc.images.image_shape(proc.image_processor, width, height, cfg.vision)
+  assert out["image_grid_thw"].tolist() == [list(predicted.grid)]
+  as_array = proc("look <image>", [[np.asarray(image)]])  # a [height, width, 3] uint8 array is the same image
+  np.testing.assert_array_equal(as_array["pixel_values"], out["pixel_values"])
+
+
+def test_images_in_the_wrong_form_are_refused_with_the_form_to_use(ckpt_dir):
+  path, _, _ = ckpt_dir
+  proc = Processor.from_pretrained(str(path))
+  with pytest.raises(TypeError, match=r"one list per prompt \(e.g. \[\[image\]\]"):
+    proc("look <image>", [_image(8, 8, 0)])
+  with pytest.raises(TypeError, match="PIL image or a .* uint8 array .* got str"):
+    proc("look <image>", [["cat.png"]])
+  with pytest.raises(TypeError, match=r"got ndarray \(8, 8\)"):
+    proc("look <image>", [[np.zeros((8, 8), np.uint8)]])
+
+
 def _write(path, name, content):
   (path / name).write_text(json.dumps(content))
 
