@@ -64,6 +64,9 @@ def test_bad_configs_fail_clearly(tmp_path):
     ModelConfig.from_hf({"model_type": "qwen2_5_vl"})
   with pytest.raises(ValueError, match="text_config"):
     ModelConfig.from_hf({"model_type": "diffusionvl_qwenvl", "vision_config": {}})
+  for field, value in (("param_dtype", "int8"), ("compute_dtype", "bf16")):
+    with pytest.raises(ValueError, match=f"{field}='{value}' is not a floating-point dtype; use one of"):
+      tiny_config(**{field: value})
 
 
 def test_save_load_round_trip(tmp_path):

@@ -52,6 +52,9 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
   default), at the price of unrolled compiles.
   `ckpt_dir` may be a `gs://` URL.
   """
+  if mesh is not None and not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, e.g. dvl.make_mesh((1, 2, 4)) over ('data', 'fsdp', "
+                    f"'tensor'); got {type(mesh).__name__}")
   root = storage.as_path(ckpt_dir)
   if not ((root / CONFIG_FILE).is_file() and (root / PARAMS_DIR).is_dir()):
     raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); "

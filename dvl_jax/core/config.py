@@ -72,6 +72,9 @@ class TextConfig:
     return self.hidden_size // self.num_heads
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # names of the dtypes params and compute may take
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The whole VLM plus the token ids and block size the diffusion code needs (design §2)."""
@@ -103,6 +106,9 @@ class ModelConfig:
       if not 0 <= value < vocab:
         raise ValueError(f"{name}={value} is outside the {vocab}-row vocabulary; pass {name}=<id> "
                          "(e.g. a ModelConfig.from_hf / dvl convert override)")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in FLOAT_DTYPES:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not a floating-point dtype; use one of {FLOAT_DTYPES}")
     if self.position_mode not in ("mrope", "flat"):
       raise ValueError(f"position_mode must be 'mrope' or 'flat', got {self.position_mode!r}")
 

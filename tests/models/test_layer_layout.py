@@ -74,3 +74,14 @@ def test_a_model_of_another_config_is_refused_in_one_line():
   like = nnx.state(tiny_model(tiny_siglip_config().replace(scan_layers=False)), nnx.Param)
   with pytest.raises(KeyError, match="no place in the stored layout"):
     layer_layout.per_layer(stored, like)
+
+
+def test_load_refuses_a_mesh_or_dtype_it_cannot_use(tmp_path):
+  """A mesh spec string (as `dvl generate --mesh` takes) or an integer dtype would otherwise fail deep inside, or
+  load integer weights."""
+  saving.save(tiny_model(tiny_config()), str(tmp_path / "ckpt"))
+  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh, e.g. dvl.make_mesh\(\(1, 2, 4\)\).*got str"):
+    dvl.load(str(tmp_path / "ckpt"), mesh="1,1,1")
+  with pytest.raises(ValueError, match="param_dtype='int8' is not a floating-point dtype"):
+    dvl.load(str(tmp_path / "ckpt"), dtype="int8")
+  assert dvl.load(str(tmp_path / "ckpt"), dtype="bfloat16").config.param_dtype == "bfloat16"
