@@ -64,7 +64,7 @@ def convert_from_lm(lm_dir: str | os.PathLike, vision_dir: str | os.PathLike, ds
       cfg = family.hf_config.start_config(lm_hf, vision_hf, stage, **config_overrides)
     except (ValueError, KeyError, TypeError) as e:
       detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-      raise ConversionError(f"{lm_dir} + {vision_dir}: not a Qwen2 LM and a SigLIP tower ({detail})") from None
+      raise ConversionError(f"{lm_dir} + {vision_dir}: no DiffusionVL-Qwen config from these ({detail})") from None
     if dtype is not None:
       cfg = cfg.replace(param_dtype=float_dtype(dtype).name)
     km = family.key_map

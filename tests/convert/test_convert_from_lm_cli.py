@@ -83,3 +83,11 @@ def test_wrong_combinations_are_one_line(argv, message, tmp_path):
   code, err = dvl_main("convert", *argv[:-1], str(tmp_path / argv[-1]))
   assert code == 2 and err.count("\n") == 1 and message in err, err
   assert not (tmp_path / argv[-1]).exists()
+
+
+def test_a_bad_id_override_is_named_as_such_and_leaves_no_output(sources, tmp_path):
+  code, err = dvl_main("convert", "--lm", str(sources / "lm"), "--vision", str(sources / "siglip"), "--mask-token-id",
+                       "99999", "--image-token-id", "250", "--no-progress", str(tmp_path / "dst"))
+  assert code == 2 and err.count("\n") == 1, err
+  assert "no DiffusionVL-Qwen config from these (mask_token_id=99999 is outside the 256-row vocabulary" in err
+  assert not (tmp_path / "dst").exists()
