@@ -350,6 +350,8 @@ def row_keys(rng: jax.Array | None, batch: int) -> jax.Array:
     return _default_keys(batch, jax.config.jax_default_prng_impl)
   rng = jnp.asarray(rng)
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    if rng.dtype != jnp.uint32 or rng.ndim < 1:
+      raise TypeError(f"rng must be jax.random.key(seed) or one key per row, got {rng.dtype} of shape {rng.shape}")
     rng = jax.random.wrap_key_data(rng)
   if rng.ndim == 0:
     return jax.random.split(rng, batch)

@@ -232,6 +232,8 @@ def test_prompt_lengths_in_a_bucket_do_not_recompile_and_the_cache_is_reused(mod
     out = sampler.generate(model, Prompts.from_lists([words(n, n) for n in lengths]), config,
                            cache=None if out is None else out.cache)
     assert previous is None or previous.cache[0].is_deleted()  # donated, updated in place
+  with pytest.raises(ValueError, match="cache was donated to an earlier call and is gone: pass the .cache of the "):
+    sampler.generate(model, Prompts.from_lists([words(5, 5), words(40, 40)]), config, cache=previous.cache)
   for steps, tau in ((5, 0.9), (16, 0.1)):  # the schedule and threshold are arrays, not compile keys
     sampler.generate(model, Prompts.from_lists([words(7, 1), words(9, 2)]),
                      dataclasses.replace(config, steps=steps, confidence_threshold=tau))

@@ -68,6 +68,11 @@ def test_inputs_of_the_wrong_kind_are_refused_not_cast(model, inputs, config, me
     sampler.generate(model, inputs, config)
 
 
+def test_an_rng_that_is_not_a_key_is_refused(model):
+  with pytest.raises(TypeError, match=r"rng must be jax.random.key\(seed\) or one key per row, got int32 of shape"):
+    sampler.generate(model, [[5, 6]], SamplingConfig(temperature=0.5), rng=3)
+
+
 def test_prompt_forms_agree():
   listed = Prompts.coerce([[7, 8, 9], [4]])
   masked = Prompts.coerce({"input_ids": [[7, 8, 9], [4, 0, 0]], "attention_mask": [[1, 1, 1], [1, 0, 0]]})
