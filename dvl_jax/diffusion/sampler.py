@@ -51,7 +51,7 @@ import numpy as np
 from dvl_jax.attention.spec import AttentionSpec
 from dvl_jax.diffusion import ar_sampler, kv_cache, remask, sampler_common, streaming
 from dvl_jax.diffusion.sampler_common import Algorithm, Outputs, Prompt
-from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig
+from dvl_jax.diffusion.sampling_config import GenerateOutput, Prompts, SamplingConfig, checked_config
 from dvl_jax.diffusion.sampling_mesh import Placement
 from dvl_jax.models.interface import KV, DiffusionLM
 
@@ -81,10 +81,7 @@ def lower(model: DiffusionLM, inputs: Any, config: SamplingConfig = SamplingConf
 
 def algorithm_of(config: SamplingConfig) -> Algorithm:
   """The decoding algorithm `config` asks for (block diffusion or AR)."""
-  if not isinstance(config, SamplingConfig):
-    raise TypeError(f"config must be a dvl.SamplingConfig, e.g. dvl.SamplingConfig(gen_length=64); got "
-                    f"{type(config).__name__}")
-  return ar_sampler.ALGORITHM if config.algorithm == "autoregressive" else ALGORITHM
+  return ar_sampler.ALGORITHM if checked_config(config).algorithm == "autoregressive" else ALGORITHM
 
 
 def _inputs(model: DiffusionLM, prompts: Prompts, config: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -138,6 +138,14 @@ class SamplingConfig:
     return self.max_len or round_up(prompt_width + self.gen_length, self.block_size or 1)
 
 
+def checked_config(config: Any) -> "SamplingConfig":
+  """`config` if it is a `SamplingConfig` (a dict of its fields is the likely mistake), else a one-line error."""
+  if not isinstance(config, SamplingConfig):
+    raise TypeError(f"config must be a dvl.SamplingConfig, e.g. dvl.SamplingConfig(gen_length=64); got "
+                    f"{type(config).__name__}")
+  return config
+
+
 def _not_text(rows: Any) -> Any:
   if isinstance(rows, (str, bytes)) or (isinstance(rows, Sequence) and any(isinstance(r, (str, bytes)) for r in rows)):
     raise TypeError("generate takes token ids, not text: pass dvl.Processor's output (processor(prompts, images)), "
@@ -215,7 +223,9 @@ class Prompts:
     lengths = np.asarray(self.lengths, np.int32).reshape(-1)
     if lengths.shape[0] != self.ids.shape[0]:
       raise ValueError(f"{lengths.shape[0]} lengths for {self.ids.shape[0]} prompts")
-    if lengths.min() < 1 or lengths.max() > self.ids.shape[1]:
+    if lengths.min() < 1:
+      raise ValueError(f"every prompt needs at least one token, got lengths {lengths.tolist()}")
+    if lengths.max() > self.ids.shape[1]:
       raise ValueError(f"prompt lengths must be in [1, {self.ids.shape[1]}], got {lengths.tolist()}")
     vocab = model_cfg.text.vocab_size
     valid = self.ids[np.arange(self.ids.shape[1]) < lengths[:, None]]

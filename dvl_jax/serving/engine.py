@@ -31,7 +31,8 @@ from dvl_jax.core.config import ModelConfig
 from dvl_jax.diffusion import compaction, kv_cache, remask, split_cache
 from dvl_jax.diffusion.sampler import algorithm_of
 from dvl_jax.diffusion.sampler_common import PromptArrays, compile_key
-from dvl_jax.diffusion.sampling_config import ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, round_up
+from dvl_jax.diffusion.sampling_config import (ALGORITHMS, GenerateOutput, Prompts, SamplingConfig, checked_config,
+                                              round_up)
 from dvl_jax.models.interface import DiffusionLM
 from dvl_jax.serving import slots as programs
 from dvl_jax.serving.request import Request, Result
@@ -117,6 +118,7 @@ class Engine:
   def __init__(self, model: DiffusionLM, config: SamplingConfig = SamplingConfig(), *, slots: int = 4,
                max_prompt: int = 256, max_tokens: int | None = None, chunk: int = 16, admit_every: int = 2,
                views: int | None = None):
+    checked_config(config)
     if min(slots, chunk, admit_every, 1 if views is None else views) < 1:
       raise ValueError(f"slots, chunk, admit_every and views must be >= 1, got slots={slots}, chunk={chunk}, "
                        f"admit_every={admit_every}, views={views}")
@@ -165,6 +167,8 @@ class Engine:
     """Queues `request` (checked now: a bad one raises `ValueError` and changes nothing) -> its id. A request
     whose `insert` is not compiled yet (a new prompt-length bucket or image shape) raises `mappings.NoRoom` when
     the process is near its limit on memory mappings: refused, rather than a compile that aborts the process."""
+    if request.max_tokens is None:
+      request = dataclasses.replace(request, max_tokens=self.config.gen_length)
     prefill = self._prefill(request)
     program = (request.algorithm, jax.tree.structure(prefill), tuple(np.shape(x) for x in jax.tree.leaves(prefill)))
     if program not in self._inserted:

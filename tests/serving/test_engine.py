@@ -368,7 +368,9 @@ def test_a_cancelled_request_frees_its_slot_and_changes_no_other():
 @pytest.mark.parametrize("request_, message", [
     (Request([5] * 3, max_tokens=15), "max_tokens"),
     (Request([5] * 17, max_tokens=4), "max_prompt"),
-    (Request([], max_tokens=4), "prompt lengths"),
+    (Request([], max_tokens=4), "every prompt needs at least one token"),
+    (Request([5, CFG.text.vocab_size], max_tokens=4), r"token ids must be in \[0, 256\)"),
+    (Request([5] * 3, max_tokens=0), r"max_tokens must be in \[1, 14\], got 0"),
     (Request([5] * 3, max_tokens=4, steps=0), "steps"),
     (Request([5] * 3, max_tokens=4, remasking_strategy="top"), "remasking_strategy"),
     (Request([5] * 3, max_tokens=4, confidence_threshold=1.0), "confidence_threshold"),
@@ -387,6 +389,18 @@ def test_a_bad_request_raises_one_line_and_changes_nothing(request_, message):
   assert "\n" not in str(raised.value)
   assert engine.waiting == 0
   assert len(engine.run([Request([5] * 3, max_tokens=4)])) == 1
+
+
+def test_a_request_without_max_tokens_asks_for_the_engines_longest_answer_and_text_is_refused():
+  engine = Engine(model(), CONFIG, **SIZES)
+  request = Request([5] * 3, steps=4)
+  (out,) = engine.run([request]).values()
+  assert out.tokens.shape == (1, SIZES["max_tokens"])
+  np.testing.assert_array_equal(out.tokens, alone(engine, request).tokens)
+  with pytest.raises(TypeError, match="a Request's prompt is token ids, not text"):
+    Request("what is this?")
+  with pytest.raises(TypeError, match="config must be a dvl.SamplingConfig"):
+    Engine(model(), {"gen_length": 8}, **SIZES)
 
 
 def test_the_engine_config_per_request_settings_change_no_request():
