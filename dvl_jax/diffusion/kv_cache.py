@@ -122,7 +122,7 @@ def checked(cache: KV | None, cfg: ModelConfig, batch: int, max_len: int,
   """`cache` if it fits (`batch` rows, `max_len` slots, `sharding` if given), a new zeroed one if None."""
   if cache is None:
     return init(cfg, batch, max_len, sharding)
-  if any(c.is_deleted() for c in cache):
+  if any(isinstance(c, jax.Array) and c.is_deleted() for c in cache):  # (lowering passes abstract caches)
     raise ValueError("cache was donated to an earlier call and is gone: pass the .cache of the latest output "
                      "(each call hands its cache on), or none")
   want = _shape(cfg, batch, max_len)
