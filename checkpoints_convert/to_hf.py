@@ -17,7 +17,7 @@ from dvl_jax.models import key_map
 from checkpoints_convert.errors import ConversionError, NotACheckpointError, WeightsMismatchError
 from checkpoints_convert.output_dir import atomic_output, copy_side_files
 from checkpoints_convert.safetensors_writer import PlannedTensor, write_checkpoint
-from checkpoints_convert.to_orbax import HF_CONFIG_COPY, float_dtype
+from checkpoints_convert.to_orbax import HF_CONFIG_COPY, cast, float_dtype
 from dvl_jax.core.config import ModelConfig
 from dvl_jax.checkpoints.loading import CONFIG_FILE, PARAMS_DIR
 from dvl_jax.models.layer_layout import stored_params
@@ -55,7 +55,7 @@ def export(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, dtype: str
 
       def planned(t: key_map.HubTensor) -> PlannedTensor:
         def produce() -> np.ndarray:
-          x = t.transform.to_torch(arrays.read(t.param, t.layer), t.shape).astype(out_dtype, copy=False)
+          x = cast(t.transform.to_torch(arrays.read(t.param, t.layer), t.shape), out_dtype, t.name)
           bar.update(1)
           return x
 

@@ -88,11 +88,24 @@ def _read_config(path: str, overrides: dict[str, Any]) -> ModelConfig:
     raise ConversionError(f"{path}: not a usable Qwen2.5-VL / DiffusionVL config ({detail})") from None
 
 
+def cast(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+  """`x` as `dtype`; a finite value past a narrower dtype's range (float16's 65,504) is an error, not an inf."""
+  with np.errstate(over="ignore"):  # reported below, by tensor name
+    y = x.astype(dtype, copy=False)
+  if jnp.finfo(dtype).max < jnp.finfo(x.dtype).max:
+    overflow = ~np.isfinite(y) & np.isfinite(x)
+    if overflow.any():
+      largest = float(np.abs(x[overflow]).max())
+      raise ConversionError(f"{name}: values up to {largest:g} overflow {np.dtype(dtype).name} (largest "
+                            f"{float(jnp.finfo(dtype).max):g}); convert to bfloat16 or float32")
+  return y
+
+
 def _reader(ref: safetensors_reader.TensorRef, t: HubTensor, dtype: np.dtype, bar: tqdm):
   """Block reader: one source tensor -> its slice of the param (with a leading axis of 1 if stacked)."""
 
   def read() -> np.ndarray:
-    x = t.transform.to_param(safetensors_reader.read(ref)).astype(dtype, copy=False)
+    x = cast(t.transform.to_param(safetensors_reader.read(ref)), dtype, ref.name)
     bar.update(1)
     return x if t.layer is None else x[None]
 

@@ -127,6 +127,20 @@ def test_bad_config_and_dtype(model, tmp_path):
   assert _nothing_left(tmp_path)
 
 
+def test_weights_past_float16s_range_are_refused_not_turned_into_inf(model, tmp_path):
+  state = hub_state(model)
+  state["model.norm.weight"] = state["model.norm.weight"].clone()
+  state["model.norm.weight"][3] = 7e4  # float16 tops out at 65,504
+  src = _write(tmp_path / "src", model, state)
+  with pytest.raises(ConversionError, match=r"norm.weight: values up to 70000 overflow float16 \(largest 65504\)"):
+    convert(src, str(tmp_path / "dst"), dtype="float16", progress=False)
+  assert _nothing_left(tmp_path)
+  dst = convert(src, str(tmp_path / "dst"), dtype="bfloat16", progress=False)  # bfloat16 has float32's range
+  with pytest.raises(ConversionError, match="values up to 70"):
+    export(dst, str(tmp_path / "hf"), dtype="float16", progress=False)
+  assert _nothing_left(tmp_path, "hf")
+
+
 def test_existing_destination_needs_overwrite(model, tmp_path):
   src = _write(tmp_path / "src", model, hub_state(model))
   (tmp_path / "dst").mkdir()
