@@ -60,6 +60,7 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
     raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); "
                             "convert Hugging Face / DiffusionVL weights first with dvl.convert")
   cfg = ModelConfig.load(str(root / CONFIG_FILE))
+  stored_dtype = cfg.param_dtype
   if dtype is not None:
     config_overrides["param_dtype"] = jnp.dtype(dtype).name
   cfg = cfg.replace(**config_overrides) if config_overrides else cfg
@@ -71,7 +72,16 @@ def load(ckpt_dir: str, mesh: Mesh | None = None, *, dtype: Any = None, **config
     stored = layer_layout.stored_params(cfg)
     params = layer_layout.per_layer(restore_params(ckpt_dir, stored, rules.logical_shardings(stored, mesh)),
                                     state, shardings)
+  if jnp.finfo(cfg.param_dtype).max < jnp.finfo(stored_dtype).max:  # Orbax casts while reading: float16 may overflow
+    _check_finite(params, ckpt_dir, cfg.param_dtype)
   return nnx.merge(graphdef, params)
+
+
+def _check_finite(params: nnx.State, ckpt_dir: str, dtype: str) -> None:
+  for path, value in nnx.to_flat_state(params):
+    if not bool(jnp.isfinite(value.get_value()).all()):
+      raise ValueError(f"{ckpt_dir}: {'.'.join(map(str, path))} overflows {dtype} (its values pass its range); load "
+                       "it in bfloat16 or float32")
 
 
 def _is_var(x: Any) -> bool:

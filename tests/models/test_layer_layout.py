@@ -77,11 +77,17 @@ def test_a_model_of_another_config_is_refused_in_one_line():
 
 
 def test_load_refuses_a_mesh_or_dtype_it_cannot_use(tmp_path):
-  """A mesh spec string (as `dvl generate --mesh` takes) or an integer dtype would otherwise fail deep inside, or
-  load integer weights."""
+  """A mesh spec string (as `dvl generate --mesh` takes) would otherwise fail deep inside, an integer dtype load
+  integer weights, and float16 turn weights past its range into inf."""
   saving.save(tiny_model(tiny_config()), str(tmp_path / "ckpt"))
   with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh, e.g. dvl.make_mesh\(\(1, 2, 4\)\).*got str"):
     dvl.load(str(tmp_path / "ckpt"), mesh="1,1,1")
   with pytest.raises(ValueError, match="param_dtype='int8' is not a floating-point dtype"):
     dvl.load(str(tmp_path / "ckpt"), dtype="int8")
   assert dvl.load(str(tmp_path / "ckpt"), dtype="bfloat16").config.param_dtype == "bfloat16"
+  big = tiny_model(tiny_config())
+  big.text.norm.scale[...] = big.text.norm.scale[...].at[0].set(7e4)  # past float16's 65,504
+  saving.save(big, str(tmp_path / "big"))
+  with pytest.raises(ValueError, match=r"big: text.norm.scale overflows float16 .* load it in bfloat16 or float32"):
+    dvl.load(str(tmp_path / "big"), dtype="float16")
+  assert dvl.load(str(tmp_path / "big"), dtype="bfloat16").text.norm.scale[0] == 7e4
