@@ -66,6 +66,8 @@ def conversation_prompt(turns: Sequence[tuple[str, str, int]], system: str = SYS
   turn under the default system message is `generation_prompt`'s prompt."""
   rendered = []
   for role, text, num_images in turns:
+    if num_images < 0:
+      raise ValueError(f"a turn's image count must be >= 0, got {num_images}")
     images = " ".join([IMAGE_MARKER] * num_images)
     rendered.append(render_message(role, f"{images}\n{text}" if num_images else text))
   return render_message("system", system) + "".join(rendered) + f"{IM_START}assistant\n"

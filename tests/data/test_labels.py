@@ -82,6 +82,8 @@ def test_generation_prompt():
       "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
       "<|im_start|>user\n<image>\nWhy?<|im_end|>\n<|im_start|>assistant\n")
   assert "user\n<image> <image>\nWhy?" in generation_prompt("Why?", num_images=2)
+  with pytest.raises(ValueError, match="a turn's image count must be >= 0, got -1"):
+    generation_prompt("Why?", num_images=-1)  # would have been a text-only prompt
 
 
 def test_a_conversation_prompt_is_the_training_text_up_to_the_last_answer():
