@@ -17,6 +17,8 @@ whether an image is Qwen's grid of patches or LLaVA's crops.
   are K zero-padded chunks of `shard_rows` rows, chunk k holding the images `shard_grids[k]` (`image_grid_thw`
   rows) of batch shard k, of which the first `shard_used[k]` tokens each are spliced (truncation may cut an
   image); its size depends on `shard_rows` and K only (static shapes).
+* `counts(image_grid_thw, vision) -> (tokens per image, pixel rows)`: what a prompt's image tokens and
+  `pixel_values` must add up to for these images (`Prompts.bucketed` checks inputs built by hand against it).
 * `size_bounds(processor) -> (min_pixels, max_pixels) | None`: the image-size bounds a trained model records
   with its weights (`checkpoints.saving`), None if the family's images have a fixed size.
 * `TRAINING_SQUARE_PAD`: whether training pads images to a square first by default (`DataConfig.square_pad`).

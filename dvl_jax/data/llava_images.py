@@ -43,6 +43,12 @@ def image_shape(processor: Any, width: int, height: int, vision: Any) -> ImageSh
   return ImageShape(hw, int(image_token_counts([hw], vision)[0]), crops_per_image(hw, vision) * vision.tokens_per_crop)
 
 
+def counts(image_grid_thw: Any, vision: Any) -> tuple[np.ndarray, int]:
+  """Image tokens per image `[n]` and the pixel rows (crops' patches) of images of these (height, width)."""
+  sizes = np.asarray(image_grid_thw).reshape(-1, 2).tolist()
+  return image_token_counts(sizes, vision), sum(crops_per_image(hw, vision) * vision.tokens_per_crop for hw in sizes)
+
+
 def size_bounds(processor: Any) -> None:
   """Crops have the vision config's size: nothing to record."""
   del processor

@@ -42,6 +42,12 @@ def image_shape(processor: Any, width: int, height: int, vision: VisionConfig) -
   return ImageShape((1, gh, gw), gh * gw // vision.merge_unit, gh * gw)
 
 
+def counts(image_grid_thw: Any, vision: VisionConfig) -> tuple[np.ndarray, int]:
+  """Image tokens per image `[n]` and the pixel rows of these `(t, gh, gw)` grids."""
+  grids = np.asarray(image_grid_thw).reshape(-1, 3)
+  return tokens_per_image(grids, vision), int(np.prod(grids, axis=-1).sum())
+
+
 def size_bounds(processor: Any) -> tuple[int, int]:
   return processor.min_pixels, processor.max_pixels
 

@@ -163,6 +163,25 @@ def _token_ids(values: Any, what: str) -> np.ndarray:
   return ids.astype(np.int32)
 
 
+def _check_images(ids: np.ndarray, pixels: Any, grids: Any, model_cfg: ModelConfig) -> None:
+  """Image tokens, pixel rows and images that do not add up would splice features in the wrong places silently
+  (transformers refuses them too): one line each, pointing at the Processor, which builds them consistently."""
+  have = int((ids == model_cfg.image_token_id).sum())
+  if pixels is None:
+    if have:
+      raise ValueError(f"the prompts hold {have} image tokens but no pixel_values: build them with dvl.Processor")
+    return
+  if grids is None:
+    raise ValueError("pixel_values given without image_grid_thw (or a precomputed `vision` layout)")
+  tokens, rows = families.get(model_cfg.family).host_images.counts(grids, model_cfg.vision)
+  if have != tokens.sum():
+    raise ValueError(f"the prompts hold {have} image tokens, their {len(tokens)} images take {int(tokens.sum())}: "
+                     "build them with dvl.Processor (each <image> becomes its image's tokens)")
+  if np.shape(pixels)[0] != rows:
+    raise ValueError(f"pixel_values has {np.shape(pixels)[0]} rows, image_grid_thw's {len(tokens)} images take "
+                     f"{rows}")
+
+
 def _one_of(name: str, value: Any, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"unknown {name} {value!r}; use one of {choices}")
@@ -248,11 +267,11 @@ class Prompts:
     ids[:, :keep] = self.ids[:, :keep]
     ids = np.where(np.arange(width) < lengths[:, None], ids, model_cfg.pad_token_id).astype(np.int32)
     pixels, vision = self.pixel_values, self.vision
+    if model_cfg.vision is not None and vision is None:
+      _check_images(valid, pixels, self.image_grid_thw, model_cfg)
     if pixels is not None:
       pixels = np.asarray(pixels, np.float32)
       if vision is None:
-        if self.image_grid_thw is None:
-          raise ValueError("pixel_values given without image_grid_thw (or a precomputed `vision` layout)")
         pixels, vision = families.get(model_cfg.family).host_images.layout(
             pixels, self.image_grid_thw, model_cfg.vision, PATCH_BUCKET, few_shapes=few_shapes)
     return Prompts(ids, lengths, pixels, self.image_grid_thw, vision)

@@ -6,6 +6,7 @@ import pytest
 
 import dvl_jax as dvl
 from dvl_jax.checkpoints import saving
+from dvl_jax.data import llava_images
 from dvl_jax.data.anyres import anyres_layout, image_token_counts
 from dvl_jax.data.llava_pixels import pixel_rows
 from dvl_jax.data.word_tokenizer import word_tokenizer
@@ -75,8 +76,11 @@ def test_images_a_few_pixels_thin_make_the_crops_their_size_asks(width, height):
   from dvl_jax.data.llava_pixels import crops_to_patch_rows
 
   image = noise_image(width, height, seed=4)
-  rows, sizes, _ = pixel_rows([image], CFG.vision)
+  rows, sizes, crops = pixel_rows([image], CFG.vision)
   assert sizes.tolist() == [[height, width]]
+  tokens, n_rows = llava_images.counts(sizes, CFG.vision)  # what `Prompts.bucketed` checks inputs against
+  assert tokens.tolist() == image_token_counts(sizes.tolist(), CFG.vision, crops.tolist()).tolist()
+  assert n_rows == len(rows)
   size = CFG.vision.image_size
   whole = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255 * 2 - 1  # [size, size, 3]
   want = crops_to_patch_rows(whole.transpose(2, 0, 1)[None], CFG.vision.patch_size)

@@ -76,6 +76,8 @@ def test_images_a_few_pixels_thin_keep_their_orientation(ckpt_dir, width, height
   out = proc("look <image>", [[image]])
   predicted = proc.images.image_shape(proc.image_processor, width, height, cfg.vision)
   assert out["image_grid_thw"].tolist() == [list(predicted.grid)]
+  tokens, rows = proc.images.counts(out["image_grid_thw"], cfg.vision)  # what `Prompts.bucketed` checks
+  assert (out["input_ids"] == cfg.image_token_id).sum() == tokens.sum() and rows == len(out["pixel_values"])
   as_array = proc("look <image>", [[np.asarray(image)]])  # a [height, width, 3] uint8 array is the same image
   np.testing.assert_array_equal(as_array["pixel_values"], out["pixel_values"])
 

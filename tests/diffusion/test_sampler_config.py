@@ -27,6 +27,11 @@ def test_invalid_options(options, message):
     SamplingConfig(**options)
 
 
+CFG = tiny_config()
+IMAGE = {"input_ids": [[5] + [CFG.image_token_id] * 4 + [6]], "lengths": [6],  # a 4x4-patch image: 4 tokens
+         "pixel_values": np.zeros((16, CFG.vision.patch_dim), np.float32), "image_grid_thw": [[1, 4, 4]]}
+
+
 @pytest.fixture(scope="module")
 def model():
   return tiny_model()
@@ -48,6 +53,13 @@ def model():
     ([[5, 2 ** 32 + 5]], {}, "ids past int32"),  # would wrap around to 5
     ({"input_ids": [[5, 900, 0]], "lengths": [1]}, {}, None),  # past the length: padding, not checked
     ([], {}, "no prompts"),
+    ([[5, CFG.image_token_id, 6]], {}, "the prompts hold 1 image tokens but no pixel_values"),
+    (dict(IMAGE, input_ids=[[5] + [CFG.image_token_id] * 3 + [6]], lengths=[5]), {},
+     r"the prompts hold 3 image tokens, their 1 images take 4: build them with dvl.Processor"),
+    (dict(IMAGE, pixel_values=np.zeros((12, CFG.vision.patch_dim), np.float32)), {},
+     "pixel_values has 12 rows, image_grid_thw's 1 images take 16"),
+    (dict(IMAGE, image_grid_thw=None), {}, "pixel_values given without image_grid_thw"),
+    (IMAGE, {}, None),  # what adds up runs
 ])
 def test_invalid_prompts(model, inputs, options, message):
   if message is None:
